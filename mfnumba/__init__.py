@@ -1,0 +1,10 @@
+"""mfnumba: robust multi-frame deconvolution for astronomical image stacks."""
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("mfnumba")
+except PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0+local"
+
+__all__ = ["__version__"]
