@@ -1,0 +1,1 @@
+"""Readers and writers for frames, PSFs and results."""

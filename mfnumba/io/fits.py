@@ -1,0 +1,92 @@
+"""FITS reading and atomic FITS writing.
+
+Readers return float32 arrays in native byte order (sep and Numba refuse
+big-endian data), with BZERO/BSCALE applied by astropy.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from ..errors import InputFileError, OutputError
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")
+
+
+def is_fits_name(path: str | os.PathLike) -> bool:
+    """True when the file name ends in a FITS suffix (case-insensitive)."""
+    return str(path).lower().endswith(FITS_SUFFIXES)
+
+
+def _first_image_hdu(hdul, path):
+    for hdu in hdul:
+        if getattr(hdu, "is_image", False) and hdu.data is not None and hdu.data.size:
+            return hdu
+    raise InputFileError("no image data in any HDU", path=path)
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, fits.Header]:
+    """Read the first image HDU of a FITS file.
+
+    Returns ``(data, header)`` with ``data`` as float32 in native byte order
+    and the dimensions of the file (2-D or 3-D). Integer data are scaled by
+    BZERO/BSCALE. Raises :class:`InputFileError` naming the file when it is
+    missing, not FITS, or holds no image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError("file not found", path=path)
+    if path.is_dir():
+        raise InputFileError("is a directory, expected a FITS file", path=path)
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            hdu = _first_image_hdu(hdul, path)
+            data = np.asarray(hdu.data)
+            header = hdu.header.copy()
+    except InputFileError:
+        raise
+    except (OSError, ValueError, TypeError, IndexError) as exc:
+        raise InputFileError(f"not a readable FITS file ({exc})", path=path) from None
+    if data.ndim not in (2, 3):
+        raise InputFileError(f"expected a 2-D or 3-D image, found {data.ndim}-D {data.shape}", path=path)
+    out = np.array(data, dtype=np.float32, order="C")  # copy: native order, float32
+    return out, header
+
+
+def write_fits(path: str | os.PathLike, data: np.ndarray, header: fits.Header | None = None,
+               *, overwrite: bool = False) -> Path:
+    """Write ``data`` as float32 FITS atomically.
+
+    The file is written to a temporary name in the same folder and renamed, so
+    an interrupted run never leaves a half-written result. A 3-D array with
+    one channel is written as 2-D.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError("exists; pass --overwrite to replace it", path=path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"folder {folder} does not exist", path=path)
+    arr = np.asarray(data, dtype=np.float32)
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    hdr = fits.Header() if header is None else header.copy()
+    for key in ("BZERO", "BSCALE", "BLANK"):
+        hdr.remove(key, ignore_missing=True, remove_all=True)
+    hdu = fits.PrimaryHDU(data=arr, header=hdr)
+    hdu.header["BITPIX"] = -32
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+    os.close(fd)
+    try:
+        hdu.writeto(tmp, overwrite=True, output_verify="silentfix")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
