@@ -1,0 +1,81 @@
+"""The Backend protocol: the only place that knows about devices.
+
+Arrays handed to a backend live on its device (``backend.asarray``) and come
+back with ``backend.to_host``. Layout conventions used by every method:
+
+* a *plane stack* is ``(P, h, w)`` float32 (P = frames × channels);
+* the *grid* is the padded model grid ``(F0, F1)``; a frame of shape (h, w)
+  sits at offset ``(p, p)`` inside it, p = PSF radius;
+* spectra are half spectra ``(…, F0, F1 // 2 + 1)`` complex64.
+
+The solver is written once against these methods; the CPU backend
+implements them with NumPy, SciPy's pocketfft and Numba kernels, the CUDA
+backend (a later issue) with CuPy and RawModule kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+class DeviceError(RuntimeError):
+    """Base class of device failures that the solver recovers from."""
+
+
+class DeviceOOM(DeviceError):
+    """The device ran out of memory: halve the batch, then fall back."""
+
+
+class DeviceLost(DeviceError):
+    """The device is busy, gone or failed a launch: fall back to the CPU."""
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """Statistics of one multiplicative update, for the early stop."""
+
+    med_upd: float  # median |upd - 1| over the model region
+    med_rel: float  # median |x' - x| / median |x| over the model region
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the solver needs from a device."""
+
+    name: str
+    xp: object  # the array module (numpy or cupy)
+
+    # transfer -------------------------------------------------------------
+    def asarray(self, a, dtype=np.float32): ...
+    def to_host(self, a) -> np.ndarray: ...
+    def zeros(self, shape, dtype=np.float32): ...
+
+    # Fourier domain -------------------------------------------------------
+    def rfft2(self, a): ...
+    def irfft2(self, A, shape: tuple[int, int]): ...
+    def otf(self, psf: np.ndarray, grid: tuple[int, int]): ...
+    def spectral_multiply(self, X, otf, out):
+        """``out[b, c] = X[c] · otf[b]`` for a batch of frames."""
+    def spectral_accumulate(self, acc, otf, S):
+        """``acc[k, c] += Σ_b conj(otf[b]) · S[k, b, c]`` (k: num, den)."""
+
+    # direct (spatial) convolution -----------------------------------------
+    def conv_forward_direct(self, x, psfs, out, p: int):
+        """``out[b, c, p+i, p+j] = (psf_b * x_c)`` valid part, for a batch."""
+    def conv_adjoint_direct(self, a, psfs, acc, p: int, extent: tuple[int, int]):
+        """``acc[k, c] += Σ_b psf_b ⋆ a[k, b, c]`` over the model extent."""
+
+    # element-wise, fused ---------------------------------------------------
+    def residual_scale(self, y, yhat, p: int, poisson: bool, floor: float):
+        """Per plane: ``(σ, mad_z)``; σ = 1.4826 MAD of the residual (of
+        r/√ŷ for Poisson noise) and ``mad_z`` = 1.4826 MAD of r/σ."""
+    def robust_weights(self, y, yhat, p: int, sigma, delta, huber: bool,
+                       poisson: bool, floor: float, out):
+        """``out[0] = w·y``, ``out[1] = w·ŷ`` embedded at offset p, with
+        ``w = ψ(z)/z · m / σ²`` and w = 0 where y is NaN."""
+    def update(self, x, num, den, kappa: float, alpha: float, den_floor,
+               extent: tuple[int, int]) -> UpdateStats:
+        """In place: ``x = (1-α) x + α x · clip(num/den, 1/κ, κ)``."""

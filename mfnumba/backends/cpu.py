@@ -1,0 +1,89 @@
+"""The CPU backend: NumPy arrays, pocketfft (scipy.fft) and Numba kernels.
+
+scipy.fft was measured against rocket-fft (pocketfft called inside Numba)
+on the frame loop's transforms: within a few per cent of each other (see
+bench/RESULTS.md), so the lighter dependency stays.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import scipy.fft as sfft
+
+from . import _cpu_kernels as K
+from .base import UpdateStats
+
+_SAMPLE = 1 << 16  # pixels looked at for a MAD or an early-stop median
+
+
+class CPUBackend:
+    """Numba CPU backend. ``threads`` sets Numba's and pocketfft's threads."""
+
+    name = "cpu"
+    xp = np
+
+    def __init__(self, threads: int | None = None):
+        self.threads = int(threads) if threads else numba.config.NUMBA_NUM_THREADS
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+
+    # transfer -------------------------------------------------------------
+    def asarray(self, a, dtype=np.float32):
+        return np.ascontiguousarray(a, dtype=dtype)
+
+    def to_host(self, a) -> np.ndarray:
+        return np.asarray(a)
+
+    def zeros(self, shape, dtype=np.float32):
+        return np.zeros(shape, dtype=dtype)
+
+    # Fourier domain -------------------------------------------------------
+    def rfft2(self, a):
+        return sfft.rfft2(a, axes=(-2, -1), workers=self.threads)
+
+    def irfft2(self, A, shape):
+        return sfft.irfft2(A, s=tuple(shape), axes=(-2, -1), workers=self.threads)
+
+    def otf(self, psf, grid):
+        """Half spectrum of ``psf`` embedded in ``grid`` with its centre at (0, 0)."""
+        psf = np.asarray(psf, dtype=np.float32)
+        k0, k1 = psf.shape
+        buf = np.zeros(grid, dtype=np.float32)
+        buf[:k0, :k1] = psf
+        buf = np.roll(buf, (-(k0 // 2), -(k1 // 2)), axis=(0, 1))
+        return sfft.rfft2(buf, workers=self.threads).astype(np.complex64, copy=False)
+
+    def spectral_multiply(self, X, otf, out):
+        K.spectral_multiply(X, otf, out)
+        return out
+
+    def spectral_accumulate(self, acc, otf, S):
+        K.spectral_accumulate(acc, otf, S)
+        return acc
+
+    # direct convolution ---------------------------------------------------
+    def conv_forward_direct(self, x, psfs, out, p):
+        h, w = out.shape[-2] - 2 * p, out.shape[-1] - 2 * p
+        K.conv_forward_direct(x, psfs, out, p, h, w)
+        return out
+
+    def conv_adjoint_direct(self, a, psfs, acc, p, extent):
+        K.conv_adjoint_direct(a, psfs, acc, p, extent[0], extent[1])
+        return acc
+
+    # element-wise -----------------------------------------------------------
+    def residual_scale(self, y, yhat, p, poisson, floor):
+        return K.residual_scale(y, yhat, p, bool(poisson), float(floor), _SAMPLE)
+
+    def robust_weights(self, y, yhat, p, sigma, delta, huber, poisson, floor, out, mask=None):
+        has_mask = mask is not None
+        m = mask if has_mask else np.ones((1, 1, 1), dtype=np.float32)
+        K.robust_weights(y, yhat, m, has_mask, p, np.asarray(sigma, np.float64),
+                         np.asarray(delta, np.float64), bool(huber), bool(poisson),
+                         float(floor), out)
+        return out
+
+    def update(self, x, num, den, kappa, alpha, den_floor, extent):
+        mu, mr = K.update(x, num, den, float(kappa), float(alpha),
+                          np.asarray(den_floor, np.float64), extent[0], extent[1], _SAMPLE)
+        return UpdateStats(float(mu), float(mr))

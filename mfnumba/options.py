@@ -1,0 +1,132 @@
+"""Validated solver options and the named presets.
+
+Options are data: one frozen dataclass, validated once when it is built
+(at the edge: CLI or API), never read from the environment inside the
+science. Presets follow the reference text's recommendations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from .errors import OptionError
+
+RHOS = ("huber", "l2")
+NOISE_MODELS = ("mad", "poisson")
+COLORS = ("luma", "rgb")
+BACKENDS = ("auto", "cpu", "cuda")
+CONV_METHODS = ("auto", "fft", "direct")
+SEEDS = ("median", "mean")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that steers one deconvolution.
+
+    Parameters
+    ----------
+    iters, min_iters
+        Maximum and minimum number of iterations.
+    early_stop
+        Stop when the update has settled (see ``tol_upd``, ``tol_rel``).
+    rho
+        ``"huber"`` (robust) or ``"l2"`` (plain least squares).
+    huber_delta
+        Huber threshold in units of the standardised residual; negative means
+        automatic: ``|δ| × 1.4826 MAD(z)`` per frame and iteration.
+    kappa
+        Per-iteration multiplicative clip: the update lies in [1/κ, κ].
+    relax
+        Relaxation α: ``x = (1-α) x + α x'``.
+    noise
+        ``"mad"``: a constant σ per frame and channel from the MAD of the
+        residual; ``"poisson"``: σ² ∝ the prediction (sky + signal).
+    seed
+        ``"median"`` or ``"mean"`` of the frames, or a path to a FITS seed.
+    color
+        ``"luma"`` deconvolves the luminance and re-applies the chroma of the
+        seed; ``"rgb"`` deconvolves every channel.
+    conv
+        ``"fft"``, ``"direct"`` or ``"auto"`` (timed once per run).
+    tol_upd, tol_rel, ema
+        Early-stop tolerances on the EMA (weight ``ema`` on the newest value)
+        of median|upd-1| and of median|x'-x| / median|x|.
+    """
+
+    iters: int = 20
+    min_iters: int = 3
+    early_stop: bool = True
+    rho: str = "huber"
+    huber_delta: float = -2.5
+    kappa: float = 2.0
+    relax: float = 1.0
+    noise: str = "mad"
+    seed: str = "median"
+    color: str = "luma"
+    sr: int = 1
+    backend: str = "auto"
+    batch: int | None = None
+    threads: int | None = None
+    conv: str = "auto"
+    masks: bool = False
+    variance: bool = False
+    tol_upd: float = 2e-3
+    tol_rel: float = 5e-4
+    ema: float = 0.5
+    eps: float = 1e-12
+
+    def __post_init__(self):
+        _check(isinstance(self.iters, int) and self.iters >= 1, "iters", self.iters, "an integer >= 1")
+        _check(isinstance(self.min_iters, int) and 1 <= self.min_iters, "min-iters", self.min_iters,
+               "an integer >= 1")
+        _check(self.rho in RHOS, "rho", self.rho, " or ".join(RHOS))
+        _check(self.huber_delta != 0.0, "huber-delta", self.huber_delta,
+               "non-zero (negative = automatic from the MAD)")
+        _check(self.kappa > 1.0, "kappa", self.kappa, "> 1")
+        _check(0.0 < self.relax <= 1.0, "relax", self.relax, "in (0, 1]")
+        _check(self.noise in NOISE_MODELS, "noise", self.noise, " or ".join(NOISE_MODELS))
+        _check(self.color in COLORS, "color", self.color, " or ".join(COLORS))
+        _check(self.backend in BACKENDS, "backend", self.backend, " or ".join(BACKENDS))
+        _check(self.conv in CONV_METHODS, "conv", self.conv, " or ".join(CONV_METHODS))
+        _check(isinstance(self.sr, int) and self.sr == 1, "sr", self.sr,
+               "1 (super-resolution is not available yet)")
+        _check(self.batch is None or self.batch >= 1, "batch", self.batch, ">= 1")
+        _check(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1")
+        _check(self.tol_upd > 0 and self.tol_rel > 0, "tolerance", (self.tol_upd, self.tol_rel), "> 0")
+        _check(0.0 < self.ema <= 1.0, "ema", self.ema, "in (0, 1]")
+        _check(isinstance(self.seed, str) and self.seed != "", "seed", self.seed,
+               "median, mean or a FITS path")
+
+    @property
+    def auto_delta(self) -> bool:
+        return self.huber_delta < 0
+
+    def replace(self, **changes) -> "Options":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise OptionError(f"--{name} {value!r}: expected {expected}")
+
+
+PRESETS: dict[str, dict] = {
+    "noisy": dict(rho="huber", huber_delta=-2.5, kappa=1.8),
+    "good": dict(rho="huber", huber_delta=-3.5, kappa=2.2),
+    "lab": dict(rho="l2", kappa=2.5),
+}
+
+
+def preset(name: str, **overrides) -> Options:
+    """Options of a named preset (``noisy``, ``good``, ``lab``) with overrides."""
+    if name not in PRESETS:
+        raise OptionError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
+    return Options(**{**PRESETS[name], **overrides})
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(Options))
