@@ -1,0 +1,105 @@
+"""The solver against the reference, classic identities and the early stop."""
+
+import numpy as np
+import pytest
+from scipy.signal import fftconvolve
+
+from mfnumba.backends.cpu import CPUBackend
+from mfnumba.options import Options
+from mfnumba.solver import Problem, Solver
+
+from . import reference as ref
+from .conftest import gaussian_psf
+
+
+def _scene(rng, h=40, w=44, k=9, n=3, sky=50.0, stars=6, noise=True):
+    p = k // 2
+    truth = np.full((h + 2 * p, w + 2 * p), sky)
+    for _ in range(stars):
+        truth[rng.integers(p + 2, h + p - 2), rng.integers(p + 2, w + p - 2)] += rng.uniform(2e3, 2e4)
+    psfs = np.stack([gaussian_psf(f, k) for f in np.linspace(2.0, 3.2, n)])
+    frames = np.stack([fftconvolve(truth, ps, mode="valid") for ps in psfs])
+    if noise:
+        frames = rng.poisson(frames).astype(np.float64)
+    return truth, frames.astype(np.float32), psfs
+
+
+def _one_step(frames, psfs, xe, options, conv):
+    prob = Problem(frames[:, None], psfs)
+    s = Solver(prob, options.replace(conv=conv), CPUBackend())
+    s.setup(np.ones((1,) + frames.shape[-2:], np.float32))
+    e0, e1 = s.geom.extent
+    s.x_host[:] = 1.0
+    s.x_host[0, :e0, :e1] = xe
+    s.step()
+    return s.x_host[0, :e0, :e1]
+
+
+@pytest.mark.parametrize("conv", ["fft", "direct"])
+@pytest.mark.parametrize("rho,noise", [("huber", "mad"), ("l2", "mad"), ("huber", "poisson")])
+def test_one_iteration_matches_reference(conv, rho, noise, rng):
+    truth, frames, psfs = _scene(rng)
+    frames[1, 5:9, 10] = np.nan  # masked pixels
+    frames[2, 20, :] += 2000.0  # an outlier row
+    seed = np.median(frames, axis=0)
+    p = psfs.shape[-1] // 2
+    xe = np.pad(seed, p, mode="edge").astype(np.float32)
+    opt = Options(rho=rho, noise=noise, kappa=1.5, relax=0.8)
+    got = _one_step(frames, psfs, xe, opt, conv)
+    floor = 1e-3 * float(np.median(np.abs(frames[np.isfinite(frames)])))
+    want = ref.iteration(xe.astype(np.float64), frames, psfs, rho=rho, delta=-2.5, kappa=1.5,
+                         relax=0.8, noise=noise, floor=floor)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-3)
+
+
+def test_l2_poisson_single_frame_is_richardson_lucy(rng):
+    truth, frames, psfs = _scene(rng, n=1)
+    p = psfs.shape[-1] // 2
+    xe = np.pad(np.median(frames, axis=0), p, mode="edge").astype(np.float32)
+    got = _one_step(frames, psfs, xe, Options(rho="l2", noise="poisson", kappa=1e6), "fft")
+    want = ref.richardson_lucy_step(xe.astype(np.float64), frames, psfs)
+    # the frame area; the pad's far corners see the data through ~1e-9 PSF wings
+    np.testing.assert_allclose(got[p:-p, p:-p], want[p:-p, p:-p], rtol=2e-4)
+
+
+def test_l2_constant_variance_single_frame_is_isra(rng):
+    truth, frames, psfs = _scene(rng, n=1)
+    p = psfs.shape[-1] // 2
+    xe = np.pad(np.median(frames, axis=0), p, mode="edge").astype(np.float32)
+    got = _one_step(frames, psfs, xe, Options(rho="l2", noise="mad", kappa=1e6), "fft")
+    want = ref.isra_step(xe.astype(np.float64), frames, psfs)
+    np.testing.assert_allclose(got[p:-p, p:-p], want[p:-p, p:-p], rtol=2e-4)
+
+
+def test_converged_problem_stops_early_and_records_it(rng):
+    """Noise-free data from a flat sky: the seed is the answer, the run stops."""
+    h, w, k = 32, 32, 7
+    frames = np.full((4, 1, h, w), 80.0, np.float32)
+    frames += rng.normal(0, 1e-3, frames.shape).astype(np.float32)
+    psfs = np.stack([gaussian_psf(2.5, k)] * 4)
+    s = Solver(Problem(frames, psfs), Options(iters=25, min_iters=3), CPUBackend())
+    s.setup(np.median(frames, axis=0))
+    res = s.run()
+    assert res.early_stopped
+    assert 3 <= res.iterations < 25
+    assert res.iterations == len(res.history)
+
+
+def test_no_early_stop_flag_runs_all_iterations(rng):
+    h, w, k = 24, 24, 7
+    frames = np.full((2, 1, h, w), 80.0, np.float32)
+    psfs = np.stack([gaussian_psf(2.5, k)] * 2)
+    s = Solver(Problem(frames, psfs), Options(iters=6, early_stop=False), CPUBackend())
+    s.setup(np.median(frames, axis=0))
+    res = s.run()
+    assert not res.early_stopped and res.iterations == 6
+
+
+def test_converged_result_conserves_flux(rng):
+    truth, frames, psfs = _scene(rng, h=64, w=64, k=11, n=4, stars=10, noise=False)
+    s = Solver(Problem(frames[:, None], psfs), Options(iters=80, rho="l2", early_stop=False),
+               CPUBackend())
+    s.setup(np.median(frames, axis=0)[None])
+    img = s.run().image[0]
+    p = psfs.shape[-1] // 2
+    assert abs(img.sum() / truth[p:-p, p:-p].sum() - 1.0) < 0.01
