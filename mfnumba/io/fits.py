@@ -7,7 +7,8 @@ big-endian data), with BZERO/BSCALE applied by astropy.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,10 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, fits.Header]:
             header = hdu.header.copy()
     except InputFileError:
         raise
-    except (OSError, ValueError, TypeError, IndexError) as exc:
-        raise InputFileError(f"not a readable FITS file ({exc})", path=path) from None
+    # zlib.error and EOFError come from corrupt or truncated .gz files.
+    except (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError) as exc:
+        reason = " ".join(str(exc).split())  # the CLI message must stay on one line
+        raise InputFileError(f"not a readable FITS file ({reason})", path=path) from None
     if data.ndim not in (2, 3):
         raise InputFileError(f"expected a 2-D or 3-D image, found {data.ndim}-D {data.shape}", path=path)
     out = np.array(data, dtype=np.float32, order="C")  # copy: native order, float32
@@ -76,17 +79,40 @@ def write_fits(path: str | os.PathLike, data: np.ndarray, header: fits.Header | 
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     hdr = fits.Header() if header is None else header.copy()
-    for key in ("BZERO", "BSCALE", "BLANK"):
+    # Scaling keys would rescale our float32 data; checksums would be stale.
+    for key in ("BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM"):
         hdr.remove(key, ignore_missing=True, remove_all=True)
     hdu = fits.PrimaryHDU(data=arr, header=hdr)
     hdu.header["BITPIX"] = -32
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-    os.close(fd)
+    tmp = _create_temp(path, folder)
     try:
         hdu.writeto(tmp, overwrite=True, output_verify="silentfix")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write ({' '.join(str(exc).split())})", path=path) from None
         raise
     return path
+
+
+def _create_temp(path: Path, folder: Path) -> str:
+    """Create an empty temporary file beside ``path`` and return its name.
+
+    ``os.open`` with mode 0o666 lets the umask decide the permissions
+    (``mkstemp`` would leave the result readable by its owner only), and a
+    ``.gz`` ending is kept because astropy compresses by file name.
+    """
+    suffix = ".part.gz" if path.name.lower().endswith(".gz") else ".part"
+    for _ in range(100):
+        tmp = str(folder / f".{path.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot write in {folder} ({exc.strerror})", path=path) from None
+        os.close(fd)
+        return tmp
+    raise OutputError(f"cannot create a temporary file in {folder}", path=path)
