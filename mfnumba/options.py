@@ -64,6 +64,8 @@ class Options:
     seed: str = "median"
     color: str = "luma"
     sr: int = 1
+    sr_sigma: float = 1.1
+    sr_iters: int = 250
     backend: str = "auto"
     batch: int | None = None
     threads: int | None = None
@@ -90,6 +92,8 @@ class Options:
         _check(self.conv in CONV_METHODS, "conv", self.conv, " or ".join(CONV_METHODS))
         _check(isinstance(self.sr, int) and self.sr == 1, "sr", self.sr,
                "1 (super-resolution is not available yet)")
+        _check(self.sr_sigma > 0, "sr-sigma", self.sr_sigma, "> 0")
+        _check(isinstance(self.sr_iters, int) and self.sr_iters >= 1, "sr-iters", self.sr_iters, ">= 1")
         _check(self.batch is None or self.batch >= 1, "batch", self.batch, ">= 1")
         _check(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1")
         _check(self.tol_upd > 0 and self.tol_rel > 0, "tolerance", (self.tol_upd, self.tol_rel), "> 0")
