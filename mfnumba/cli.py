@@ -25,13 +25,24 @@ err_console = Console(stderr=True, highlight=False)
 log = logging.getLogger("mfnumba")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (test runners swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
     log.handlers.clear()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.ERROR if quiet else logging.INFO)
-    log.propagate = False
 
 
 def _guard(fn):
@@ -153,11 +164,11 @@ def deconv(
     rep.event(event="start", frames=[str(f) for f in frames], output=str(output), **opt.as_dict())
     try:
         res = deconvolve(frames, psf, options=opt, fwhm=fwhm, progress=rep, layout=layout)
+        write_fits(output, res.image, res.header, overwrite=overwrite)
+        rep.event(event="done", iterations=res.iterations, early_stopped=res.early_stopped,
+                  seconds=res.seconds, output=str(output))
     finally:
         rep.close()
-    write_fits(output, res.image, res.header, overwrite=overwrite)
-    rep.event(event="done", iterations=res.iterations, early_stopped=res.early_stopped,
-              seconds=res.seconds, output=str(output))
     if not quiet:
         stop = "early stop" if res.early_stopped else "iteration limit"
         log.info("wrote %s: %d iterations (%s), %.1f s, backend %s/%s", output, res.iterations,
