@@ -218,7 +218,11 @@ def demo(
     from .demo import run_demo
 
     _setup_logging(quiet)
-    run_demo(outdir, n_frames=frames, size=size, iters=iters, quiet=quiet)
+    rep = _Reporter(iters, quiet, None)
+    try:
+        run_demo(outdir, n_frames=frames, size=size, iters=iters, quiet=quiet, progress=rep)
+    finally:
+        rep.close()
 
 
 @app.command()

@@ -50,7 +50,8 @@ def star_table(image: np.ndarray, stars_yx: np.ndarray, true_flux: np.ndarray,
 
 
 def run_demo(outdir: Path | None = None, *, n_frames: int = 12, size: int = 192,
-             iters: int = 100, quiet: bool = False, seed: int = 1) -> DemoReport:
+             iters: int = 100, quiet: bool = False, seed: int = 1,
+             progress=None) -> DemoReport:
     """Run the demo; returns the numbers it prints."""
     outdir = Path(tempfile.mkdtemp(prefix="mfnumba-demo-")) if outdir is None else Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +61,8 @@ def run_demo(outdir: Path | None = None, *, n_frames: int = 12, size: int = 192,
     paths = write_stack(sim, outdir, overwrite=True)
     log.info("simulated %d frames of %dx%d in %s", n_frames, size, size, outdir)
 
-    res = deconvolve([outdir / "frames"], outdir / "psfs", options=Options(iters=iters))
+    res = deconvolve([outdir / "frames"], outdir / "psfs", options=Options(iters=iters),
+                      progress=progress)
     result_path = write_fits(outdir / "result.fits", res.image, res.header, overwrite=True)
     med = median_seed(sim.frames[:, None])[0]
     write_fits(outdir / "median.fits", med, None, overwrite=True)
