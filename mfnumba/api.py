@@ -23,7 +23,7 @@ from . import __version__
 from .backends.cpu import CPUBackend
 from .errors import OptionError, ShapeError
 from .options import Options
-from .psf import load_psf, measure_fwhm, moffat_psf
+from .psf import load_psf, measure_fwhm, moffat_psf, normalize_psf
 from .seed import make_seed
 from .solver import IterationRecord, Problem, Solver
 from .stack import Stack, discover_frames, header_fwhm, load_stack, reference_header
@@ -76,7 +76,7 @@ def resolve_psfs(psf, stack: Stack, fwhm: float | None) -> tuple[list[np.ndarray
                               path=missing[0])
         return [moffat_psf(f) for f in fw], [f"Moffat FWHM {f:g} px (header)" for f in fw]
     if isinstance(psf, np.ndarray) and psf.ndim == 2:
-        return [_checked_psf(psf, "PSF array")] * n, ["array"] * n
+        return [normalize_psf(psf, name="PSF array")] * n, ["array"] * n
     if isinstance(psf, (str, os.PathLike)):
         path = Path(psf)
         if path.is_dir():
@@ -88,15 +88,9 @@ def resolve_psfs(psf, stack: Stack, fwhm: float | None) -> tuple[list[np.ndarray
     items = list(psf)
     if len(items) != n:
         raise ShapeError(f"{len(items)} PSFs given for {n} frames")
-    out = [load_psf(p) if isinstance(p, (str, os.PathLike)) else _checked_psf(p, "PSF array")
-           for p in items]
+    out = [load_psf(p) if isinstance(p, (str, os.PathLike)) else normalize_psf(p, name=f"PSF {i}")
+           for i, p in enumerate(items)]
     return out, [str(p) if isinstance(p, (str, os.PathLike)) else "array" for p in items]
-
-
-def _checked_psf(a, name):
-    from .psf import normalize_psf
-
-    return normalize_psf(np.asarray(a), name=name)
 
 
 def common_psf_stack(psfs: Sequence[np.ndarray], frame_shape: tuple[int, int],
@@ -114,7 +108,7 @@ def common_psf_stack(psfs: Sequence[np.ndarray], frame_shape: tuple[int, int],
     return out
 
 
-def _as_stack(frames) -> Stack:
+def _as_stack(frames, layout: str = "auto") -> Stack:
     if isinstance(frames, Stack):
         return frames
     if isinstance(frames, np.ndarray):
@@ -127,7 +121,7 @@ def _as_stack(frames) -> Stack:
         n = a.shape[0]
         return Stack(data=a, headers=[fits.Header() for _ in range(n)],
                      paths=[Path(f"frame[{i}]") for i in range(n)], cropped=False)
-    return load_stack(discover_frames(list(frames)))
+    return load_stack(discover_frames(list(frames)), layout=layout)
 
 
 def _pedestal(frames: np.ndarray, seed: np.ndarray) -> float:
@@ -168,10 +162,7 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     """
     t0 = time.perf_counter()
     opt = options or Options()
-    if layout != "auto" and not isinstance(frames, (np.ndarray, Stack)):
-        stack = load_stack(discover_frames(list(frames)), layout=layout)
-    else:
-        stack = _as_stack(frames)
+    stack = _as_stack(frames, layout)
     psfs, sources = resolve_psfs(psf, stack, fwhm)
     kernel = common_psf_stack(psfs, stack.shape, sources)
     fwhms = [measure_fwhm(p) for p in psfs]

@@ -70,12 +70,12 @@ class Backend(Protocol):
 
     # element-wise, fused ---------------------------------------------------
     def residual_scale(self, y, yhat, p: int, poisson: bool, floor: float):
-        """Per plane: ``(σ, mad_z)``; σ = 1.4826 MAD of the residual (of
-        r/√ŷ for Poisson noise) and ``mad_z`` = 1.4826 MAD of r/σ."""
+        """Per plane: s = 1.4826 MAD of the residual r (of r/√max(ŷ, floor)
+        for Poisson noise), from a regular subsample of the frame."""
     def robust_weights(self, y, yhat, p: int, sigma, delta, huber: bool,
-                       poisson: bool, floor: float, out):
+                       poisson: bool, floor: float, out, mask=None):
         """``out[0] = w·y``, ``out[1] = w·ŷ`` embedded at offset p, with
-        ``w = ψ(z)/z · m / σ²`` and w = 0 where y is NaN."""
+        ``w = ψ(z)/z · m / σ²`` (m = mask or 1) and w = 0 where y is NaN."""
     def update(self, x, num, den, kappa: float, alpha: float, den_floor,
                extent: tuple[int, int]) -> UpdateStats:
         """In place: ``x = (1-α) x + α x · clip(num/den, 1/κ, κ)``."""
