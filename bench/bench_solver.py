@@ -87,10 +87,8 @@ class TimedBackend:
         if name == "rfft2":
             return "rfft2(x)" if args[0].ndim == 3 else "rfft2(w·y, w·ŷ)"
         if name == "irfft2":
-            return "irfft2(NUM, DEN)" if args[0] is self._acc else "irfft2(ŷ)"
-        if name == "zeros" and np.iscomplexobj(out):
-            self._acc = out
-            return "zeros(acc)"
+            # (NUM, DEN) is the one inverse with a leading axis of 2
+            return "irfft2(NUM, DEN)" if args[0].shape[0] == 2 else "irfft2(ŷ)"
         return name
 
 
@@ -327,7 +325,10 @@ def main(argv=None) -> int:
     fl["rocket-into", False] = fft_floor(g.grid, B, C, args.threads, args.reps, "rocket-into")
     floor = sum(fl["scipy", False])
     floor_pp = sum(fl["scipy", True])
-    half = floor / 3.0
+    # The honest floor is the fastest set of transforms measured in this run.
+    best_key = min((k for k, v in fl.items() if v is not None), key=lambda k: sum(fl[k]))
+    floor_best = sum(fl[best_key])
+    half = floor_best / 3.0
 
     # report -----------------------------------------------------------------
     ms = 1e3
@@ -354,8 +355,10 @@ def main(argv=None) -> int:
                    f"{sum(v) * ms:.2f} |")
     out += ["", f"- reference / mfnumba = **{t_ref / t_mf:.1f}×** (goal >= 5×); "
             f"with {args.threads} FFT workers {t_ref_mt / t_mf:.1f}×",
-            f"- mfnumba / floor (scipy.fft, batched as the solver) = **{t_mf / floor:.2f}×** (goal <= 2×)",
-            f"- mfnumba / floor (scipy.fft, one plane per call) = **{t_mf / floor_pp:.2f}×**"]
+            f"- mfnumba / floor (fastest transforms measured: {best_key[0]}) = "
+            f"**{t_mf / floor_best:.2f}×** (goal <= 2×)",
+            f"- mfnumba / floor (scipy.fft, batched as the solver) = {t_mf / floor:.2f}×",
+            f"- mfnumba / floor (scipy.fft, one plane per call) = {t_mf / floor_pp:.2f}×"]
     if fl["rocket", False] is not None:
         out.append(f"- rocket-fft / scipy.fft floor: batched {sum(fl['rocket', False]) / floor:.2f}, "
                    f"one plane per call {sum(fl['rocket', True]) / floor_pp:.2f}")
@@ -373,13 +376,13 @@ def main(argv=None) -> int:
     rest = np.array(bd_times) - sum(pieces.values())
     pieces["solver (Python, not in the backend)"] = rest
     order = ["spectral_multiply", "irfft2(ŷ)", "residual_scale", "robust_weights",
-             "rfft2(w·y, w·ŷ)", "spectral_accumulate", "rfft2(x)", "zeros(acc)",
+             "rfft2(w·y, w·ŷ)", "spectral_accumulate", "rfft2(x)",
              "irfft2(NUM, DEN)", "update"]
     order += [k for k in pieces if k not in order]
     out += [f"## Breakdown ({bd_steps} steps through a timing backend, "
             f"ms per step: {', '.join(f'{t * ms:.0f}' for t in bd_times)})", "",
-            f"Median over the steps of each piece's time in a step. Half-FFT = scipy.fft floor "
-            f"batched as the solver / 3 = {half * ms:.2f} ms; at the floor the per-frame FFT rows "
+            f"Median over the steps of each piece's time in a step. Half-FFT = fastest floor "
+            f"({best_key[0]}) / 3 = {half * ms:.2f} ms; at the floor the per-frame FFT rows "
             f"would read about 1 (irfft2) and 2 (rfft2 of two planes).", "",
             "| piece | calls / iter | ms per iteration | ms per frame-iteration | × half-FFT |",
             "|---|---:|---:|---:|---:|"]

@@ -159,12 +159,18 @@ class Solver:
         log.debug("solver: grid %s, radius %d, batch %d, conv %s", g.grid, g.p, self.batch, self.conv)
 
     def _alloc(self):
-        C, (g0, g1) = self.problem.channels, self.geom.grid
-        self._wbuf = self.be.zeros((2, self.batch * C, g0, g1))
-        if self.conv == "direct":
-            self._ybuf = self.be.zeros((self.batch, C, g0, g1))
-        else:
-            self._ybuf = self.be.zeros((self.batch, C, g0, g1 // 2 + 1), np.complex64)
+        """Work buffers, allocated once: the frame loop allocates nothing."""
+        be, C, B = self.be, self.problem.channels, self.batch
+        g0, g1 = self.geom.grid
+        h1 = g1 // 2 + 1
+        self._wbuf = be.zeros((2, B * C, g0, g1))  # zero outside the frames, always
+        self._yhat = be.zeros((B, C, g0, g1))
+        self._nd = be.zeros((2, C, g0, g1))
+        if self.conv == "fft":
+            self._X = be.zeros((C, g0, h1), np.complex64)
+            self._P = be.zeros((B, C, g0, h1), np.complex64)
+            self._S = be.zeros((2, B * C, g0, h1), np.complex64)
+            self._acc = be.zeros((2, C, g0, h1), np.complex64)
 
     def _choose_conv(self) -> str:
         method = self.opt.conv
@@ -204,9 +210,10 @@ class Solver:
         s = be.residual_scale(y, yh, g.p, poisson, self.poisson_floor)
         s = np.where(np.isfinite(s) & (s > self.sigma_floor), s, self.sigma_floor)
         sigma = s
+        # z = r/σ with σ the residual's own MAD scale, so the auto rule
+        # |δ|·1.4826·MAD(z) is |δ| here; a fixed δ > 0 is used as given.
+        # (Variance maps, a later issue, make the two differ.)
         delta = np.full_like(s, abs(o.huber_delta))
-        if not o.auto_delta:
-            delta[:] = o.huber_delta
         mask = None
         if self.mask is not None:
             mask = self.mask[idx.start:idx.stop].reshape(len(idx) * C, g.h, g.w)
@@ -220,26 +227,28 @@ class Solver:
         C = self.problem.channels
         batches = [frames] if frames is not None else self._batches()
         sig, dlt = [], []
+        nd = self._nd
         if self.conv == "fft":
-            X = be.rfft2(x)
-            acc = be.zeros((2, C) + X.shape[-2:], dtype=np.complex64)
+            X = be.rfft2(x, out=self._X)
+            acc = self._acc
+            acc.fill(0)
             for idx in batches:
                 nb = len(idx)
                 otf = self.otfs[idx.start:idx.stop]
-                P = be.spectral_multiply(X, otf, self._ybuf[:nb])
-                yhat = be.irfft2(P, g.grid)
+                P = be.spectral_multiply(X, otf, self._P[:nb])
+                yhat = be.irfft2(P, g.grid, out=self._yhat[:nb], overwrite_input=True)
                 out = self._wbuf[:, : nb * C]
                 s, d = self._weights(idx, yhat, out)
-                S = be.rfft2(out).reshape((2, nb, C) + X.shape[-2:])
+                S = be.rfft2(out, out=self._S[:, : nb * C]).reshape((2, nb, C) + X.shape[-2:])
                 be.spectral_accumulate(acc, otf, S)
                 sig.append(s), dlt.append(d)
-            nd = be.irfft2(acc, g.grid)
+            be.irfft2(acc, g.grid, out=nd, overwrite_input=True)
         else:
-            nd = be.zeros((2, C) + g.grid)
+            nd.fill(0)
             for idx in batches:
                 nb = len(idx)
                 psf = self.psfs[idx.start:idx.stop]
-                yhat = be.conv_forward_direct(x, psf, self._ybuf[:nb], g.p)
+                yhat = be.conv_forward_direct(x, psf, self._yhat[:nb], g.p)
                 out = self._wbuf[:, : nb * C]
                 s, d = self._weights(idx, yhat, out)
                 be.conv_adjoint_direct(out.reshape((2, nb, C) + g.grid), psf, nd, g.p, g.extent)

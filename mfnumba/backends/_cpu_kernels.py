@@ -60,31 +60,39 @@ def robust_weights(y, yhat, mask, has_mask, p, sigma, delta, huber, poisson, flo
     """out[0] = w y, out[1] = w ŷ at offset p; w = ψ(z)/z · m / σ², 0 on NaN.
 
     σ² = sigma[k]² (· max(ŷ, floor) for Poisson); z = (y - ŷ)/σ;
-    Huber ψ(z)/z = 1 for |z| <= δ, δ/|z| beyond.
+    Huber ψ(z)/z = 1 for |z| <= δ, δ/|z| beyond, computed as δσ/|r| so that
+    the pixel loop is float32 with no division unless a residual is clipped.
     """
     P, h, w = y.shape
+    fl = np.float32(floor)
+    zero = np.float32(0.0)
     for kr in prange(P * h):
         k = kr // h
         i = kr % h
-        s2 = sigma[k] * sigma[k]
-        d = delta[k]
+        s = np.float32(sigma[k])
+        inv = np.float32(1.0 / (sigma[k] * sigma[k]))
+        ds = np.float32(delta[k] * sigma[k])
         for j in range(w):
             v = y[k, i, j]
             e = yhat[k, i + p, j + p]
-            wt = 0.0
             if np.isfinite(v):
-                var = s2 * max(e, floor) if poisson else s2
-                wt = 1.0 / var
+                wt = inv
+                thr = ds
+                if poisson:
+                    ve = max(e, fl)
+                    wt = inv / ve
+                    thr = ds * np.sqrt(ve)
                 if huber:
-                    z = abs(v - e) / np.sqrt(var)
-                    if z > d:
-                        wt *= d / z
+                    a = abs(v - e)
+                    if a > thr:
+                        wt = wt * (thr / a)
                 if has_mask:
-                    wt *= mask[k, i, j]
+                    wt = wt * mask[k, i, j]
+                out[0, k, i + p, j + p] = wt * v
+                out[1, k, i + p, j + p] = wt * e
             else:
-                v = 0.0
-            out[0, k, i + p, j + p] = wt * v
-            out[1, k, i + p, j + p] = wt * e
+                out[0, k, i + p, j + p] = zero
+                out[1, k, i + p, j + p] = zero
 
 
 @njit(parallel=True, cache=True)
