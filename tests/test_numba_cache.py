@@ -1,0 +1,35 @@
+"""Kernels are compiled once and loaded from Numba's cache in a new process."""
+
+import json
+import subprocess
+import sys
+
+SCRIPT = r"""
+import json
+import numpy as np
+from mfnumba.backends import _cpu_kernels as K, _cpu_fft as F
+from mfnumba.options import Options
+from mfnumba.solver import Problem, Solver
+from mfnumba.backends.cpu import CPUBackend
+frames = np.full((2, 1, 24, 24), 50.0, np.float32)
+psfs = np.full((2, 5, 5), 1 / 25, np.float32)
+s = Solver(Problem(frames, psfs), Options(iters=2, conv="fft"), CPUBackend())
+s.setup(frames[0])
+s.run()
+kernels = [K.residual_scale, K.robust_weights, K.spectral_multiply, K.spectral_accumulate,
+           K.update, F.rfft2_into, F.irfft2_into]
+print(json.dumps({k.__name__: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]
+                  for k in kernels}))
+"""
+
+
+def _run():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_load_from_cache_in_a_fresh_process():
+    _run()  # make sure the cache is populated
+    stats = _run()
+    for name, (hits, misses) in stats.items():
+        assert hits >= 1 and misses == 0, (name, hits, misses)
