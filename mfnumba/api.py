@@ -25,6 +25,7 @@ from .errors import OptionError, ShapeError
 from .options import Options
 from .psf import load_psf, measure_fwhm, moffat_psf, normalize_psf
 from .seed import make_seed
+from .sr import LiftedPSF, lift_psf, replicate, scale_wcs
 from .solver import IterationRecord, Problem, Solver
 from .stack import Stack, discover_frames, header_fwhm, load_stack, reference_header
 
@@ -164,8 +165,11 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     opt = options or Options()
     stack = _as_stack(frames, layout)
     psfs, sources = resolve_psfs(psf, stack, fwhm)
-    kernel = common_psf_stack(psfs, stack.shape, sources)
+    common_psf_stack(psfs, stack.shape, sources)  # checks sizes against the frames
     fwhms = [measure_fwhm(p) for p in psfs]
+    lifts = lift_psfs(psfs, opt, sources) if opt.sr > 1 else []
+    kernel = common_psf_stack([lp.psf for lp in lifts] if lifts else psfs,
+                              tuple(opt.sr * n for n in stack.shape), sources)
     backend = get_backend(opt.backend, opt.threads)
 
     data = stack.data
@@ -184,30 +188,45 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     scale = float(np.median(np.abs(work_seed)))
     work_seed = np.maximum(work_seed, np.float32(1e-6 * max(scale, 1e-30)))
 
-    solver = Solver(Problem(data, kernel), opt, backend, callback=progress)
+    solver = Solver(Problem(data, kernel, sr=opt.sr), opt, backend, callback=progress)
     solver.setup(work_seed)
     sol = solver.run()
-    image = sol.image - np.float32(ped) if ped else sol.image
+    r2 = np.float32(opt.sr * opt.sr)  # a native pedestal c is c / r² per fine pixel
+    image = sol.image - np.float32(ped) / r2 if ped else sol.image
     if luma:
         lum = seed.mean(axis=0, keepdims=True)
         ratio = np.divide(seed, lum, out=np.ones_like(seed), where=np.abs(lum) > 1e-12 * max(scale, 1e-30))
-        image = image * ratio
+        image = image * replicate(ratio, opt.sr)
     image = np.ascontiguousarray(image, dtype=np.float32)
     seconds = time.perf_counter() - t0
     header = build_header(stack, opt, sol.iterations, sol.early_stopped, backend.name, sol.conv,
-                          ped, fwhms, sources)
+                          ped, fwhms, sources, lifts)
     return Result(image, header, sol.iterations, sol.early_stopped, sol.history, fwhms,
                   backend.name, sol.conv, ped, seconds, seed=seed)
 
 
+def lift_psfs(psfs: Sequence[np.ndarray], opt: Options, names: Sequence[str]) -> list[LiftedPSF]:
+    """Fine-grid PSFs for ``--sr``; identical native PSFs are lifted once."""
+    done: dict[int, LiftedPSF] = {}
+    out = []
+    for p, name in zip(psfs, names):
+        key = id(p)
+        if key not in done:
+            done[key] = lift_psf(p, opt.sr, sigma=opt.sr_sigma, iters=opt.sr_iters, name=name)
+        out.append(done[key])
+    worst = max(lp.residual for lp in out)
+    log.info("SR x%d: PSFs lifted to the fine grid, relative residual <= %.3g", opt.sr, worst)
+    return out
+
+
 def build_header(stack: Stack, opt: Options, iterations: int, early: bool, backend: str,
                  conv: str, pedestal: float, fwhms: Sequence[float],
-                 sources: Sequence[str]) -> fits.Header:
+                 sources: Sequence[str], lifts: Sequence[LiftedPSF] = ()) -> fits.Header:
     """The reference frame's header plus the MF_* keys and HISTORY lines."""
     import numba
     import scipy
 
-    hdr = reference_header(stack)
+    hdr = scale_wcs(reference_header(stack), opt.sr)
     cards = [
         ("MFDECONV", True, "mfnumba multi-frame deconvolution"),
         ("MF_COLOR", opt.color if stack.channels > 1 else "mono", "colour mode"),
@@ -235,4 +254,7 @@ def build_header(stack: Stack, opt: Options, iterations: int, early: bool, backe
                     f"python {platform.python_version()}")
     for i, (path, src, fw) in enumerate(zip(stack.paths, sources, fwhms)):
         hdr.add_history(f"frame {i}: {Path(path).name} PSF {src} FWHM {fw:.2f} px"[:72])
+    for i, lp in enumerate(lifts):
+        hdr.add_history(f"frame {i}: SR PSF lift {lp.method}, residual {lp.residual:.3g}, "
+                        f"{lp.iterations} it")
     return hdr

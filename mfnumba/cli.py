@@ -142,6 +142,10 @@ def deconv(
     noise: Optional[str] = typer.Option(None, help="mad (constant σ) or poisson (σ² ∝ model) [mad]."),
     seed: Optional[str] = typer.Option(None, help="median, mean or a FITS path [median]."),
     color: Optional[str] = typer.Option(None, help="luma or rgb, for colour stacks [luma]."),
+    sr: Optional[int] = typer.Option(None, help="Super-resolution factor: solve on a grid this "
+                                     "many times finer [1]."),
+    sr_sigma: Optional[float] = typer.Option(None, help="SR PSF lift: Gaussian σ in fine px [1.1]."),
+    sr_iters: Optional[int] = typer.Option(None, help="SR PSF lift: iteration limit [250]."),
     layout: str = typer.Option("auto", help="3-D frames: auto, chw or hwc."),
     backend: Optional[str] = typer.Option(None, help="auto, cpu or cuda [auto]."),
     conv: Optional[str] = typer.Option(None, help="auto, fft or direct [auto: timed]."),
@@ -159,7 +163,7 @@ def deconv(
     _check_output(output, overwrite)
     opt = _options(preset, iters=iters, min_iters=min_iters, early_stop=early_stop, rho=rho,
                    huber_delta=huber_delta, kappa=kappa, relax=relax, noise=noise, seed=seed,
-                   color=color, backend=backend, conv=conv, batch=batch, threads=threads)
+                   color=color, sr=sr, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend, conv=conv, batch=batch, threads=threads)
     rep = _Reporter(opt.iters, quiet, json_log)
     rep.event(event="start", frames=[str(f) for f in frames], output=str(output), **opt.as_dict())
     try:

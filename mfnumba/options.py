@@ -90,8 +90,7 @@ class Options:
         _check(self.color in COLORS, "color", self.color, " or ".join(COLORS))
         _check(self.backend in BACKENDS, "backend", self.backend, " or ".join(BACKENDS))
         _check(self.conv in CONV_METHODS, "conv", self.conv, " or ".join(CONV_METHODS))
-        _check(isinstance(self.sr, int) and self.sr == 1, "sr", self.sr,
-               "1 (super-resolution is not available yet)")
+        _check(isinstance(self.sr, int) and 1 <= self.sr <= 4, "sr", self.sr, "1, 2, 3 or 4")
         _check(self.sr_sigma > 0, "sr-sigma", self.sr_sigma, "> 0")
         _check(isinstance(self.sr_iters, int) and self.sr_iters >= 1, "sr-iters", self.sr_iters, ">= 1")
         _check(self.batch is None or self.batch >= 1, "batch", self.batch, ">= 1")

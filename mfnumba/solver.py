@@ -34,13 +34,15 @@ class Problem:
     """A registered stack and its PSFs, in host memory.
 
     ``frames`` is (N, C, h, w) float32 with NaN where a pixel has no data;
-    ``psfs`` is (N, K, K) float32, K odd, each summing to 1; ``mask`` is an
-    optional (N, C, h, w) keep-weight in [0, 1].
+    ``psfs`` is (N, K, K) float32, K odd, each summing to 1, on the grid
+    ``sr`` times finer than the frames; ``mask`` is an optional (N, C, h, w)
+    keep-weight in [0, 1].
     """
 
     frames: np.ndarray
     psfs: np.ndarray
     mask: np.ndarray | None = None
+    sr: int = 1
 
     @property
     def n_frames(self) -> int:
@@ -57,27 +59,37 @@ class Problem:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Frame shape, PSF radius, model extent and FFT grid."""
+    """Frame shape, SR factor, fine PSF radius, model extent and FFT grid.
+
+    The model lives on the grid r times finer than the frames; native pixel
+    (i, j) is the fine block [p + r i, p + r i + r) × [p + r j, p + r j + r).
+    """
 
     h: int
     w: int
     p: int
     grid: tuple[int, int]
+    r: int = 1
 
     @classmethod
     def for_problem(cls, problem: Problem) -> "Geometry":
         h, w = problem.frames.shape[-2:]
-        p = problem.radius
-        grid = (next_fast_len(h + 2 * p, real=True), next_fast_len(w + 2 * p, real=True))
-        return cls(h, w, p, grid)
+        p, r = problem.radius, problem.sr
+        grid = (next_fast_len(r * h + 2 * p, real=True), next_fast_len(r * w + 2 * p, real=True))
+        return cls(h, w, p, grid, r)
+
+    @property
+    def fine_shape(self) -> tuple[int, int]:
+        return (self.r * self.h, self.r * self.w)
 
     @property
     def extent(self) -> tuple[int, int]:
-        return (self.h + 2 * self.p, self.w + 2 * self.p)
+        return (self.r * self.h + 2 * self.p, self.r * self.w + 2 * self.p)
 
     @property
     def frame_slice(self) -> tuple[slice, slice]:
-        return (slice(self.p, self.p + self.h), slice(self.p, self.p + self.w))
+        f0, f1 = self.fine_shape
+        return (slice(self.p, self.p + f0), slice(self.p, self.p + f1))
 
 
 @dataclass
@@ -96,18 +108,26 @@ class IterationRecord:
 
 @dataclass
 class SolveResult:
-    image: np.ndarray  # (C, h, w) float32
+    image: np.ndarray  # (C, r h, r w) float32
     iterations: int
     early_stopped: bool
     conv: str
     history: list[IterationRecord] = field(default_factory=list)
 
 
+def lift_seed(seed: np.ndarray, r: int) -> np.ndarray:
+    """Sum-preserving upsample of a native (C, h, w) seed: each value / r² over r×r."""
+    if r == 1:
+        return seed
+    return np.repeat(np.repeat(seed, r, axis=-2), r, axis=-1) / np.float32(r * r)
+
+
 def pad_seed(seed: np.ndarray, geom: Geometry) -> np.ndarray:
-    """Embed a (C, h, w) seed in the grid, extending it by edge values."""
+    """Embed a (C, r h, r w) seed in the grid, extending it by edge values."""
     p = geom.p
     g0, g1 = geom.grid
-    x = np.pad(seed, ((0, 0), (p, g0 - geom.h - p), (p, g1 - geom.w - p)), mode="edge")
+    f0, f1 = geom.fine_shape
+    x = np.pad(seed, ((0, 0), (p, g0 - f0 - p), (p, g1 - f1 - p)), mode="edge")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -138,10 +158,16 @@ class Solver:
 
     # setup ------------------------------------------------------------------
     def setup(self, seed: np.ndarray) -> None:
-        """Seed the estimate, cache device data and choose the convolution."""
+        """Seed the estimate, cache device data and choose the convolution.
+
+        ``seed`` is native (C, h, w), lifted sum-preservingly when r > 1, or
+        already fine (C, r h, r w).
+        """
         be, pr, g = self.be, self.problem, self.geom
-        if seed.shape != (pr.channels, g.h, g.w):
-            raise ValueError(f"seed shape {seed.shape} != {(pr.channels, g.h, g.w)}")
+        if seed.shape == (pr.channels, g.h, g.w):
+            seed = lift_seed(seed, g.r)
+        if seed.shape != (pr.channels,) + g.fine_shape:
+            raise ValueError(f"seed shape {seed.shape} != {(pr.channels,) + g.fine_shape}")
         self.x_host = pad_seed(seed, g)
         finite = pr.frames[np.isfinite(pr.frames)]
         scale = float(np.median(np.abs(finite))) if finite.size else 1.0
@@ -166,6 +192,8 @@ class Solver:
         self._wbuf = be.zeros((2, B * C, g0, g1))  # zero outside the frames, always
         self._yhat = be.zeros((B, C, g0, g1))
         self._nd = be.zeros((2, C, g0, g1))
+        if self.geom.r > 1:  # the prediction block-summed to the native grid
+            self._ynat = be.zeros((B * C, self.geom.h, self.geom.w))
         if self.conv == "fft":
             self._X = be.zeros((C, g0, h1), np.complex64)
             self._P = be.zeros((B, C, g0, h1), np.complex64)
@@ -206,8 +234,12 @@ class Solver:
         C = self.problem.channels
         y = self.y[idx.start:idx.stop].reshape(len(idx) * C, g.h, g.w)
         yh = yhat.reshape(len(idx) * C, *g.grid)
+        py = g.p
+        if g.r > 1:  # residuals live on the native grid: ŷ = D(h * x)
+            yh = be.block_sum(yh, g.r, g.p, self._ynat[: len(idx) * C])
+            py = 0
         poisson = o.noise == "poisson"
-        s = be.residual_scale(y, yh, g.p, poisson, self.poisson_floor)
+        s = be.residual_scale(y, yh, py, poisson, self.poisson_floor)
         s = np.where(np.isfinite(s) & (s > self.sigma_floor), s, self.sigma_floor)
         sigma = s
         # z = r/σ with σ the residual's own MAD scale, so the auto rule
@@ -217,8 +249,8 @@ class Solver:
         mask = None
         if self.mask is not None:
             mask = self.mask[idx.start:idx.stop].reshape(len(idx) * C, g.h, g.w)
-        be.robust_weights(y, yh, g.p, sigma, delta, o.rho == "huber", poisson,
-                          self.poisson_floor, out, mask=mask)
+        be.robust_weights(y, yh, py, sigma, delta, o.rho == "huber", poisson,
+                          self.poisson_floor, out, mask=mask, p_out=g.p, r=g.r)
         return sigma, delta
 
     def _accumulate(self, x, frames=None, record=True):
@@ -248,7 +280,7 @@ class Solver:
             for idx in batches:
                 nb = len(idx)
                 psf = self.psfs[idx.start:idx.stop]
-                yhat = be.conv_forward_direct(x, psf, self._yhat[:nb], g.p)
+                yhat = be.conv_forward_direct(x, psf, self._yhat[:nb], g.p, g.fine_shape)
                 out = self._wbuf[:, : nb * C]
                 s, d = self._weights(idx, yhat, out)
                 be.conv_adjoint_direct(out.reshape((2, nb, C) + g.grid), psf, nd, g.p, g.extent)

@@ -32,7 +32,8 @@ def _forward(be, method, xe, psf, geom):
         P = be.spectral_multiply(be.rfft2(x), otf, np.zeros((1, 1) + otf.shape[-2:], np.complex64))
         full = be.irfft2(P, geom.grid)
     else:
-        full = be.conv_forward_direct(x, psf[None], np.zeros((1, 1) + geom.grid, np.float32), p)
+        full = be.conv_forward_direct(x, psf[None], np.zeros((1, 1) + geom.grid, np.float32), p,
+                                      (geom.h, geom.w))
     return full[0, 0, p:p + geom.h, p:p + geom.w]
 
 

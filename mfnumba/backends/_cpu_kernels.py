@@ -56,9 +56,11 @@ def residual_scale(y, yhat, p, poisson, floor, target):
 
 
 @njit(parallel=True, cache=True)
-def robust_weights(y, yhat, mask, has_mask, p, sigma, delta, huber, poisson, floor, out):
-    """out[0] = w y, out[1] = w ŷ at offset p; w = ψ(z)/z · m / σ², 0 on NaN.
+def robust_weights(y, yhat, mask, has_mask, p, sigma, delta, huber, poisson, floor, out, po, r):
+    """out[0] = U(w y), out[1] = U(w ŷ) at offset po; w = ψ(z)/z · m / σ², 0 on NaN.
 
+    ŷ is read at offset p. U replicates each native value over an r×r block
+    of the fine grid (the adjoint of the block sum; r = 1: plain embedding).
     σ² = sigma[k]² (· max(ŷ, floor) for Poisson); z = (y - ŷ)/σ;
     Huber ψ(z)/z = 1 for |z| <= δ, δ/|z| beyond, computed as δσ/|r| so that
     the pixel loop is float32 with no division unless a residual is clipped.
@@ -69,12 +71,13 @@ def robust_weights(y, yhat, mask, has_mask, p, sigma, delta, huber, poisson, flo
     for kr in prange(P * h):
         k = kr // h
         i = kr % h
-        s = np.float32(sigma[k])
         inv = np.float32(1.0 / (sigma[k] * sigma[k]))
         ds = np.float32(delta[k] * sigma[k])
         for j in range(w):
             v = y[k, i, j]
             e = yhat[k, i + p, j + p]
+            a0 = zero
+            a1 = zero
             if np.isfinite(v):
                 wt = inv
                 thr = ds
@@ -88,11 +91,41 @@ def robust_weights(y, yhat, mask, has_mask, p, sigma, delta, huber, poisson, flo
                         wt = wt * (thr / a)
                 if has_mask:
                     wt = wt * mask[k, i, j]
-                out[0, k, i + p, j + p] = wt * v
-                out[1, k, i + p, j + p] = wt * e
-            else:
-                out[0, k, i + p, j + p] = zero
-                out[1, k, i + p, j + p] = zero
+                a0 = wt * v
+                a1 = wt * e
+            for u in range(r):
+                for t in range(r):
+                    out[0, k, po + r * i + u, po + r * j + t] = a0
+                    out[1, k, po + r * i + u, po + r * j + t] = a1
+
+
+@njit(parallel=True, cache=True)
+def block_sum(a, r, off, out):
+    """out[k, i, j] = Σ_{u,t < r} a[k, off + r i + u, off + r j + t] (D, sum-preserving)."""
+    P, h, w = out.shape
+    for ki in prange(P * h):
+        k = ki // h
+        i = ki % h
+        for j in range(w):
+            s = np.float32(0.0)
+            for u in range(r):
+                for t in range(r):
+                    s += a[k, off + r * i + u, off + r * j + t]
+            out[k, i, j] = s
+
+
+@njit(parallel=True, cache=True)
+def replicate(u, r, off, out):
+    """out[k, off + r i + a, off + r j + b] = u[k, i, j] (U, the adjoint of D)."""
+    P, h, w = u.shape
+    for ki in prange(P * h):
+        k = ki // h
+        i = ki % h
+        for j in range(w):
+            v = u[k, i, j]
+            for a in range(r):
+                for b in range(r):
+                    out[k, off + r * i + a, off + r * j + b] = v
 
 
 @njit(parallel=True, cache=True)

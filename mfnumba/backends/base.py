@@ -65,8 +65,8 @@ class Backend(Protocol):
         """``acc[k, c] += Σ_b conj(otf[b]) · S[k, b, c]`` (k: num, den)."""
 
     # direct (spatial) convolution -----------------------------------------
-    def conv_forward_direct(self, x, psfs, out, p: int):
-        """``out[b, c, p+i, p+j] = (psf_b * x_c)`` valid part, for a batch."""
+    def conv_forward_direct(self, x, psfs, out, p: int, shape: tuple[int, int]):
+        """``out[b, c, p+i, p+j] = (psf_b * x_c)`` valid part of ``shape``, for a batch."""
     def conv_adjoint_direct(self, a, psfs, acc, p: int, extent: tuple[int, int]):
         """``acc[k, c] += Σ_b psf_b ⋆ a[k, b, c]`` over the model extent."""
 
@@ -75,9 +75,14 @@ class Backend(Protocol):
         """Per plane: s = 1.4826 MAD of the residual r (of r/√max(ŷ, floor)
         for Poisson noise), from a regular subsample of the frame."""
     def robust_weights(self, y, yhat, p: int, sigma, delta, huber: bool,
-                       poisson: bool, floor: float, out, mask=None):
-        """``out[0] = w·y``, ``out[1] = w·ŷ`` embedded at offset p, with
-        ``w = ψ(z)/z · m / σ²`` (m = mask or 1) and w = 0 where y is NaN."""
+                       poisson: bool, floor: float, out, mask=None, p_out=None, r: int = 1):
+        """``out[0] = U(w·y)``, ``out[1] = U(w·ŷ)`` embedded at offset ``p_out``
+        (default p), with ``w = ψ(z)/z · m / σ²`` (m = mask or 1), w = 0 where
+        y is NaN; ŷ is read at offset p; U replicates over r×r blocks."""
+    def block_sum(self, a, r: int, offset: int, out):
+        """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
+    def replicate(self, u, r: int, offset: int, out):
+        """U, the adjoint of D: ``out[k, offset + r i + a, offset + r j + b] = u[k, i, j]``."""
     def update(self, x, num, den, kappa: float, alpha: float, den_floor,
                extent: tuple[int, int]) -> UpdateStats:
         """In place: ``x = (1-α) x + α x · clip(num/den, 1/κ, κ)``."""

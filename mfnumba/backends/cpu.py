@@ -70,9 +70,8 @@ class CPUBackend:
         return acc
 
     # direct convolution ---------------------------------------------------
-    def conv_forward_direct(self, x, psfs, out, p):
-        h, w = out.shape[-2] - 2 * p, out.shape[-1] - 2 * p
-        K.conv_forward_direct(x, psfs, out, p, h, w)
+    def conv_forward_direct(self, x, psfs, out, p, shape):
+        K.conv_forward_direct(x, psfs, out, p, shape[0], shape[1])
         return out
 
     def conv_adjoint_direct(self, a, psfs, acc, p, extent):
@@ -83,12 +82,21 @@ class CPUBackend:
     def residual_scale(self, y, yhat, p, poisson, floor):
         return K.residual_scale(y, yhat, p, bool(poisson), float(floor), _SAMPLE)
 
-    def robust_weights(self, y, yhat, p, sigma, delta, huber, poisson, floor, out, mask=None):
+    def robust_weights(self, y, yhat, p, sigma, delta, huber, poisson, floor, out, mask=None,
+                       p_out=None, r=1):
         has_mask = mask is not None
         m = mask if has_mask else np.ones((1, 1, 1), dtype=np.float32)
         K.robust_weights(y, yhat, m, has_mask, p, np.asarray(sigma, np.float64),
                          np.asarray(delta, np.float64), bool(huber), bool(poisson),
-                         float(floor), out)
+                         float(floor), out, p if p_out is None else p_out, int(r))
+        return out
+
+    def block_sum(self, a, r, offset, out):
+        K.block_sum(a, int(r), int(offset), out)
+        return out
+
+    def replicate(self, u, r, offset, out):
+        K.replicate(u, int(r), int(offset), out)
         return out
 
     def update(self, x, num, den, kappa, alpha, den_floor, extent):
