@@ -35,14 +35,18 @@ class Problem:
 
     ``frames`` is (N, C, h, w) float32 with NaN where a pixel has no data;
     ``psfs`` is (N, K, K) float32, K odd, each summing to 1, on the grid
-    ``sr`` times finer than the frames; ``mask`` is an optional (N, C, h, w)
-    keep-weight in [0, 1].
+    ``sr`` times finer than the frames. Optional (N, C, h, w) maps: ``mask``,
+    keep-weights in [0, 1]; ``var``, the noise variance σ² of every pixel
+    (data units²; replaces the per-frame MAD σ); ``protect``, in [0, 1], a
+    lower bound on the Huber factor (bright-star cores are never outliers).
     """
 
     frames: np.ndarray
     psfs: np.ndarray
     mask: np.ndarray | None = None
     sr: int = 1
+    var: np.ndarray | None = None
+    protect: np.ndarray | None = None
 
     @property
     def n_frames(self) -> int:
@@ -177,6 +181,9 @@ class Solver:
         self.y = be.asarray(pr.frames)
         self.psfs = be.asarray(pr.psfs)
         self.mask = None if pr.mask is None else be.asarray(pr.mask)
+        self.var = None if pr.var is None else be.asarray(pr.var)
+        self.protect = None if pr.protect is None else be.asarray(pr.protect)
+        self.noise = "map" if pr.var is not None else self.opt.noise
         self.otfs = None
         self.conv = self._choose_conv()
         if self.conv == "fft":
@@ -238,20 +245,22 @@ class Solver:
         if g.r > 1:  # residuals live on the native grid: ŷ = D(h * x)
             yh = be.block_sum(yh, g.r, g.p, self._ynat[: len(idx) * C])
             py = 0
-        poisson = o.noise == "poisson"
-        s = be.residual_scale(y, yh, py, poisson, self.poisson_floor)
-        s = np.where(np.isfinite(s) & (s > self.sigma_floor), s, self.sigma_floor)
-        sigma = s
-        # z = r/σ with σ the residual's own MAD scale, so the auto rule
-        # |δ|·1.4826·MAD(z) is |δ| here; a fixed δ > 0 is used as given.
-        # (Variance maps, a later issue, make the two differ.)
-        delta = np.full_like(s, abs(o.huber_delta))
-        mask = None
-        if self.mask is not None:
-            mask = self.mask[idx.start:idx.stop].reshape(len(idx) * C, g.h, g.w)
-        be.robust_weights(y, yh, py, sigma, delta, o.rho == "huber", poisson,
-                          self.poisson_floor, out, mask=mask, p_out=g.p, r=g.r)
-        return sigma, delta
+        maps = {k: None if a is None else a[idx.start:idx.stop].reshape(len(idx) * C, g.h, g.w)
+                for k, a in (("mask", self.mask), ("var", self.var), ("protect", self.protect))}
+        s = be.residual_scale(y, yh, py, self.noise, self.poisson_floor, var=maps["var"])
+        if self.noise == "map":
+            # σ is the map's; auto δ = |δ| · 1.4826 MAD(r/σ) follows the real scatter
+            sigma = np.ones_like(s)
+            scale = np.where(np.isfinite(s) & (s > 0), s, 1.0)
+        else:
+            # σ = s, the residual's own MAD scale, so 1.4826 MAD(r/σ) = 1
+            sigma = np.where(np.isfinite(s) & (s > self.sigma_floor), s, self.sigma_floor)
+            scale = np.ones_like(s)
+        delta = abs(o.huber_delta) * scale if o.auto_delta else np.full_like(s, o.huber_delta)
+        be.robust_weights(y, yh, py, sigma, delta, o.rho == "huber", self.noise,
+                          self.poisson_floor, out, mask=maps["mask"], p_out=g.p, r=g.r,
+                          var=maps["var"], protect=maps["protect"])
+        return sigma * scale, delta
 
     def _accumulate(self, x, frames=None, record=True):
         """Return (num, den) as (2, C, g0, g1) for the estimate ``x``."""

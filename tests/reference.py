@@ -45,20 +45,33 @@ def huber_psi_over_z(z: np.ndarray, delta: float) -> np.ndarray:
     return np.where(a <= delta, 1.0, delta / np.maximum(a, 1e-300))
 
 
-def weights(y, yhat, *, rho="huber", delta=-2.5, noise="mad", floor=0.0, mask=None):
-    """w = ψ(z)/z · m / σ² with σ from the MAD; 0 where y is NaN.
+def weights(y, yhat, *, rho="huber", delta=-2.5, noise="mad", floor=0.0, mask=None, var=None,
+            protect=None):
+    """w = ψ(z)/z · m / σ²; 0 where y is NaN.
 
-    Returns (w, sigma_scale, delta_used).
+    σ² = s² V with s the MAD scale of (y - ŷ)/√V, V = 1 (mad), max(ŷ, floor)
+    (poisson); with a variance map σ² = var and auto δ = |δ| · s.
+    Returns (w, s, delta_used).
     """
     finite = np.isfinite(y)
-    v = np.maximum(yhat, floor) if noise == "poisson" else np.ones_like(yhat)
+    if var is not None:
+        v = var
+    elif noise == "poisson":
+        v = np.maximum(yhat, floor)
+    else:
+        v = np.ones_like(yhat)
     z0 = np.where(finite, (y - yhat) / np.sqrt(v), np.nan)
     s = mad_sigma(z0)
-    var = s * s * v
-    d = abs(delta)
-    w = 1.0 / var
+    if var is not None:
+        var_pix, d = var, abs(delta) * s
+    else:
+        var_pix, d = s * s * v, abs(delta)
+    w = 1.0 / var_pix
     if rho == "huber":
-        w = w * huber_psi_over_z(np.where(finite, (y - yhat) / np.sqrt(var), 0.0), d)
+        f = huber_psi_over_z(np.where(finite, (y - yhat) / np.sqrt(var_pix), 0.0), d)
+        if protect is not None:
+            f = np.maximum(f, protect)
+        w = w * f
     if mask is not None:
         w = w * mask
     w = np.where(finite, w, 0.0)
@@ -66,13 +79,15 @@ def weights(y, yhat, *, rho="huber", delta=-2.5, noise="mad", floor=0.0, mask=No
 
 
 def iteration(x, frames, psfs, *, rho="huber", delta=-2.5, kappa=2.0, relax=1.0,
-              noise="mad", floor=0.0):
+              noise="mad", floor=0.0, var=None, protect=None):
     """One MM update of x (extent-shaped, one channel) from frames (N, h, w)."""
     num = np.zeros_like(x, dtype=np.float64)
     den = np.zeros_like(x, dtype=np.float64)
-    for y, psf in zip(frames, psfs):
+    for i, (y, psf) in enumerate(zip(frames, psfs)):
         yhat = forward(x, psf)
-        w, _, _ = weights(y, yhat, rho=rho, delta=delta, noise=noise, floor=floor)
+        w, _, _ = weights(y, yhat, rho=rho, delta=delta, noise=noise, floor=floor,
+                          var=None if var is None else var[i],
+                          protect=None if protect is None else protect[i])
         num += adjoint(w * np.nan_to_num(y), psf)
         den += adjoint(w * yhat, psf)
     floor_den = 1e-6 * den.mean()

@@ -103,7 +103,7 @@ def test_huber_weights_kernel(rng):
     y[0, 2, 3] = np.nan
     out = np.zeros((2, 1, h + 2 * p, w + 2 * p), np.float32)
     delta = 2.0
-    be.robust_weights(y, yhat, p, np.array([1.0]), np.array([delta]), True, False, 0.0, out)
+    be.robust_weights(y, yhat, p, np.array([1.0]), np.array([delta]), True, "mad", 0.0, out)
     wy = out[0, 0, p:p + h, p:p + w]
     wyh = out[1, 0, p:p + h, p:p + w]
     wgt = wyh / 10.0
@@ -130,11 +130,11 @@ def test_weights_match_reference_with_nan_and_mask(rng):
     grid = np.zeros((1, h + 2 * p, w + 2 * p), np.float32)
     grid[0, p:p + h, p:p + w] = yh
     for noise in ("mad", "poisson"):
-        s = be.residual_scale(y[None], grid, p, noise == "poisson", 1.0)
+        s = be.residual_scale(y[None], grid, p, noise, 1.0)
         wref, sref, _ = ref.weights(y, yh, rho="huber", delta=-2.5, noise=noise, floor=1.0, mask=mask)
         np.testing.assert_allclose(s[0], sref, rtol=1e-5)
         out = np.zeros((2, 1) + grid.shape[-2:], np.float32)
-        be.robust_weights(y[None], grid, p, s, np.array([2.5]), True, noise == "poisson", 1.0, out,
+        be.robust_weights(y[None], grid, p, s, np.array([2.5]), True, noise, 1.0, out,
                           mask=mask[None])
         np.testing.assert_allclose(out[1, 0, p:p + h, p:p + w], wref * yh, rtol=1e-5, atol=1e-12)
         np.testing.assert_allclose(out[0, 0, p:p + h, p:p + w], wref * np.nan_to_num(y), rtol=1e-5,

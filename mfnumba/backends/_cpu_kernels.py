@@ -22,9 +22,13 @@ def _strides_for(h, w, target):
     return step
 
 
+# Variance models (vmode): 0 constant, σ² = s²; 1 Poisson, σ² = s² max(ŷ, floor);
+# 2 map, σ² = s² var[k, i, j]. s is the per-plane scale.
+
+
 @njit(parallel=True, cache=True)
-def residual_scale(y, yhat, p, poisson, floor, target):
-    """s[k] = 1.4826 MAD(z0) with z0 = (y - ŷ) / sqrt(v), v = 1 or max(ŷ, floor).
+def residual_scale(y, yhat, p, vmode, var, floor, target):
+    """s[k] = 1.4826 MAD(z0) with z0 = (y - ŷ) / sqrt(V), V = 1, max(ŷ, floor) or var.
 
     MAD over a regular subsample of about ``target`` finite pixels per plane.
     """
@@ -40,8 +44,10 @@ def residual_scale(y, yhat, p, poisson, floor, target):
                 if np.isfinite(v):
                     e = yhat[k, i + p, j + p]
                     r = v - e
-                    if poisson:
+                    if vmode == 1:
                         r = r / np.sqrt(max(e, floor))
+                    elif vmode == 2:
+                        r = r / np.sqrt(var[k, i, j])
                     buf[n] = r
                     n += 1
         if n == 0:
@@ -56,14 +62,16 @@ def residual_scale(y, yhat, p, poisson, floor, target):
 
 
 @njit(parallel=True, cache=True)
-def robust_weights(y, yhat, mask, has_mask, p, sigma, delta, huber, poisson, floor, out, po, r):
+def robust_weights(y, yhat, p, vmode, var, floor, sigma, delta, huber, mask, has_mask,
+                   protect, has_protect, out, po, r):
     """out[0] = U(w y), out[1] = U(w ŷ) at offset po; w = ψ(z)/z · m / σ², 0 on NaN.
 
     ŷ is read at offset p. U replicates each native value over an r×r block
     of the fine grid (the adjoint of the block sum; r = 1: plain embedding).
-    σ² = sigma[k]² (· max(ŷ, floor) for Poisson); z = (y - ŷ)/σ;
-    Huber ψ(z)/z = 1 for |z| <= δ, δ/|z| beyond, computed as δσ/|r| so that
-    the pixel loop is float32 with no division unless a residual is clipped.
+    σ² = sigma[k]² V (V per ``vmode``); z = (y - ŷ)/σ; Huber ψ(z)/z = 1 for
+    |z| <= δ, δ/|z| beyond, computed as δσ/|r| so that the pixel loop is
+    float32 with no division unless a residual is clipped. ``protect`` in
+    [0, 1] (bright-star cores) bounds the Huber factor from below.
     """
     P, h, w = y.shape
     fl = np.float32(floor)
@@ -81,14 +89,17 @@ def robust_weights(y, yhat, mask, has_mask, p, sigma, delta, huber, poisson, flo
             if np.isfinite(v):
                 wt = inv
                 thr = ds
-                if poisson:
-                    ve = max(e, fl)
+                if vmode != 0:
+                    ve = max(e, fl) if vmode == 1 else var[k, i, j]
                     wt = inv / ve
                     thr = ds * np.sqrt(ve)
                 if huber:
                     a = abs(v - e)
                     if a > thr:
-                        wt = wt * (thr / a)
+                        f = thr / a
+                        if has_protect and protect[k, i, j] > f:
+                            f = protect[k, i, j]
+                        wt = wt * f
                 if has_mask:
                     wt = wt * mask[k, i, j]
                 a0 = wt * v

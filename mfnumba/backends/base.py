@@ -71,14 +71,16 @@ class Backend(Protocol):
         """``acc[k, c] += Σ_b psf_b ⋆ a[k, b, c]`` over the model extent."""
 
     # element-wise, fused ---------------------------------------------------
-    def residual_scale(self, y, yhat, p: int, poisson: bool, floor: float):
-        """Per plane: s = 1.4826 MAD of the residual r (of r/√max(ŷ, floor)
-        for Poisson noise), from a regular subsample of the frame."""
-    def robust_weights(self, y, yhat, p: int, sigma, delta, huber: bool,
-                       poisson: bool, floor: float, out, mask=None, p_out=None, r: int = 1):
+    def residual_scale(self, y, yhat, p: int, noise: str, floor: float, var=None):
+        """Per plane: s = 1.4826 MAD of z0 = r/√V from a regular subsample of the
+        frame; V = 1 (``mad``), max(ŷ, floor) (``poisson``) or ``var`` (``map``)."""
+    def robust_weights(self, y, yhat, p: int, sigma, delta, huber: bool, noise: str,
+                       floor: float, out, mask=None, p_out=None, r: int = 1, var=None,
+                       protect=None):
         """``out[0] = U(w·y)``, ``out[1] = U(w·ŷ)`` embedded at offset ``p_out``
-        (default p), with ``w = ψ(z)/z · m / σ²`` (m = mask or 1), w = 0 where
-        y is NaN; ŷ is read at offset p; U replicates over r×r blocks."""
+        (default p), with ``w = ψ(z)/z · m / σ²``, σ² = sigma² V, the Huber
+        factor bounded below by ``protect``, m = mask or 1, w = 0 where y is
+        NaN; ŷ is read at offset p; U replicates over r×r blocks."""
     def block_sum(self, a, r: int, offset: int, out):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
     def replicate(self, u, r: int, offset: int, out):

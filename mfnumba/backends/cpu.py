@@ -16,6 +16,8 @@ from . import _cpu_fft as F
 from . import _cpu_kernels as K
 from .base import UpdateStats
 
+_VMODES = {"mad": 0, "poisson": 1, "map": 2}
+_DUMMY = np.ones((1, 1, 1), dtype=np.float32)
 _SAMPLE = 1 << 14  # pixels looked at for a MAD or an early-stop median (~1 % precision)
 
 
@@ -79,16 +81,15 @@ class CPUBackend:
         return acc
 
     # element-wise -----------------------------------------------------------
-    def residual_scale(self, y, yhat, p, poisson, floor):
-        return K.residual_scale(y, yhat, p, bool(poisson), float(floor), _SAMPLE)
+    def residual_scale(self, y, yhat, p, noise, floor, var=None):
+        return K.residual_scale(y, yhat, p, _VMODES[noise], _or_dummy(var), float(floor), _SAMPLE)
 
-    def robust_weights(self, y, yhat, p, sigma, delta, huber, poisson, floor, out, mask=None,
-                       p_out=None, r=1):
-        has_mask = mask is not None
-        m = mask if has_mask else np.ones((1, 1, 1), dtype=np.float32)
-        K.robust_weights(y, yhat, m, has_mask, p, np.asarray(sigma, np.float64),
-                         np.asarray(delta, np.float64), bool(huber), bool(poisson),
-                         float(floor), out, p if p_out is None else p_out, int(r))
+    def robust_weights(self, y, yhat, p, sigma, delta, huber, noise, floor, out, mask=None,
+                       p_out=None, r=1, var=None, protect=None):
+        K.robust_weights(y, yhat, p, _VMODES[noise], _or_dummy(var), float(floor),
+                         np.asarray(sigma, np.float64), np.asarray(delta, np.float64), bool(huber),
+                         _or_dummy(mask), mask is not None, _or_dummy(protect), protect is not None,
+                         out, p if p_out is None else p_out, int(r))
         return out
 
     def block_sum(self, a, r, offset, out):
@@ -103,3 +104,7 @@ class CPUBackend:
         mu, mr = K.update(x, num, den, float(kappa), float(alpha),
                           np.asarray(den_floor, np.float64), extent[0], extent[1], _SAMPLE)
         return UpdateStats(float(mu), float(mr))
+
+
+def _or_dummy(a):
+    return _DUMMY if a is None else a
