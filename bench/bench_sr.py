@@ -18,7 +18,7 @@ import time
 import numba
 import numpy as np
 
-from mfnumba.api import lift_psfs, common_psf_stack
+from mfnumba.psf_setup import common_psf_stack, lift_psfs
 from mfnumba.backends.cpu import CPUBackend
 from mfnumba.options import Options
 from mfnumba.solver import Problem, Solver

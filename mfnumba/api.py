@@ -9,7 +9,6 @@ provenance (DESIGN §5). The CLI is a thin shell around it.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -23,11 +22,12 @@ from . import __version__
 from .backends.cpu import CPUBackend
 from .errors import OptionError, ShapeError
 from .options import Options
-from .psf import load_psf, measure_fwhm, moffat_psf, normalize_psf
+from .psf import measure_fwhm
+from .psf_setup import common_psf_stack, lift_psfs, resolve_psfs
 from .seed import make_seed
-from .sr import LiftedPSF, lift_psf, replicate, scale_wcs
+from .sr import LiftedPSF, replicate, scale_wcs
 from .solver import IterationRecord, Problem, Solver
-from .stack import Stack, discover_frames, header_fwhm, load_stack, reference_header
+from .stack import Stack, discover_frames, load_stack, reference_header
 
 log = logging.getLogger("mfnumba")
 
@@ -55,58 +55,6 @@ def get_backend(name: str, threads: int | None = None):
         return CPUBackend(threads)
     raise OptionError(f"--backend {name!r}: the CUDA backend is not available in this version; "
                       f"use --backend cpu")
-
-
-def resolve_psfs(psf, stack: Stack, fwhm: float | None) -> tuple[list[np.ndarray], list[str]]:
-    """PSFs for every frame and a note of where each came from.
-
-    ``psf`` may be None, one array or path (shared), a directory of FITS files
-    paired by sorted name with the frames, or a sequence of arrays/paths.
-    Without it: Moffats of ``fwhm``, else of each frame's FWHM header key.
-    """
-    n = stack.n_frames
-    if psf is None:
-        if fwhm is not None:
-            if not fwhm > 0:
-                raise OptionError(f"--fwhm {fwhm}: expected a positive number of pixels")
-            return [moffat_psf(fwhm)] * n, [f"Moffat FWHM {fwhm:g} px (--fwhm)"] * n
-        fw = [header_fwhm(h) for h in stack.headers]
-        missing = [p for p, f in zip(stack.paths, fw) if f is None]
-        if missing:
-            raise OptionError("no PSF: pass --psf or --fwhm (or add a FWHM header key)",
-                              path=missing[0])
-        return [moffat_psf(f) for f in fw], [f"Moffat FWHM {f:g} px (header)" for f in fw]
-    if isinstance(psf, np.ndarray) and psf.ndim == 2:
-        return [normalize_psf(psf, name="PSF array")] * n, ["array"] * n
-    if isinstance(psf, (str, os.PathLike)):
-        path = Path(psf)
-        if path.is_dir():
-            files = discover_frames([path], what="PSF")
-            if len(files) != n:
-                raise ShapeError(f"holds {len(files)} PSF files for {n} frames", path=path)
-            return [load_psf(f) for f in files], [f.name for f in files]
-        return [load_psf(path)] * n, [path.name] * n
-    items = list(psf)
-    if len(items) != n:
-        raise ShapeError(f"{len(items)} PSFs given for {n} frames")
-    out = [load_psf(p) if isinstance(p, (str, os.PathLike)) else normalize_psf(p, name=f"PSF {i}")
-           for i, p in enumerate(items)]
-    return out, [str(p) if isinstance(p, (str, os.PathLike)) else "array" for p in items]
-
-
-def common_psf_stack(psfs: Sequence[np.ndarray], frame_shape: tuple[int, int],
-                     names: Sequence[str]) -> np.ndarray:
-    """Zero-pad every PSF, centred, to the largest odd size; (N, K, K) float32."""
-    k = max(max(p.shape) for p in psfs)
-    for p, name in zip(psfs, names):
-        if max(p.shape) > min(frame_shape):
-            raise ShapeError(f"PSF {p.shape[0]}x{p.shape[1]} is larger than the "
-                             f"{frame_shape[0]}x{frame_shape[1]} frames", path=name)
-    out = np.zeros((len(psfs), k, k), dtype=np.float32)
-    for i, p in enumerate(psfs):
-        o0, o1 = (k - p.shape[0]) // 2, (k - p.shape[1]) // 2
-        out[i, o0:o0 + p.shape[0], o1:o1 + p.shape[1]] = p
-    return out
 
 
 def _as_stack(frames, layout: str = "auto") -> Stack:
@@ -203,20 +151,6 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
                           ped, fwhms, sources, lifts)
     return Result(image, header, sol.iterations, sol.early_stopped, sol.history, fwhms,
                   backend.name, sol.conv, ped, seconds, seed=seed)
-
-
-def lift_psfs(psfs: Sequence[np.ndarray], opt: Options, names: Sequence[str]) -> list[LiftedPSF]:
-    """Fine-grid PSFs for ``--sr``; identical native PSFs are lifted once."""
-    done: dict[int, LiftedPSF] = {}
-    out = []
-    for p, name in zip(psfs, names):
-        key = id(p)
-        if key not in done:
-            done[key] = lift_psf(p, opt.sr, sigma=opt.sr_sigma, iters=opt.sr_iters, name=name)
-        out.append(done[key])
-    worst = max(lp.residual for lp in out)
-    log.info("SR x%d: PSFs lifted to the fine grid, relative residual <= %.3g", opt.sr, worst)
-    return out
 
 
 def build_header(stack: Stack, opt: Options, iterations: int, early: bool, backend: str,
