@@ -22,6 +22,7 @@ from astropy.io import fits
 
 from .errors import InputFileError, OptionError, ShapeError
 from .io.fits import is_fits_name, read_image
+from .io.xisf import read_xisf, xisf_shape
 
 log = logging.getLogger("mfnumba")
 
@@ -205,10 +206,18 @@ class Stack:
         return self.data.shape[2], self.data.shape[3]
 
 
+def _is_xisf(path) -> bool:
+    return str(path).lower().endswith(XISF_SUFFIXES)
+
+
 def _file_shape(path: Path) -> tuple[int, ...]:
-    """Numpy shape of the image :func:`read_image` would return, from headers only."""
-    if str(path).lower().endswith(XISF_SUFFIXES):
-        raise InputFileError("XISF frames are not supported yet; convert them to FITS", path=path)
+    """Numpy shape of the image :func:`read_image` would return, from headers only.
+
+    FITS only: an XISF file declares its channel layout, so its shape comes
+    from :func:`_frame_shape`, never through the layout guess.
+    """
+    if _is_xisf(path):
+        raise ValueError(f"{path}: XISF shapes come from _frame_shape")  # internal misuse
     if not path.is_file():
         raise InputFileError("file not found" if not path.exists() else "not a regular file", path=path)
     try:
@@ -227,6 +236,36 @@ def _file_shape(path: Path) -> tuple[int, ...]:
     raise InputFileError("no image data in any HDU", path=path)
 
 
+def _frame_shape(path: Path, layout: str) -> tuple[int, int, int]:
+    """``(C, h, w)`` of a FITS or XISF frame, from headers only."""
+    if _is_xisf(path):
+        return xisf_shape(path)  # layout is in the file: never guessed, never ambiguous
+    return _chw_shape(_file_shape(path), layout, path)
+
+
+def read_frame(path: str | os.PathLike, *, layout: str = "auto") -> tuple[np.ndarray, fits.Header]:
+    """Read one FITS or XISF frame as float32 ``(C, h, w)`` and its header.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A FITS file (first image HDU) or an XISF file (first image).
+    layout : {"auto", "chw", "hwc"}
+        How to read a 3-D FITS image, see :func:`to_chw`. XISF files state
+        their layout (Planar or Normal storage), so it does not apply to them.
+
+    Examples
+    --------
+    >>> data, header = read_frame("light_001.xisf")  # doctest: +SKIP
+    """
+    layout = _check_layout(layout)
+    path = Path(path)
+    if _is_xisf(path):
+        return read_xisf(path)
+    img, header = read_image(path)
+    return to_chw(img, path=path, layout=layout), header
+
+
 def load_stack(paths: Sequence[Path], *, layout: str = "auto") -> Stack:
     """Read frames into one ``(N, C, h, w)`` float32 stack.
 
@@ -238,7 +277,8 @@ def load_stack(paths: Sequence[Path], *, layout: str = "auto") -> Stack:
     paths : sequence of path-like
         Frame files, e.g. from :func:`discover_frames`.
     layout : {"auto", "chw", "hwc"}
-        Channel layout of 3-D frames, see :func:`to_chw`.
+        Channel layout of 3-D FITS frames, see :func:`to_chw`. XISF frames
+        state theirs, so FITS and XISF frames may be mixed.
 
     Raises
     ------
@@ -254,7 +294,7 @@ def load_stack(paths: Sequence[Path], *, layout: str = "auto") -> Stack:
     if not paths:
         raise OptionError("no frames given")
     # Shapes first, from headers, so the one output array is allocated once.
-    shapes = [_chw_shape(_file_shape(p), layout, p) for p in paths]
+    shapes = [_frame_shape(p, layout) for p in paths]
     channels = shapes[0][0]
     for p, s in zip(paths, shapes):
         if s[0] != channels:
@@ -270,8 +310,7 @@ def load_stack(paths: Sequence[Path], *, layout: str = "auto") -> Stack:
     data = np.empty((len(paths), channels, h, w), dtype=np.float32)
     headers = []
     for i, (p, s) in enumerate(zip(paths, shapes)):
-        img, header = read_image(p)
-        img = to_chw(img, path=p, layout=layout)
+        img, header = read_frame(p, layout=layout)
         if img.shape != s:  # header and data disagree: a broken file
             raise InputFileError(f"data shape {img.shape} does not match the header's {s}", path=p)
         frame = data[i]
