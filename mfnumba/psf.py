@@ -15,7 +15,6 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from .errors import OptionError, ShapeError
-from .io.fits import read_image
 
 log = logging.getLogger("mfnumba")
 
@@ -182,13 +181,13 @@ def load_psf(path: str | os.PathLike) -> np.ndarray:
     ShapeError
         More than one plane, or an unusable stamp.
     """
-    data, _ = read_image(path)
-    if data.ndim == 3:
-        if data.shape[0] != 1:
-            raise ShapeError(f"PSF must be 2-D or hold one plane, found shape {data.shape}",
-                             path=path)
-        data = data[0]
-    return normalize_psf(data, name=str(path))
+    from .stack import read_frame  # FITS or XISF
+
+    data, _ = read_frame(path, layout="chw")
+    if data.shape[0] != 1:
+        raise ShapeError(f"PSF must be 2-D or hold one plane, found shape {data.shape}",
+                         path=path)
+    return normalize_psf(data[0], name=str(path))
 
 
 # Gauss-Legendre nodes on [-1/2, 1/2] integrate a smooth profile over a

@@ -13,7 +13,6 @@ import warnings
 import numpy as np
 
 from .errors import ShapeError
-from .io.fits import read_image
 
 
 def median_seed(frames: np.ndarray) -> np.ndarray:
@@ -34,10 +33,9 @@ def mean_seed(frames: np.ndarray) -> np.ndarray:
 
 def file_seed(path, shape: tuple[int, int, int]) -> np.ndarray:
     """A seed read from FITS; it must have the stack's (C, h, w) shape."""
-    from .stack import to_chw
+    from .stack import read_frame  # FITS or XISF
 
-    data, _ = read_image(path)
-    seed = to_chw(data, path=path)
+    seed, _ = read_frame(path)
     if seed.shape != tuple(shape):
         raise ShapeError(f"seed shape {seed.shape} does not match the stack's {tuple(shape)}",
                          path=path)
