@@ -23,7 +23,8 @@ from .backends.cpu import CPUBackend
 from .errors import OptionError, ShapeError
 from .options import Options
 from .psf import measure_fwhm
-from .psf_setup import common_psf_stack, lift_psfs, resolve_psfs
+from .prepare import build_maps, mask_borders, stack_psfs, working_data
+from .psf_setup import common_psf_stack, lift_psfs
 from .seed import make_seed
 from .sr import LiftedPSF, replicate, scale_wcs
 from .solver import IterationRecord, Problem, Solver
@@ -112,50 +113,71 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     t0 = time.perf_counter()
     opt = options or Options()
     stack = _as_stack(frames, layout)
-    psfs, sources = resolve_psfs(psf, stack, fwhm)
-    common_psf_stack(psfs, stack.shape, sources)  # checks sizes against the frames
-    fwhms = [measure_fwhm(p) for p in psfs]
-    lifts = lift_psfs(psfs, opt, sources) if opt.sr > 1 else []
-    kernel = common_psf_stack([lp.psf for lp in lifts] if lifts else psfs,
-                              tuple(opt.sr * n for n in stack.shape), sources)
+    mask_borders(stack)
+    psfset = stack_psfs(psf, stack, fwhm, opt)
+    common_psf_stack(psfset.psfs, stack.shape, psfset.sources)  # sizes against the frames
+    fwhms = [measure_fwhm(p) for p in psfset.psfs]
     backend = get_backend(opt.backend, opt.threads)
 
-    data = stack.data
-    seed = make_seed(opt.seed, data)
-    luma = opt.color == "luma" and stack.channels > 1
-    if luma:  # deconvolve the luminance, re-apply the seed's chroma at the end
-        data = np.nanmean(data, axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-        work_seed = seed.mean(axis=0, keepdims=True)
-    else:
-        work_seed = seed
-    ped = _pedestal(data, work_seed)
-    if ped:
-        log.info("adding a pedestal of %.4g to make the data positive", ped)
-        data = data + np.float32(ped)
-        work_seed = work_seed + np.float32(ped)
-    scale = float(np.median(np.abs(work_seed)))
-    work_seed = np.maximum(work_seed, np.float32(1e-6 * max(scale, 1e-30)))
+    seed = make_seed(opt.seed, stack.data)
+    data = working_data(stack, opt)
+    luma = data.shape[1] != stack.channels
+    work_seed = seed.mean(axis=0, keepdims=True) if luma else seed
+    maps = build_maps(stack, data, opt)
 
-    solver = Solver(Problem(data, kernel, sr=opt.sr), opt, backend, callback=progress)
-    solver.setup(work_seed)
-    sol = solver.run()
-    r2 = np.float32(opt.sr * opt.sr)  # a native pedestal c is c / r² per fine pixel
-    image = sol.image - np.float32(ped) / r2 if ped else sol.image
-    if luma:
+    if psfset.per_channel:  # rgb with a PSF per channel: one solve per channel
+        parts = [_solve(data[:, c:c + 1], psfset.per_channel[c], work_seed[c:c + 1], maps, c, opt,
+                        backend, progress) for c in range(data.shape[1])]
+        image = np.concatenate([p[0] for p in parts])
+        sol, ped, lifts = parts[0][1], max(p[2] for p in parts), parts[0][3]
+        iterations = max(p[1].iterations for p in parts)
+        early = all(p[1].early_stopped for p in parts)
+    else:
+        image, sol, ped, lifts = _solve(data, psfset.psfs, work_seed, maps, None, opt, backend,
+                                        progress)
+        iterations, early = sol.iterations, sol.early_stopped
+    if luma:  # re-apply the seed's chroma
         lum = seed.mean(axis=0, keepdims=True)
-        ratio = np.divide(seed, lum, out=np.ones_like(seed), where=np.abs(lum) > 1e-12 * max(scale, 1e-30))
+        tiny = 1e-12 * max(float(np.median(np.abs(lum))), 1e-30)
+        ratio = np.divide(seed, lum, out=np.ones_like(seed), where=np.abs(lum) > tiny)
         image = image * replicate(ratio, opt.sr)
     image = np.ascontiguousarray(image, dtype=np.float32)
     seconds = time.perf_counter() - t0
-    header = build_header(stack, opt, sol.iterations, sol.early_stopped, backend.name, sol.conv,
-                          ped, fwhms, sources, lifts)
-    return Result(image, header, sol.iterations, sol.early_stopped, sol.history, fwhms,
-                  backend.name, sol.conv, ped, seconds, seed=seed)
+    header = build_header(stack, opt, iterations, early, backend.name, sol.conv, ped, fwhms,
+                          psfset.sources, lifts, maps.notes)
+    return Result(image, header, iterations, early, sol.history, fwhms, backend.name, sol.conv,
+                  ped, seconds, seed=seed)
+
+
+def _solve(data, psfs, seed, maps, channel, opt, backend, progress):
+    """One solver run on (N, C, h, w) data; returns (image, SolveResult, pedestal, lifts)."""
+    names = [f"frame {i}" for i in range(len(psfs))]
+    lifts = lift_psfs(psfs, opt, names) if opt.sr > 1 else []
+    kernel = common_psf_stack([lp.psf for lp in lifts] if lifts else psfs,
+                              tuple(opt.sr * n for n in data.shape[-2:]), names)
+    sel = slice(None) if channel is None else slice(channel, channel + 1)
+    protect = None if maps.protect is None else maps.protect[:, sel]
+    var = None if maps.var is None else maps.var[:, sel]
+    ped = _pedestal(data, seed)
+    if ped:
+        log.info("adding a pedestal of %.4g to make the data positive", ped)
+        data = data + np.float32(ped)
+        seed = seed + np.float32(ped)
+    scale = float(np.median(np.abs(seed)))
+    seed = np.maximum(seed, np.float32(1e-6 * max(scale, 1e-30)))
+    problem = Problem(data, kernel, sr=opt.sr, var=var, protect=protect)
+    solver = Solver(problem, opt, backend, callback=progress)
+    solver.setup(seed)
+    sol = solver.run()
+    # a native pedestal c is c / r² per fine pixel
+    image = sol.image - np.float32(ped / opt.sr ** 2) if ped else sol.image
+    return image, sol, ped, lifts
 
 
 def build_header(stack: Stack, opt: Options, iterations: int, early: bool, backend: str,
                  conv: str, pedestal: float, fwhms: Sequence[float],
-                 sources: Sequence[str], lifts: Sequence[LiftedPSF] = ()) -> fits.Header:
+                 sources: Sequence[str], lifts: Sequence[LiftedPSF] = (),
+                 notes: Sequence[str] = ()) -> fits.Header:
     """The reference frame's header plus the MF_* keys and HISTORY lines."""
     import numba
     import scipy
@@ -188,6 +210,8 @@ def build_header(stack: Stack, opt: Options, iterations: int, early: bool, backe
                     f"python {platform.python_version()}")
     for i, (path, src, fw) in enumerate(zip(stack.paths, sources, fwhms)):
         hdr.add_history(f"frame {i}: {Path(path).name} PSF {src} FWHM {fw:.2f} px"[:72])
+    for note in notes:
+        hdr.add_history(note[:72])
     for i, lp in enumerate(lifts):
         hdr.add_history(f"frame {i}: SR PSF lift {lp.method}, residual {lp.residual:.3g}, "
                         f"{lp.iterations} it")

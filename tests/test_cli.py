@@ -64,11 +64,26 @@ def test_preset_and_flag_override(simdir, tmp_path):
     assert hdr["MF_RHO"] == "l2" and hdr["MF_KAPPA"] == pytest.approx(1.7)
 
 
-def test_psf_from_header_fwhm(simdir, tmp_path):
-    out = tmp_path / "hdr.fits"
-    res = _run("deconv", simdir / "frames", "-o", out, "--iters", 2, "-q")
+def test_psfs_from_stars_without_psf_or_fwhm(tmp_path):
+    sim = simulate_stack(SimConfig(n_frames=4, shape=(112, 112), n_stars=25, n_galaxies=0, seed=3))
+    write_stack(sim, tmp_path / "sim")
+    out = tmp_path / "stars.fits"
+    res = _run("deconv", tmp_path / "sim" / "frames", "-o", out, "--iters", 2, "-q")
     assert res.exit_code == 0, res.output
-    assert any("header" in str(h) for h in fits.getheader(out)["HISTORY"])
+    history = [str(h) for h in fits.getheader(out)["HISTORY"]]
+    assert sum("empirical from" in h for h in history) == 4
+
+
+def test_starless_frame_falls_back_to_header_fwhm(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        hdr = fits.Header({"FWHM": 2.7})
+        fits.writeto(tmp_path / f"n{i}.fits", rng.normal(100, 3, (40, 40)).astype(np.float32), hdr)
+    out = tmp_path / "o.fits"
+    res = _run("deconv", tmp_path / "n0.fits", tmp_path / "n1.fits", "-o", out, "--iters", 1)
+    assert res.exit_code == 0, res.output
+    assert "n0.fits: no usable stars" in res.output
+    assert any("FWHM 2.70" in str(h) for h in fits.getheader(out)["HISTORY"])
 
 
 def test_missing_file(tmp_path):
