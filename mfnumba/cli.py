@@ -146,6 +146,10 @@ def deconv(
                                      "many times finer [1]."),
     sr_sigma: Optional[float] = typer.Option(None, help="SR PSF lift: Gaussian σ in fine px [1.1]."),
     sr_iters: Optional[int] = typer.Option(None, help="SR PSF lift: iteration limit [250]."),
+    masks: Optional[bool] = typer.Option(None, "--masks/--no-masks",
+                                         help="Protect bright-star cores from the robust loss."),
+    variance: Optional[bool] = typer.Option(None, "--variance/--no-variance",
+                                            help="Per-pixel variance maps (sky + shot noise)."),
     layout: str = typer.Option("auto", help="3-D frames: auto, chw or hwc."),
     backend: Optional[str] = typer.Option(None, help="auto, cpu or cuda [auto]."),
     conv: Optional[str] = typer.Option(None, help="auto, fft or direct [auto: timed]."),
@@ -163,7 +167,7 @@ def deconv(
     _check_output(output, overwrite)
     opt = _options(preset, iters=iters, min_iters=min_iters, early_stop=early_stop, rho=rho,
                    huber_delta=huber_delta, kappa=kappa, relax=relax, noise=noise, seed=seed,
-                   color=color, sr=sr, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend, conv=conv, batch=batch, threads=threads)
+                   color=color, masks=masks, variance=variance, sr=sr, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend, conv=conv, batch=batch, threads=threads)
     rep = _Reporter(opt.iters, quiet, json_log)
     rep.event(event="start", frames=[str(f) for f in frames], output=str(output), **opt.as_dict())
     try:

@@ -70,8 +70,8 @@ class Options:
     batch: int | None = None
     threads: int | None = None
     conv: str = "auto"
-    masks: bool = False
-    variance: bool = False
+    masks: bool = True
+    variance: bool = True
     tol_upd: float = 2e-3
     tol_rel: float = 5e-4
     ema: float = 0.5

@@ -51,8 +51,8 @@ def _planes(rng, c=1, h=9, w=11, dtype=np.float32, scale=1.0):
     return (rng.random((c, h, w)) * scale).astype(dtype)
 
 
-def _fits_copy(path, chw):
-    fits.PrimaryHDU(chw[0] if chw.shape[0] == 1 else chw).writeto(path)
+def _fits_copy(path, chw, header=None):
+    fits.PrimaryHDU(chw[0] if chw.shape[0] == 1 else chw, header=header).writeto(path)
     return path
 
 
@@ -315,7 +315,7 @@ def test_deconvolve_xisf_equals_fits(tmp_path, rng):
         frame = (sky + rng.normal(0, 3.0, sky.shape)).astype(np.float32)[None]
         _write_xisf(xdir / f"f{i}.xisf", frame, codec="zstd" if i == 2 else None,
                     keywords={"GAIN": ("1.5", "")})
-        _fits_copy(fdir / f"f{i}.fits", frame)
+        _fits_copy(fdir / f"f{i}.fits", frame, fits.Header({"GAIN": 1.5}))
     rx = deconvolve([xdir], fwhm=2.5, options=Options(iters=3))
     rf = deconvolve([fdir], fwhm=2.5, options=Options(iters=3))
     assert rx.image.shape == rf.image.shape == (1, 32, 32)
