@@ -209,7 +209,8 @@ def build_header(stack: Stack, opt: Options, iterations: int, early: bool, backe
     hdr.add_history(f"numpy {np.__version__}, numba {numba.__version__}, scipy {scipy.__version__}, "
                     f"python {platform.python_version()}")
     for i, (path, src, fw) in enumerate(zip(stack.paths, sources, fwhms)):
-        hdr.add_history(f"frame {i}: {Path(path).name} PSF {src} FWHM {fw:.2f} px"[:72])
+        fw_txt = "" if "FWHM" in src else f" FWHM {fw:.2f} px"
+        hdr.add_history(f"frame {i}: {Path(path).name} PSF {src}{fw_txt}"[:72])
     for note in notes:
         hdr.add_history(note[:72])
     for i, lp in enumerate(lifts):
