@@ -150,3 +150,33 @@ def test_demo_writes_result_and_preview(tmp_path):
     png = (tmp_path / "preview.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "star FWHM" in res.output
+
+
+def test_unsupported_xisf_feature_exits_2(tmp_path):
+    from .test_xisf import _bad
+
+    path = _bad(tmp_path / "cielab.xisf", colorSpace="CIELab", geometry="4:3:3")
+    _one_line_error(_run("deconv", path, "--fwhm", 2, "-o", tmp_path / "o.fits"), "cielab.xisf",
+                    "CIELab")
+
+
+def test_ambiguous_3d_layout_exits_2(tmp_path):
+    cube = np.random.default_rng(1).normal(100, 3, (3, 24, 3)).astype(np.float32)
+    fits.writeto(tmp_path / "cube.fits", cube)
+    _one_line_error(_run("deconv", tmp_path / "cube.fits", "--fwhm", 2, "-o", tmp_path / "o.fits"),
+                    "cube.fits", "--layout")
+
+
+def test_rgb_stack_gets_a_psf_per_channel(tmp_path):
+    """Channels blurred differently: --color rgb measures each channel's own PSFs."""
+    sims = [simulate_stack(SimConfig(n_frames=3, shape=(128, 128), n_stars=30, n_galaxies=0,
+                                     fwhm_range=(f, f + 0.2), trail_frames=(), cosmic_rays=0,
+                                     seed=9)) for f in (2.2, 2.6, 3.4)]
+    for i in range(3):
+        fits.writeto(tmp_path / f"rgb{i}.fits", np.stack([s.frames[i] for s in sims]))
+    out = tmp_path / "rgb.fits"
+    res = _run("deconv", *[tmp_path / f"rgb{i}.fits" for i in range(3)], "--color", "rgb", "-o", out,
+               "--iters", 5)
+    assert res.exit_code == 0, res.output
+    assert "each channel uses its own PSFs" in res.output
+    assert fits.getdata(out).shape == (3, 128, 128)
