@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t0)
         t = float(np.median(times)) / n
         inv, fwd = fft_floor(solver.geom.grid, solver.batch, 1, threads, 5, "rocket-into")
-        floor = inv + 2 * fwd
+        floor = inv + fwd  # fwd already transforms both weighted planes of a frame
         rows.append((r, solver.geom.grid, kern.shape[-1], t, floor))
     cmd = "python -m bench.bench_sr " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = ["### Machine", *machine_info(), "", "### Command", "", f"    {cmd.strip()}", "",
