@@ -4,44 +4,55 @@ One iteration (DESIGN §1), with the adjoint accumulated in the Fourier
 domain so that a frame costs three real half-FFTs::
 
     X = rfft2(x)
-    ŷ_i = irfft2(X · OTF_i)                 per frame
-    NUM += conj(OTF_i) · rfft2(w_i ⊙ y_i)    per frame
-    DEN += conj(OTF_i) · rfft2(w_i ⊙ ŷ_i)    per frame
+    ŷ_i = D(irfft2(X · OTF_i))               per frame
+    NUM += conj(OTF_i) · rfft2(U(w_i ⊙ y_i))  per frame
+    DEN += conj(OTF_i) · rfft2(U(w_i ⊙ ŷ_i))  per frame
     x ← (1-α) x + α x · clip(irfft2(NUM) / irfft2(DEN), 1/κ, κ)
 
-The solver follows a setup / step / run / finalize shape. It holds the
-current estimate on the host between iterations so that a later device
-fallback can recompute an iteration elsewhere.
+The extent is walked in tiles (one tile when everything fits); each tile
+solves the sub-problem that gives num and den on its core exactly, so the
+result does not depend on the tiling. The noise scale of each frame comes
+from residual samples on a global grid gathered during the previous pass
+(the first from a forward pass over the seed), for the same reason.
+
+The solver follows a setup / step / run / finalize shape and holds the
+current estimate on the host between iterations.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from scipy.fft import next_fast_len
 
+from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
 from .options import Options
 
 log = logging.getLogger("mfnumba")
 
+_SAMPLES = 1 << 14  # residual / update samples per frame (~1 % precision on a median)
+_MAD = 1.482602218505602
+
 
 @dataclass
 class Problem:
-    """A registered stack and its PSFs, in host memory.
+    """A registered stack and its PSFs.
 
-    ``frames`` is (N, C, h, w) float32 with NaN where a pixel has no data;
-    ``psfs`` is (N, K, K) float32, K odd, each summing to 1, on the grid
-    ``sr`` times finer than the frames. Optional (N, C, h, w) maps: ``mask``,
-    keep-weights in [0, 1]; ``var``, the noise variance σ² of every pixel
-    (data units²; replaces the per-frame MAD σ); ``protect``, in [0, 1], a
-    lower bound on the Huber factor (bright-star cores are never outliers).
+    ``frames`` is (N, C, h, w) float32 with NaN where a pixel has no data: an
+    array (in memory or memmapped) or a reader with ``read_tile(rows, cols,
+    frames)``. ``psfs`` is (N, K, K) float32, K odd, each summing to 1, on the
+    grid ``sr`` times finer than the frames. Optional (N, C, h, w) maps:
+    ``mask``, keep-weights in [0, 1]; ``var``, the noise variance σ² of every
+    pixel (data units²; replaces the per-frame MAD σ); ``protect``, in
+    [0, 1], a lower bound on the Huber factor (bright-star cores are never
+    outliers).
     """
 
-    frames: np.ndarray
+    frames: object
     psfs: np.ndarray
     mask: np.ndarray | None = None
     sr: int = 1
@@ -50,50 +61,30 @@ class Problem:
 
     @property
     def n_frames(self) -> int:
-        return self.frames.shape[0]
+        return self.psfs.shape[0]
 
     @property
     def channels(self) -> int:
-        return self.frames.shape[1]
+        return self.frames.shape[1] if hasattr(self.frames, "shape") else self.frames.channels
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if isinstance(self.frames, np.ndarray):
+            return self.frames.shape[-2:]
+        return tuple(self.frames.shape)
 
     @property
     def radius(self) -> int:
         return self.psfs.shape[-1] // 2
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Frame shape, SR factor, fine PSF radius, model extent and FFT grid.
-
-    The model lives on the grid r times finer than the frames; native pixel
-    (i, j) is the fine block [p + r i, p + r i + r) × [p + r j, p + r j + r).
-    """
-
-    h: int
-    w: int
-    p: int
-    grid: tuple[int, int]
-    r: int = 1
-
-    @classmethod
-    def for_problem(cls, problem: Problem) -> "Geometry":
-        h, w = problem.frames.shape[-2:]
-        p, r = problem.radius, problem.sr
-        grid = (next_fast_len(r * h + 2 * p, real=True), next_fast_len(r * w + 2 * p, real=True))
-        return cls(h, w, p, grid, r)
-
-    @property
-    def fine_shape(self) -> tuple[int, int]:
-        return (self.r * self.h, self.r * self.w)
-
-    @property
-    def extent(self) -> tuple[int, int]:
-        return (self.r * self.h + 2 * self.p, self.r * self.w + 2 * self.p)
-
-    @property
-    def frame_slice(self) -> tuple[slice, slice]:
-        f0, f1 = self.fine_shape
-        return (slice(self.p, self.p + f0), slice(self.p, self.p + f1))
+def read_block(src, frames: range, rows: tuple[int, int], cols: tuple[int, int]):
+    """(n, C, rows, cols) of an array or a tile reader."""
+    if src is None:
+        return None
+    if isinstance(src, np.ndarray):
+        return src[frames.start:frames.stop, :, rows[0]:rows[1], cols[0]:cols[1]]
+    return src.read_tile(slice(*rows), slice(*cols), frames=frames)
 
 
 @dataclass
@@ -106,7 +97,7 @@ class IterationRecord:
     ema_upd: float
     ema_rel: float
     delta: float  # median Huber δ over frames (in σ units)
-    sigma: float  # median noise σ over frames
+    sigma: float  # median noise scale over frames
     seconds: float
 
 
@@ -119,24 +110,13 @@ class SolveResult:
     history: list[IterationRecord] = field(default_factory=list)
 
 
-def lift_seed(seed: np.ndarray, r: int) -> np.ndarray:
-    """Sum-preserving upsample of a native (C, h, w) seed: each value / r² over r×r."""
-    if r == 1:
-        return seed
-    return np.repeat(np.repeat(seed, r, axis=-2), r, axis=-1) / np.float32(r * r)
-
-
-def pad_seed(seed: np.ndarray, geom: Geometry) -> np.ndarray:
-    """Embed a (C, r h, r w) seed in the grid, extending it by edge values."""
-    p = geom.p
-    g0, g1 = geom.grid
-    f0, f1 = geom.fine_shape
-    x = np.pad(seed, ((0, 0), (p, g0 - f0 - p), (p, g1 - f1 - p)), mode="edge")
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
 class Solver:
     """Robust multi-frame deconvolution of one :class:`Problem`.
+
+    Parameters
+    ----------
+    tile : int, optional
+        Core size of the tiles in fine pixels; None solves the extent at once.
 
     Examples
     --------
@@ -146,66 +126,78 @@ class Solver:
     """
 
     def __init__(self, problem: Problem, options: Options, backend,
-                 *, callback: Callable[[IterationRecord], None] | None = None):
+                 *, callback: Callable[[IterationRecord], None] | None = None,
+                 tile: int | None = None, cache_otfs: bool = True):
         self.problem = problem
         self.opt = options
         self.be = backend
         self.callback = callback
-        self.geom = Geometry.for_problem(problem)
-        n = problem.n_frames
-        self.batch = min(n, options.batch or 8)
+        h, w = problem.shape
+        self.geom = Geometry.of(h, w, problem.radius, problem.sr)
+        tiles = plan_tiles(self.geom, tile)
+        grid = tuple(max(t.geom.grid[k] for t in tiles) for k in (0, 1))
+        # one FFT grid for every tile: one set of buffers and one OTF cache
+        self.tiles = [dataclasses.replace(t, geom=dataclasses.replace(t.geom, grid=grid))
+                      for t in tiles]
+        self.grid = grid
+        self.batch = min(problem.n_frames, options.batch or 8)
+        self.cache_otfs = cache_otfs
         self.history: list[IterationRecord] = []
         self.iteration = 0
         self.early_stopped = False
         self._calm = 0
         self.conv = "fft"
+        self.res_step = sample_step(h, w, _SAMPLES)
+        self.upd_step = sample_step(*self.geom.extent, _SAMPLES)
 
     # setup ------------------------------------------------------------------
     def setup(self, seed: np.ndarray) -> None:
-        """Seed the estimate, cache device data and choose the convolution.
+        """Seed the estimate, measure the noise scales and choose the convolution.
 
         ``seed`` is native (C, h, w), lifted sum-preservingly when r > 1, or
         already fine (C, r h, r w).
         """
-        be, pr, g = self.be, self.problem, self.geom
+        pr, g = self.problem, self.geom
         if seed.shape == (pr.channels, g.h, g.w):
             seed = lift_seed(seed, g.r)
         if seed.shape != (pr.channels,) + g.fine_shape:
             raise ValueError(f"seed shape {seed.shape} != {(pr.channels,) + g.fine_shape}")
-        self.x_host = pad_seed(seed, g)
-        finite = pr.frames[np.isfinite(pr.frames)]
-        scale = float(np.median(np.abs(finite))) if finite.size else 1.0
-        scale = scale if scale > 0 else 1.0
+        self.x_host = pad_to_extent(seed, g)
+        scale = float(np.median(np.abs(seed))) or 1.0
         self.sigma_floor = 1e-7 * scale
         self.poisson_floor = 1e-3 * scale
-        self.y = be.asarray(pr.frames)
-        self.psfs = be.asarray(pr.psfs)
-        self.mask = None if pr.mask is None else be.asarray(pr.mask)
-        self.var = None if pr.var is None else be.asarray(pr.var)
-        self.protect = None if pr.protect is None else be.asarray(pr.protect)
         self.noise = "map" if pr.var is not None else self.opt.noise
-        self.otfs = None
-        self.conv = self._choose_conv()
-        if self.conv == "fft":
-            self.otfs = self.be.xp.stack([be.otf(pr.psfs[i], g.grid) for i in range(pr.n_frames)])
+        self.psfs = self.be.asarray(pr.psfs)
         self._alloc()
-        log.debug("solver: grid %s, radius %d, batch %d, conv %s", g.grid, g.p, self.batch, self.conv)
+        self.otfs = None
+        P = pr.n_frames * pr.channels
+        self.sigma, self.delta = np.ones(P), np.full(P, abs(self.opt.huber_delta))
+        self.conv = self._choose_conv()
+        if self.conv == "fft" and self.cache_otfs:
+            self.otfs = self.be.xp.stack([self.be.otf(pr.psfs[i], self.grid)
+                                          for i in range(pr.n_frames)])
+        self._sweep(accumulate=False)  # noise scales of the seed's residuals
+        self._set_scales()
+        self.den_floor = 1e-6 * self._den_ref
+        log.debug("solver: grid %s, %d tile(s), radius %d, batch %d, conv %s", self.grid,
+                  len(self.tiles), g.p, self.batch, self.conv)
 
     def _alloc(self):
         """Work buffers, allocated once: the frame loop allocates nothing."""
         be, C, B = self.be, self.problem.channels, self.batch
-        g0, g1 = self.geom.grid
+        g0, g1 = self.grid
         h1 = g1 // 2 + 1
-        self._wbuf = be.zeros((2, B * C, g0, g1))  # zero outside the frames, always
+        self._x = be.zeros((C, g0, g1))
+        self._wbuf = be.zeros((2, B * C, g0, g1))  # zero outside the frames
         self._yhat = be.zeros((B, C, g0, g1))
         self._nd = be.zeros((2, C, g0, g1))
-        if self.geom.r > 1:  # the prediction block-summed to the native grid
-            self._ynat = be.zeros((B * C, self.geom.h, self.geom.w))
-        if self.conv == "fft":
-            self._X = be.zeros((C, g0, h1), np.complex64)
-            self._P = be.zeros((B, C, g0, h1), np.complex64)
-            self._S = be.zeros((2, B * C, g0, h1), np.complex64)
-            self._acc = be.zeros((2, C, g0, h1), np.complex64)
+        t = max(self.tiles, key=lambda t: t.geom.h * t.geom.w).geom
+        self._ynat = be.zeros(B * C * t.h * t.w) if self.geom.r > 1 else None
+        self._X = be.zeros((C, g0, h1), np.complex64)
+        self._P = be.zeros((B, C, g0, h1), np.complex64)
+        self._S = be.zeros((2, B * C, g0, h1), np.complex64)
+        self._acc = be.zeros((2, C, g0, h1), np.complex64)
+        self._last = None  # (tile frame shape) the buffers were last zeroed for
 
     def _choose_conv(self) -> str:
         method = self.opt.conv
@@ -214,40 +206,126 @@ class Solver:
         if self.problem.psfs.shape[-1] > 15:
             return "fft"
         timings = {}
+        tile = self.tiles[0]
         for cand in ("fft", "direct"):
             self.conv = cand
-            if cand == "fft":
-                self.otfs = self.be.xp.stack([self.be.otf(self.problem.psfs[i], self.geom.grid)
-                                              for i in range(self.batch)])
-            self._alloc()
-            x = self.be.asarray(self.x_host.copy())
-            self._accumulate(x, range(self.batch), record=False)  # warm-up: JIT, caches
-            t0 = time.perf_counter()
-            self._accumulate(x, range(self.batch), record=False)
-            timings[cand] = time.perf_counter() - t0
+            self.otfs = self.be.xp.stack([self.be.otf(self.problem.psfs[i], self.grid)
+                                          for i in range(self.batch)]) if cand == "fft" else None
+            self._load_tile(tile)
+            for _ in range(2):  # the first run pays for JIT and caches
+                t0 = time.perf_counter()
+                self._tile_pass(tile, range(self.batch), accumulate=True)
+                timings[cand] = time.perf_counter() - t0
         self.otfs = None
         log.debug("conv timing: %s", timings)
         return min(timings, key=timings.get)
 
-    # one iteration ------------------------------------------------------------
+    # one pass over the extent -------------------------------------------------
     def _batches(self):
         n, b = self.problem.n_frames, self.batch
         for s in range(0, n, b):
             yield range(s, min(n, s + b))
 
-    def _weights(self, idx, yhat, out):
-        """Robust weights of a batch; returns per-plane (σ, δ)."""
-        be, o, g = self.be, self.opt, self.geom
-        C = self.problem.channels
-        y = self.y[idx.start:idx.stop].reshape(len(idx) * C, g.h, g.w)
-        yh = yhat.reshape(len(idx) * C, *g.grid)
-        py = g.p
-        if g.r > 1:  # residuals live on the native grid: ŷ = D(h * x)
-            yh = be.block_sum(yh, g.r, g.p, self._ynat[: len(idx) * C])
-            py = 0
-        maps = {k: None if a is None else a[idx.start:idx.stop].reshape(len(idx) * C, g.h, g.w)
-                for k, a in (("mask", self.mask), ("var", self.var), ("protect", self.protect))}
-        s = be.residual_scale(y, yh, py, self.noise, self.poisson_floor, var=maps["var"])
+    def _load_tile(self, tile: Tile) -> None:
+        """Copy the tile's model window into the FFT buffer (zero beyond it)."""
+        ys, xs = tile.model
+        if self._last != (tile.geom.h, tile.geom.w):
+            self._x.fill(0)
+            self._wbuf.fill(0)
+            self._last = (tile.geom.h, tile.geom.w)
+        e0, e1 = tile.geom.extent
+        self._x[:, :e0, :e1] = self.be.asarray(self.x_host[:, ys, xs])
+
+    def _otf(self, idx: range):
+        if self.otfs is not None:
+            return self.otfs[idx.start:idx.stop]
+        return self.be.xp.stack([self.be.otf(self.problem.psfs[i], self.grid) for i in idx])
+
+    def _predict(self, tile: Tile, idx: range, otf):
+        """ŷ of a batch on the tile's grid: (nb, C, g0, g1)."""
+        be, g, nb = self.be, tile.geom, len(idx)
+        if self.conv == "fft":
+            P = be.spectral_multiply(self._X, otf, self._P[:nb])
+            return be.irfft2(P, self.grid, out=self._yhat[:nb], overwrite_input=True)
+        psf = self.psfs[idx.start:idx.stop]
+        return be.conv_forward_direct(self._x, psf, self._yhat[:nb], g.p, g.fine_shape)
+
+    def _tile_pass(self, tile: Tile, frames=None, accumulate: bool = True):
+        """Residual samples of every frame over the tile, and num/den when asked."""
+        be, pr, g = self.be, self.problem, tile.geom
+        C = pr.channels
+        if self.conv == "fft":
+            be.rfft2(self._x, out=self._X)
+            self._acc.fill(0)
+        else:
+            self._nd.fill(0)
+        own_r = (tile.own_rows[0] - tile.rows[0], tile.own_rows[1] - tile.rows[0])
+        own_c = (tile.own_cols[0] - tile.cols[0], tile.own_cols[1] - tile.cols[0])
+        for idx in ([frames] if frames is not None else self._batches()):
+            nb, planes = len(idx), slice(idx.start * C, idx.stop * C)
+            otf = self._otf(idx) if self.conv == "fft" else None
+            yhat = self._predict(tile, idx, otf).reshape(nb * C, *self.grid)
+            maps = {k: None if a is None else a.reshape(nb * C, g.h, g.w) for k, a in (
+                (k, read_block(getattr(pr, k), idx, tile.rows, tile.cols))
+                for k in ("frames", "mask", "var", "protect"))}
+            y = maps.pop("frames")
+            py = g.p
+            if g.r > 1:  # residuals live on the native grid: ŷ = D(h * x)
+                yhat = be.block_sum(yhat, g.r, g.p,
+                                    self._ynat[: nb * C * g.h * g.w].reshape(nb * C, g.h, g.w))
+                py = 0
+            if frames is None:
+                z, q = be.residual_samples(y, yhat, py, self.noise, self.poisson_floor,
+                                           self.res_step, (tile.rows[0], tile.cols[0]), own_r,
+                                           own_c, var=maps["var"])
+                for k, (zk, qk) in enumerate(zip(z, q)):
+                    self._zs[planes.start + k].append(zk)
+                    self._qs[planes.start + k].append(qk)
+            if not accumulate:
+                continue
+            out = self._wbuf[:, : nb * C]
+            be.robust_weights(y, yhat, py, self.sigma[planes], self.delta[planes],
+                              self.opt.rho == "huber", self.noise, self.poisson_floor, out,
+                              p_out=g.p, r=g.r, **maps)
+            if self.conv == "fft":
+                S = be.rfft2(out, out=self._S[:, : nb * C]).reshape((2, nb, C) + self._X.shape[-2:])
+                be.spectral_accumulate(self._acc, otf, S)
+            else:
+                be.conv_adjoint_direct(out.reshape((2, nb, C) + self.grid),
+                                       self.psfs[idx.start:idx.stop], self._nd, g.p, g.extent)
+        if accumulate and self.conv == "fft":
+            be.irfft2(self._acc, self.grid, out=self._nd, overwrite_input=True)
+
+    def _sweep(self, accumulate: bool):
+        """One pass over all tiles; with ``accumulate`` also the update into x."""
+        P = self.problem.n_frames * self.problem.channels
+        self._zs = [[] for _ in range(P)]
+        self._qs = [[] for _ in range(P)]
+        samples = ([], [], [])
+        x_new = self.x_host.copy() if accumulate else None
+        for tile in self.tiles:
+            self._load_tile(tile)
+            self._tile_pass(tile, accumulate=accumulate)
+            if not accumulate:
+                continue
+            cy, cx = tile.core_in_model
+            got = self.be.update(self._x, self._nd[0], self._nd[1], self.opt.kappa,
+                                 self.opt.relax, self.den_floor, ((cy.start, cy.stop),
+                                 (cx.start, cx.stop)), self.upd_step,
+                                 (tile.model[0].start, tile.model[1].start))
+            for acc, s in zip(samples, got):
+                acc.append(s)
+            a, b, c, d = tile.core
+            x_new[:, a:b, c:d] = self.be.to_host(self._x[:, cy, cx])
+        if accumulate:
+            self.x_host = x_new
+        return [np.concatenate(s) for s in samples] if accumulate else None
+
+    def _set_scales(self) -> None:
+        """σ and δ per plane from the residual samples of the last pass."""
+        o, C = self.opt, self.problem.channels
+        z = [np.concatenate(v) if v else np.empty(0) for v in self._zs]
+        s = np.array([_MAD * np.median(np.abs(v - np.median(v))) if v.size else np.nan for v in z])
         if self.noise == "map":
             # σ is the map's; auto δ = |δ| · 1.4826 MAD(r/σ) follows the real scatter
             sigma = np.ones_like(s)
@@ -256,69 +334,31 @@ class Solver:
             # σ = s, the residual's own MAD scale, so 1.4826 MAD(r/σ) = 1
             sigma = np.where(np.isfinite(s) & (s > self.sigma_floor), s, self.sigma_floor)
             scale = np.ones_like(s)
-        delta = abs(o.huber_delta) * scale if o.auto_delta else np.full_like(s, o.huber_delta)
-        be.robust_weights(y, yh, py, sigma, delta, o.rho == "huber", self.noise,
-                          self.poisson_floor, out, mask=maps["mask"], p_out=g.p, r=g.r,
-                          var=maps["var"], protect=maps["protect"])
-        return sigma * scale, delta
+        self.sigma = sigma
+        self.delta = abs(o.huber_delta) * scale if o.auto_delta else np.full_like(s, o.huber_delta)
+        self._scale = sigma * scale
+        if not hasattr(self, "_den_ref"):
+            q = np.array([np.median(np.concatenate(v)) if v else 0.0 for v in self._qs])
+            self._den_ref = np.maximum((q / sigma ** 2).reshape(-1, C).sum(axis=0), 0.0)
 
-    def _accumulate(self, x, frames=None, record=True):
-        """Return (num, den) as (2, C, g0, g1) for the estimate ``x``."""
-        be, g = self.be, self.geom
-        C = self.problem.channels
-        batches = [frames] if frames is not None else self._batches()
-        sig, dlt = [], []
-        nd = self._nd
-        if self.conv == "fft":
-            X = be.rfft2(x, out=self._X)
-            acc = self._acc
-            acc.fill(0)
-            for idx in batches:
-                nb = len(idx)
-                otf = self.otfs[idx.start:idx.stop]
-                P = be.spectral_multiply(X, otf, self._P[:nb])
-                yhat = be.irfft2(P, g.grid, out=self._yhat[:nb], overwrite_input=True)
-                out = self._wbuf[:, : nb * C]
-                s, d = self._weights(idx, yhat, out)
-                S = be.rfft2(out, out=self._S[:, : nb * C]).reshape((2, nb, C) + X.shape[-2:])
-                be.spectral_accumulate(acc, otf, S)
-                sig.append(s), dlt.append(d)
-            be.irfft2(acc, g.grid, out=nd, overwrite_input=True)
-        else:
-            nd.fill(0)
-            for idx in batches:
-                nb = len(idx)
-                psf = self.psfs[idx.start:idx.stop]
-                yhat = be.conv_forward_direct(x, psf, self._yhat[:nb], g.p, g.fine_shape)
-                out = self._wbuf[:, : nb * C]
-                s, d = self._weights(idx, yhat, out)
-                be.conv_adjoint_direct(out.reshape((2, nb, C) + g.grid), psf, nd, g.p, g.extent)
-                sig.append(s), dlt.append(d)
-        if record:
-            self._sigma = float(np.median(np.concatenate(sig)))
-            self._delta = float(np.median(np.concatenate(dlt)))
-        return nd
-
+    # iterations -------------------------------------------------------------------
     def step(self) -> IterationRecord:
-        """One iteration: accumulate num and den over all frames, update x."""
+        """One iteration: num and den over all frames and tiles, then the update."""
         t0 = time.perf_counter()
-        be, o, g = self.be, self.opt, self.geom
-        x = be.asarray(self.x_host)
-        nd = self._accumulate(x)
-        num, den = nd[0], nd[1]
-        e0, e1 = g.extent
-        den_floor = np.array([1e-6 * float(be.to_host(den[c, :e0:4, :e1:4]).mean())
-                              for c in range(den.shape[0])])
-        den_floor = np.maximum(den_floor, 0.0)
-        stats = be.update(x, num, den, o.kappa, o.relax, den_floor, g.extent)
-        self.x_host = be.to_host(x)
+        o = self.opt
+        su, sd, sx = self._sweep(accumulate=True)
+        delta, sigma = float(np.median(self.delta)), float(np.median(self._scale))
+        self._set_scales()  # for the next iteration, from this pass's residuals
+        mx = float(np.median(sx))
+        med_upd = float(np.median(su))
+        med_rel = float(np.median(sd)) / mx if mx > 0 else 0.0
         self.iteration += 1
         prev = self.history[-1] if self.history else None
         a = o.ema
-        ema_u = stats.med_upd if prev is None else a * stats.med_upd + (1 - a) * prev.ema_upd
-        ema_r = stats.med_rel if prev is None else a * stats.med_rel + (1 - a) * prev.ema_rel
-        rec = IterationRecord(self.iteration, stats.med_upd, stats.med_rel, ema_u, ema_r,
-                              self._delta, self._sigma, time.perf_counter() - t0)
+        ema_u = med_upd if prev is None else a * med_upd + (1 - a) * prev.ema_upd
+        ema_r = med_rel if prev is None else a * med_rel + (1 - a) * prev.ema_rel
+        rec = IterationRecord(self.iteration, med_upd, med_rel, ema_u, ema_r, delta, sigma,
+                              time.perf_counter() - t0)
         self.history.append(rec)
         calm = ema_u < o.tol_upd and ema_r < o.tol_rel
         self._calm = self._calm + 1 if calm else 0

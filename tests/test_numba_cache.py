@@ -16,7 +16,7 @@ psfs = np.full((2, 5, 5), 1 / 25, np.float32)
 s = Solver(Problem(frames, psfs), Options(iters=2, conv="fft"), CPUBackend())
 s.setup(frames[0])
 s.run()
-kernels = [K.residual_scale, K.robust_weights, K.spectral_multiply, K.spectral_accumulate,
+kernels = [K.residual_samples, K.robust_weights, K.spectral_multiply, K.spectral_accumulate,
            K.update, F.rfft2_into, F.irfft2_into]
 print(json.dumps({k.__name__: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]
                   for k in kernels}))

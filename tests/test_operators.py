@@ -130,7 +130,8 @@ def test_weights_match_reference_with_nan_and_mask(rng):
     grid = np.zeros((1, h + 2 * p, w + 2 * p), np.float32)
     grid[0, p:p + h, p:p + w] = yh
     for noise in ("mad", "poisson"):
-        s = be.residual_scale(y[None], grid, p, noise, 1.0)
+        z, _ = be.residual_samples(y[None], grid, p, noise, 1.0, 1, (0, 0), (0, h), (0, w))
+        s = np.array([ref.mad_sigma(z[0])])
         wref, sref, _ = ref.weights(y, yh, rho="huber", delta=-2.5, noise=noise, floor=1.0, mask=mask)
         np.testing.assert_allclose(s[0], sref, rtol=1e-5)
         out = np.zeros((2, 1) + grid.shape[-2:], np.float32)
@@ -149,10 +150,26 @@ def test_update_kernel_clip_relax_and_stats(rng):
     den[0, 0, 0] = 0.0  # no data: unchanged
     x0 = x.copy()
     kappa, alpha = 2.0, 0.7
-    stats = be.update(x, num, den, kappa, alpha, np.array([1e-6]), (10, 12))
+    su, sd, sx = be.update(x, num, den, kappa, alpha, np.array([1e-6]), ((0, 10), (0, 12)), 1, (0, 0))
     upd = np.clip(num / np.where(den > 0, den, 1), 1 / kappa, kappa)
     upd[0, 0, 0] = 1.0
     expect = (1 - alpha) * x0 + alpha * x0 * upd
     np.testing.assert_allclose(x, expect, rtol=1e-6)
-    assert stats.med_upd == pytest.approx(np.median(np.abs(upd - 1)), rel=1e-6)
-    assert stats.med_rel == pytest.approx(np.median(np.abs(expect - x0)) / np.median(x0), rel=1e-5)
+    assert np.median(su) == pytest.approx(np.median(np.abs(upd - 1)), rel=1e-6)
+    assert np.median(sd) / np.median(sx) == pytest.approx(np.median(np.abs(expect - x0)) / np.median(x0), rel=1e-5)
+
+
+def test_update_kernel_region_and_global_sample_grid(rng):
+    """Only the region changes; samples sit on the global grid whatever the origin."""
+    be = CPUBackend()
+    x = (rng.random((1, 20, 20)) + 0.5).astype(np.float32)
+    num = np.full_like(x, 3.0)
+    den = np.ones_like(x)
+    x0 = x.copy()
+    su, sd, sx = be.update(x, num, den, 2.0, 1.0, np.array([1e-6]), ((4, 15), (3, 11)), 3, (10, 7))
+    changed = x != x0
+    assert changed[0, 4:15, 3:11].all() and changed.sum() == 11 * 8
+    rows = [i for i in range(4, 15) if (10 + i) % 3 == 0]
+    cols = [j for j in range(3, 11) if (7 + j) % 3 == 0]
+    assert su.size == len(rows) * len(cols)
+    np.testing.assert_allclose(np.sort(sx), np.sort(x0[0][np.ix_(rows, cols)].ravel()), rtol=1e-6)

@@ -13,52 +13,38 @@ from numba import njit, prange
 _MAD_TO_SIGMA = 1.482602218505602
 
 
-@njit(cache=True)
-def _strides_for(h, w, target):
-    # sample stride so that about `target` pixels are looked at
-    step = 1
-    while (h // step) * (w // step) > target:
-        step += 1
-    return step
-
-
 # Variance models (vmode): 0 constant, σ² = s²; 1 Poisson, σ² = s² max(ŷ, floor);
 # 2 map, σ² = s² var[k, i, j]. s is the per-plane scale.
 
 
 @njit(parallel=True, cache=True)
-def residual_scale(y, yhat, p, vmode, var, floor, target):
-    """s[k] = 1.4826 MAD(z0) with z0 = (y - ŷ) / sqrt(V), V = 1, max(ŷ, floor) or var.
+def residual_samples(y, yhat, p, vmode, var, floor, step, g0, g1, r0, r1, c0, c1, z, q, counts):
+    """Residual samples on the global regular grid, for the MAD scale.
 
-    MAD over a regular subsample of about ``target`` finite pixels per plane.
+    For rows i in [r0, r1) and cols j in [c0, c1) of the planes with
+    (g0 + i) % step == 0 and (g1 + j) % step == 0 and a finite y:
+    z0 = (y - ŷ)/√V and q = ŷ/V (V = 1, max(ŷ, floor) or var), appended to
+    z[k], q[k]; counts[k] says how many.
     """
-    P, h, w = y.shape
-    step = _strides_for(h, w, target)
-    out = np.empty(P, dtype=np.float64)
+    P = y.shape[0]
     for k in prange(P):
-        buf = np.empty(((h + step - 1) // step) * ((w + step - 1) // step), dtype=np.float64)
         n = 0
-        for i in range(0, h, step):
-            for j in range(0, w, step):
+        first_i = r0 + (-(g0 + r0)) % step
+        first_j = c0 + (-(g1 + c0)) % step
+        for i in range(first_i, r1, step):
+            for j in range(first_j, c1, step):
                 v = y[k, i, j]
                 if np.isfinite(v):
                     e = yhat[k, i + p, j + p]
-                    r = v - e
+                    vv = 1.0
                     if vmode == 1:
-                        r = r / np.sqrt(max(e, floor))
+                        vv = max(e, floor)
                     elif vmode == 2:
-                        r = r / np.sqrt(var[k, i, j])
-                    buf[n] = r
+                        vv = var[k, i, j]
+                    z[k, n] = (v - e) / np.sqrt(vv)
+                    q[k, n] = e / vv
                     n += 1
-        if n == 0:
-            out[k] = np.nan
-            continue
-        s = buf[:n]
-        med = np.median(s)
-        for t in range(n):
-            s[t] = abs(s[t] - med)
-        out[k] = _MAD_TO_SIGMA * np.median(s)
-    return out
+        counts[k] = n
 
 
 @njit(parallel=True, cache=True)
@@ -208,25 +194,29 @@ def conv_adjoint_direct(a, psfs, acc, p, e0, e1):
 
 
 @njit(parallel=True, cache=True)
-def update(x, num, den, kappa, alpha, den_floor, e0, e1, target):
-    """x = (1-α) x + α x·clip(num/den, 1/κ, κ) in place over the extent.
+def update(x, num, den, kappa, alpha, den_floor, y0, y1, x0, x1, step, g0, g1):
+    """x = (1-α) x + α x·clip(num/den, 1/κ, κ) in place over rows [y0, y1), cols [x0, x1).
 
-    Returns (median |upd-1|, median |x'-x| / median |x|) over a regular
-    subsample of the extent. Where den <= den_floor[c] (no data) upd = 1.
+    Where den <= den_floor[c] (no data) upd = 1. Returns samples of |upd-1|,
+    |x'-x| and |x| on the global regular grid ((g0 + i) % step == 0, same for
+    columns), for the early-stop medians.
     """
     C = x.shape[0]
-    step = _strides_for(e0, e1, target)
-    ns0 = (e0 + step - 1) // step
-    ns1 = (e1 + step - 1) // step
-    su = np.empty((C, ns0, ns1))
-    sd = np.empty((C, ns0, ns1))
-    sx = np.empty((C, ns0, ns1))
+    fi = y0 + (-(g0 + y0)) % step
+    fj = x0 + (-(g1 + x0)) % step
+    ni = len(range(fi, y1, step))
+    nj = len(range(fj, x1, step))
+    su = np.empty((C, ni, nj))
+    sd = np.empty((C, ni, nj))
+    sx = np.empty((C, ni, nj))
     lo = 1.0 / kappa
-    for ci in prange(C * e0):
-        c = ci // e0
-        i = ci % e0
+    rows = y1 - y0
+    for ci in prange(C * rows):
+        c = ci // rows
+        i = y0 + ci % rows
         f = den_floor[c]
-        for j in range(e1):
+        sample_row = (g0 + i) % step == 0
+        for j in range(x0, x1):
             d = den[c, i, j]
             u = 1.0
             if d > f:
@@ -238,10 +228,10 @@ def update(x, num, den, kappa, alpha, den_floor, e0, e1, target):
             old = x[c, i, j]
             new = (1.0 - alpha) * old + alpha * old * u
             x[c, i, j] = new
-            if i % step == 0 and j % step == 0:
-                su[c, i // step, j // step] = abs(u - 1.0)
-                sd[c, i // step, j // step] = abs(new - old)
-                sx[c, i // step, j // step] = abs(old)
-    mx = np.median(sx)
-    rel = np.median(sd) / mx if mx > 0 else 0.0
-    return np.median(su), rel
+            if sample_row and (g1 + j) % step == 0:
+                a = (i - fi) // step
+                b = (j - fj) // step
+                su[c, a, b] = abs(u - 1.0)
+                sd[c, a, b] = abs(new - old)
+                sx[c, a, b] = abs(old)
+    return su, sd, sx

@@ -15,7 +15,6 @@ backend (a later issue) with CuPy and RawModule kernels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -31,14 +30,6 @@ class DeviceOOM(DeviceError):
 
 class DeviceLost(DeviceError):
     """The device is busy, gone or failed a launch: fall back to the CPU."""
-
-
-@dataclass(frozen=True)
-class UpdateStats:
-    """Statistics of one multiplicative update, for the early stop."""
-
-    med_upd: float  # median |upd - 1| over the model region
-    med_rel: float  # median |x' - x| / median |x| over the model region
 
 
 @runtime_checkable
@@ -71,9 +62,12 @@ class Backend(Protocol):
         """``acc[k, c] += Σ_b psf_b ⋆ a[k, b, c]`` over the model extent."""
 
     # element-wise, fused ---------------------------------------------------
-    def residual_scale(self, y, yhat, p: int, noise: str, floor: float, var=None):
-        """Per plane: s = 1.4826 MAD of z0 = r/√V from a regular subsample of the
-        frame; V = 1 (``mad``), max(ŷ, floor) (``poisson``) or ``var`` (``map``)."""
+    def residual_samples(self, y, yhat, p: int, noise: str, floor: float, step: int,
+                         origin: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int],
+                         var=None):
+        """Per plane, host arrays (z0, q) at the pixels of rows × cols lying on the
+        global sample grid (``(origin + i) % step == 0``): z0 = (y - ŷ)/√V and
+        q = ŷ/V, V = 1 (``mad``), max(ŷ, floor) (``poisson``) or ``var`` (``map``)."""
     def robust_weights(self, y, yhat, p: int, sigma, delta, huber: bool, noise: str,
                        floor: float, out, mask=None, p_out=None, r: int = 1, var=None,
                        protect=None):
@@ -85,6 +79,8 @@ class Backend(Protocol):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
     def replicate(self, u, r: int, offset: int, out):
         """U, the adjoint of D: ``out[k, offset + r i + a, offset + r j + b] = u[k, i, j]``."""
-    def update(self, x, num, den, kappa: float, alpha: float, den_floor,
-               extent: tuple[int, int]) -> UpdateStats:
-        """In place: ``x = (1-α) x + α x · clip(num/den, 1/κ, κ)``."""
+    def update(self, x, num, den, kappa: float, alpha: float, den_floor, region, step: int,
+               origin: tuple[int, int]):
+        """In place over ``region`` ((y0, y1), (x0, x1)):
+        ``x = (1-α) x + α x · clip(num/den, 1/κ, κ)``; returns host samples of
+        |upd-1|, |x'-x| and |x| on the global sample grid."""

@@ -14,11 +14,9 @@ import scipy.fft as sfft
 
 from . import _cpu_fft as F
 from . import _cpu_kernels as K
-from .base import UpdateStats
 
 _VMODES = {"mad": 0, "poisson": 1, "map": 2}
 _DUMMY = np.ones((1, 1, 1), dtype=np.float32)
-_SAMPLE = 1 << 14  # pixels looked at for a MAD or an early-stop median (~1 % precision)
 
 
 class CPUBackend:
@@ -81,8 +79,16 @@ class CPUBackend:
         return acc
 
     # element-wise -----------------------------------------------------------
-    def residual_scale(self, y, yhat, p, noise, floor, var=None):
-        return K.residual_scale(y, yhat, p, _VMODES[noise], _or_dummy(var), float(floor), _SAMPLE)
+    def residual_samples(self, y, yhat, p, noise, floor, step, origin, rows, cols, var=None):
+        P = y.shape[0]
+        n = len(range(0, rows[1] - rows[0] + step, step)) * len(range(0, cols[1] - cols[0] + step, step))
+        z = np.empty((P, n))
+        q = np.empty((P, n))
+        counts = np.zeros(P, dtype=np.int64)
+        K.residual_samples(y, yhat, p, _VMODES[noise], _or_dummy(var), float(floor), int(step),
+                           int(origin[0]), int(origin[1]), rows[0], rows[1], cols[0], cols[1],
+                           z, q, counts)
+        return [z[k, :counts[k]] for k in range(P)], [q[k, :counts[k]] for k in range(P)]
 
     def robust_weights(self, y, yhat, p, sigma, delta, huber, noise, floor, out, mask=None,
                        p_out=None, r=1, var=None, protect=None):
@@ -100,11 +106,12 @@ class CPUBackend:
         K.replicate(u, int(r), int(offset), out)
         return out
 
-    def update(self, x, num, den, kappa, alpha, den_floor, extent):
-        mu, mr = K.update(x, num, den, float(kappa), float(alpha),
-                          np.asarray(den_floor, np.float64), extent[0], extent[1], _SAMPLE)
-        return UpdateStats(float(mu), float(mr))
-
+    def update(self, x, num, den, kappa, alpha, den_floor, region, step, origin):
+        (y0, y1), (x0, x1) = region
+        su, sd, sx = K.update(x, num, den, float(kappa), float(alpha),
+                              np.asarray(den_floor, np.float64), y0, y1, x0, x1, int(step),
+                              int(origin[0]), int(origin[1]))
+        return su.ravel(), sd.ravel(), sx.ravel()
 
 def _or_dummy(a):
     return _DUMMY if a is None else a
