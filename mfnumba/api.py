@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 from astropy.io import fits
 
-from . import __version__
+from . import __version__, memory
 from .backends.cpu import CPUBackend
 from .errors import OptionError, ShapeError
 from .options import Options
@@ -48,6 +48,7 @@ class Result:
     pedestal: float
     seconds: float
     seed: np.ndarray | None = field(default=None, repr=False)
+    plan: memory.Plan | None = None
 
 
 def get_backend(name: str, threads: int | None = None):
@@ -144,9 +145,9 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     image = np.ascontiguousarray(image, dtype=np.float32)
     seconds = time.perf_counter() - t0
     header = build_header(stack, opt, iterations, early, backend.name, sol.conv, ped, fwhms,
-                          psfset.sources, lifts, maps.notes)
+                          psfset.sources, lifts, [sol.plan.describe()] + maps.notes)
     return Result(image, header, iterations, early, sol.history, fwhms, backend.name, sol.conv,
-                  ped, seconds, seed=seed)
+                  ped, seconds, seed=seed, plan=sol.plan)
 
 
 def _solve(data, psfs, seed, maps, channel, opt, backend, progress):
@@ -166,9 +167,17 @@ def _solve(data, psfs, seed, maps, channel, opt, backend, progress):
     scale = float(np.median(np.abs(seed)))
     seed = np.maximum(seed, np.float32(1e-6 * max(scale, 1e-30)))
     problem = Problem(data, kernel, sr=opt.sr, var=var, protect=protect)
-    solver = Solver(problem, opt, backend, callback=progress)
+    n_maps = (var is not None) + (protect is not None)
+    mem = memory.plan(h=data.shape[-2], w=data.shape[-1], r=opt.sr, p=kernel.shape[-1] // 2,
+                      channels=data.shape[1], n_frames=data.shape[0], n_maps=n_maps,
+                      budget=opt.mem_budget, batch=opt.batch, low_mem=opt.low_mem,
+                      allow_streaming=False)
+    log.info("%s", mem.describe())
+    solver = Solver(problem, opt.replace(batch=mem.batch), backend, callback=progress,
+                    tile=mem.tile, cache_otfs=mem.cache_otfs)
     solver.setup(seed)
     sol = solver.run()
+    sol.plan = mem
     # a native pedestal c is c / r² per fine pixel
     image = sol.image - np.float32(ped / opt.sr ** 2) if ped else sol.image
     return image, sol, ped, lifts

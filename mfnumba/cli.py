@@ -17,6 +17,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from . import memory
 from .errors import MfnumbaError, OptionError, OutputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -153,7 +154,9 @@ def deconv(
     layout: str = typer.Option("auto", help="3-D frames: auto, chw or hwc."),
     backend: Optional[str] = typer.Option(None, help="auto, cpu or cuda [auto]."),
     conv: Optional[str] = typer.Option(None, help="auto, fft or direct [auto: timed]."),
-    batch: Optional[int] = typer.Option(None, help="Frames per batch [8]."),
+    batch: Optional[int] = typer.Option(None, help="Frames per batch [planned]."),
+    mem_budget: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4GB [60% of available]."),
+    low_mem: bool = typer.Option(False, "--low-mem", help="Smallest memory footprint."),
     threads: Optional[int] = typer.Option(None, help="CPU threads [all]."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
@@ -167,7 +170,9 @@ def deconv(
     _check_output(output, overwrite)
     opt = _options(preset, iters=iters, min_iters=min_iters, early_stop=early_stop, rho=rho,
                    huber_delta=huber_delta, kappa=kappa, relax=relax, noise=noise, seed=seed,
-                   color=color, masks=masks, variance=variance, sr=sr, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend, conv=conv, batch=batch, threads=threads)
+                   color=color, masks=masks, variance=variance, sr=sr,
+                   mem_budget=None if mem_budget is None else memory.parse_size(mem_budget),
+                   low_mem=low_mem or None, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend, conv=conv, batch=batch, threads=threads)
     rep = _Reporter(opt.iters, quiet, json_log)
     rep.event(event="start", frames=[str(f) for f in frames], output=str(output), **opt.as_dict())
     try:

@@ -69,6 +69,8 @@ class Options:
     backend: str = "auto"
     batch: int | None = None
     threads: int | None = None
+    mem_budget: int | None = None  # bytes; None: 60 % of available memory
+    low_mem: bool = False
     conv: str = "auto"
     masks: bool = True
     variance: bool = True
@@ -95,6 +97,7 @@ class Options:
         _check(isinstance(self.sr_iters, int) and self.sr_iters >= 1, "sr-iters", self.sr_iters, ">= 1")
         _check(self.batch is None or self.batch >= 1, "batch", self.batch, ">= 1")
         _check(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1")
+        _check(self.mem_budget is None or self.mem_budget > 0, "mem-budget", self.mem_budget, "> 0")
         _check(self.tol_upd > 0 and self.tol_rel > 0, "tolerance", (self.tol_upd, self.tol_rel), "> 0")
         _check(0.0 < self.ema <= 1.0, "ema", self.ema, "in (0, 1]")
         _check(isinstance(self.seed, str) and self.seed != "", "seed", self.seed,

@@ -108,6 +108,7 @@ class SolveResult:
     early_stopped: bool
     conv: str
     history: list[IterationRecord] = field(default_factory=list)
+    plan: object = None  # the memory plan it ran under, when the API made one
 
 
 class Solver:

@@ -136,6 +136,23 @@ def _chw_shape(shape: tuple[int, ...], layout: str, path) -> tuple[int, int, int
     return tuple(shape)
 
 
+def check_layout(layout: str) -> str:
+    """Return ``layout`` lower-cased, or raise OptionError when it is not in LAYOUTS."""
+    return _check_layout(layout)
+
+
+def fits_layout(shape: tuple[int, ...], *, path, layout: str = "auto") -> str:
+    """How :func:`to_chw` reads a FITS data array of numpy ``shape``: "chw" or "hwc".
+
+    For readers that slice the file's array themselves (``io.tiles``). A 2-D
+    shape is one channel, "chw". Raises OptionError or ShapeError as
+    :func:`load_stack` does (bad layout; not 2-D or 3-D; ambiguous channels).
+    """
+    layout = _check_layout(layout)
+    _chw_shape(tuple(shape), layout, path)  # raises for bad dimensions
+    return "chw" if len(shape) == 2 else _resolve_layout(tuple(shape), layout, path)
+
+
 def to_chw(data: np.ndarray, *, path, layout: str = "auto") -> np.ndarray:
     """Return an image as C-contiguous float32 ``(C, h, w)``.
 

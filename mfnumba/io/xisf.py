@@ -26,7 +26,7 @@ import re
 import warnings
 import xml.etree.ElementTree as ET
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -411,6 +411,57 @@ def _header(img: _Image) -> fits.Header:
         log.debug("%s: skipped FITS keyword(s) astropy cannot represent: %s",
                   img.path, ", ".join(skipped))
     return header
+
+
+@dataclass(frozen=True)
+class XisfBlock:
+    """The first image of an XISF file, described for reading by sections.
+
+    From :func:`xisf_block`. ``offset`` is the byte position of an
+    uncompressed attachment, which :meth:`memmap` maps; it is None for
+    compressed, inline or embedded data, which only :meth:`decode` reads.
+    """
+
+    path: Path
+    channels: int  # nominal: 1 (Gray) or 3 (RGB)
+    height: int
+    width: int
+    stored_channels: int  # alpha channels included
+    dtype: np.dtype  # the file's sample type and byte order
+    planar: bool  # Planar (C, h, w) or Normal (h, w, C) storage
+    offset: int | None
+    header: fits.Header = field(repr=False, compare=False)
+    _image: _Image = field(repr=False, compare=False)
+
+    def memmap(self) -> np.memmap:
+        """Read-only map of the samples in stored order and type, alpha included.
+
+        ``(stored_channels, h, w)`` when planar, ``(h, w, stored_channels)``
+        when normal. Only for an uncompressed attachment (``offset`` set).
+        """
+        if self.offset is None:
+            raise ValueError(f"{self.path}: XISF data is not an uncompressed attachment")
+        shape = ((self.stored_channels, self.height, self.width) if self.planar
+                 else (self.height, self.width, self.stored_channels))
+        try:
+            return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=shape)
+        except (OSError, ValueError) as exc:
+            _fail(self.path, f"cannot map XISF image data ({' '.join(str(exc).split())})")
+
+    def decode(self) -> np.ndarray:
+        """The whole image as :func:`read_xisf` returns it, without its warnings."""
+        return _read_pixels(self._image)
+
+
+def xisf_block(path: str | os.PathLike) -> XisfBlock:
+    """Geometry, data location and header of an XISF file's first image; no pixels read.
+
+    Raises InputFileError as :func:`xisf_shape` does.
+    """
+    img = _describe(Path(path))
+    mappable = img.location == "attachment" and img.codec is None
+    return XisfBlock(img.path, img.channels, img.height, img.width, img.stored_channels, img.dtype,
+                     img.planar, img.position if mappable else None, _header(img), img)
 
 
 def read_xisf(path: str | os.PathLike) -> tuple[np.ndarray, fits.Header]:
