@@ -8,6 +8,7 @@ provenance (DESIGN §5). The CLI is a thin shell around it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
@@ -18,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 from astropy.io import fits
 
-from . import __version__, memory
+from . import __version__, checkpoint, memory
 from .backends.cpu import CPUBackend
 from .errors import OptionError, ShapeError
 from .options import Options
@@ -92,7 +93,7 @@ def _pedestal(frames: np.ndarray, seed: np.ndarray) -> float:
 
 def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float | None = None,
                progress: Callable[[IterationRecord], None] | None = None,
-               layout: str = "auto") -> Result:
+               layout: str = "auto", control: "RunControl | None" = None) -> Result:
     """Robust multi-frame deconvolution of a registered stack.
 
     Parameters
@@ -105,6 +106,8 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         Moffat PSFs of this FWHM (pixels) when no ``psf`` is given.
     progress : callable, optional
         Called with an :class:`IterationRecord` after every iteration.
+    control : RunControl, optional
+        Checkpoints, resume and intermediate snapshots.
 
     Examples
     --------
@@ -125,24 +128,24 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     luma = data.shape[1] != stack.channels
     work_seed = seed.mean(axis=0, keepdims=True) if luma else seed
     maps = build_maps(stack, data, opt)
+    chroma = _chroma(seed, opt.sr) if luma else (lambda img: img)
+    ctl = control or RunControl()
+    if ctl.snapshot is not None:
+        user = ctl.snapshot
+        ctl = dataclasses.replace(ctl, snapshot=lambda it, ch, img: user(it, ch, chroma(img)))
 
     if psfset.per_channel:  # rgb with a PSF per channel: one solve per channel
         parts = [_solve(data[:, c:c + 1], psfset.per_channel[c], work_seed[c:c + 1], maps, c, opt,
-                        backend, progress) for c in range(data.shape[1])]
+                        backend, progress, ctl) for c in range(data.shape[1])]
         image = np.concatenate([p[0] for p in parts])
         sol, ped, lifts = parts[0][1], max(p[2] for p in parts), parts[0][3]
         iterations = max(p[1].iterations for p in parts)
         early = all(p[1].early_stopped for p in parts)
     else:
         image, sol, ped, lifts = _solve(data, psfset.psfs, work_seed, maps, None, opt, backend,
-                                        progress)
+                                        progress, ctl)
         iterations, early = sol.iterations, sol.early_stopped
-    if luma:  # re-apply the seed's chroma
-        lum = seed.mean(axis=0, keepdims=True)
-        tiny = 1e-12 * max(float(np.median(np.abs(lum))), 1e-30)
-        ratio = np.divide(seed, lum, out=np.ones_like(seed), where=np.abs(lum) > tiny)
-        image = image * replicate(ratio, opt.sr)
-    image = np.ascontiguousarray(image, dtype=np.float32)
+    image = np.ascontiguousarray(chroma(image), dtype=np.float32)
     seconds = time.perf_counter() - t0
     header = build_header(stack, opt, iterations, early, backend.name, sol.conv, ped, fwhms,
                           psfset.sources, lifts, [sol.plan.describe()] + maps.notes)
@@ -150,8 +153,27 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
                   ped, seconds, seed=seed, plan=sol.plan)
 
 
-def _solve(data, psfs, seed, maps, channel, opt, backend, progress):
+@dataclass
+class RunControl:
+    """Where a long run keeps itself safe: checkpoints, resume, snapshots."""
+
+    checkpoint: Path | None = None  # base path; per-channel solves add .c<k>
+    resume: bool = False
+    save_every: int = 0
+    snapshot: Callable[[int, int | None, np.ndarray], None] | None = None  # (iteration, channel, image)
+
+
+def _chroma(seed: np.ndarray, r: int):
+    """Re-apply the seed's chroma to a deconvolved luminance (``--color luma``)."""
+    lum = seed.mean(axis=0, keepdims=True)
+    tiny = 1e-12 * max(float(np.median(np.abs(lum))), 1e-30)
+    ratio = replicate(np.divide(seed, lum, out=np.ones_like(seed), where=np.abs(lum) > tiny), r)
+    return lambda image: image * ratio
+
+
+def _solve(data, psfs, seed, maps, channel, opt, backend, progress, ctl: RunControl | None = None):
     """One solver run on (N, C, h, w) data; returns (image, SolveResult, pedestal, lifts)."""
+    ctl = ctl or RunControl()
     names = [f"frame {i}" for i in range(len(psfs))]
     lifts = lift_psfs(psfs, opt, names) if opt.sr > 1 else []
     kernel = common_psf_stack([lp.psf for lp in lifts] if lifts else psfs,
@@ -167,20 +189,52 @@ def _solve(data, psfs, seed, maps, channel, opt, backend, progress):
     scale = float(np.median(np.abs(seed)))
     seed = np.maximum(seed, np.float32(1e-6 * max(scale, 1e-30)))
     problem = Problem(data, kernel, sr=opt.sr, var=var, protect=protect)
-    n_maps = (var is not None) + (protect is not None)
-    mem = memory.plan(h=data.shape[-2], w=data.shape[-1], r=opt.sr, p=kernel.shape[-1] // 2,
-                      channels=data.shape[1], n_frames=data.shape[0], n_maps=n_maps,
-                      budget=opt.mem_budget, batch=opt.batch, low_mem=opt.low_mem,
-                      allow_streaming=False)
+
+    ckpt = None if ctl.checkpoint is None else checkpoint.checkpoint_path(ctl.checkpoint, channel)
+    fp = checkpoint.fingerprint(data, kernel, opt) if ckpt is not None else ""
+    state = None
+    if ckpt is not None and ctl.resume:
+        if ckpt.exists():
+            state = checkpoint.load(ckpt, fp)
+            log.info("resuming from %s at iteration %d", ckpt, state["iteration"])
+        else:
+            log.warning("%s: no checkpoint to resume from; starting afresh", ckpt)
+    if state is not None:
+        mem = memory.Plan(**state["plan"])
+    else:
+        n_maps = (var is not None) + (protect is not None)
+        mem = memory.plan(h=data.shape[-2], w=data.shape[-1], r=opt.sr, p=kernel.shape[-1] // 2,
+                          channels=data.shape[1], n_frames=data.shape[0], n_maps=n_maps,
+                          budget=opt.mem_budget, batch=opt.batch, low_mem=opt.low_mem,
+                          allow_streaming=False)
     log.info("%s", mem.describe())
-    solver = Solver(problem, opt.replace(batch=mem.batch), backend, callback=progress,
+
+    def after_iteration(rec):
+        if ckpt is not None:
+            checkpoint.save(ckpt, solver, fp, mem)
+        if ctl.save_every and ctl.snapshot and rec.iteration % ctl.save_every == 0:
+            ctl.snapshot(rec.iteration, channel, _unped(solver.finalize().image, ped, opt.sr))
+        if progress is not None:
+            progress(rec)
+
+    solver = Solver(problem, opt.replace(batch=mem.batch), backend, callback=after_iteration,
                     tile=mem.tile, cache_otfs=mem.cache_otfs)
     solver.setup(seed)
-    sol = solver.run()
+    if state is not None:
+        solver.restore(state)
+    try:
+        sol = solver.run()
+    except KeyboardInterrupt:
+        if ckpt is not None and solver.iteration:
+            checkpoint.save(ckpt, solver, fp, mem)
+        raise checkpoint.Interrupted(ckpt if ckpt is not None and ckpt.exists() else None) from None
     sol.plan = mem
-    # a native pedestal c is c / r² per fine pixel
-    image = sol.image - np.float32(ped / opt.sr ** 2) if ped else sol.image
-    return image, sol, ped, lifts
+    return _unped(sol.image, ped, opt.sr), sol, ped, lifts
+
+
+def _unped(image, ped, r):
+    """Remove the pedestal: a native pedestal c is c / r² per fine pixel."""
+    return image - np.float32(ped / r ** 2) if ped else image
 
 
 def build_header(stack: Stack, opt: Options, iterations: int, early: bool, backend: str,

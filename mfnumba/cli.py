@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from . import memory
+from .checkpoint import Interrupted
 from .errors import MfnumbaError, OptionError, OutputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -56,6 +57,11 @@ def _guard(fn):
         except MfnumbaError as exc:
             err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
             raise typer.Exit(2)
+        except Interrupted as exc:
+            where = f"; checkpoint saved to {exc.path}, rerun the same command with --resume" \
+                if exc.path else ""
+            err_console.print(f"interrupted{where}", markup=False, soft_wrap=True)
+            raise typer.Exit(130)
         except KeyboardInterrupt:
             err_console.print("interrupted", markup=False)
             raise typer.Exit(130)
@@ -158,26 +164,50 @@ def deconv(
     mem_budget: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4GB [60% of available]."),
     low_mem: bool = typer.Option(False, "--low-mem", help="Smallest memory footprint."),
     threads: Optional[int] = typer.Option(None, help="CPU threads [all]."),
+    checkpoint: Optional[bool] = typer.Option(None, "--checkpoint/--no-checkpoint",
+                                              help="Save the state after every iteration "
+                                              "[on for more than 5 iterations]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint."),
+    save_every: int = typer.Option(0, help="Write the current image every N iterations."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
     json_log: Optional[Path] = typer.Option(None, help="Write JSON lines of the run here."),
 ):
     """Deconvolve a registered stack into one sharp FITS image."""
-    from .api import deconvolve
+    from .api import RunControl, deconvolve
     from .io.fits import write_fits
 
     _setup_logging(quiet)
     _check_output(output, overwrite)
+    from astropy.io import fits
+
     opt = _options(preset, iters=iters, min_iters=min_iters, early_stop=early_stop, rho=rho,
                    huber_delta=huber_delta, kappa=kappa, relax=relax, noise=noise, seed=seed,
                    color=color, masks=masks, variance=variance, sr=sr,
                    mem_budget=None if mem_budget is None else memory.parse_size(mem_budget),
                    low_mem=low_mem or None, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend, conv=conv, batch=batch, threads=threads)
+    if save_every < 0:
+        raise OptionError(f"--save-every {save_every}: expected >= 0")
+    keep = opt.iters > 5 if checkpoint is None else checkpoint
+
+    def snapshot(it, channel, image):
+        part = "" if channel is None else f".c{channel}"
+        path = output.with_name(f"{output.stem}{part}.iter{it:04d}{output.suffix or '.fits'}")
+        hdr = fits.Header()
+        hdr["MFSNAP"] = (True, "intermediate mfnumba image")
+        hdr["MF_ITERS"] = (it, "iterations so far")
+        write_fits(path, image, hdr, overwrite=True)
+
+    ctl = RunControl(checkpoint=output if (keep or resume) else None, resume=resume,
+                     save_every=save_every, snapshot=snapshot if save_every else None)
     rep = _Reporter(opt.iters, quiet, json_log)
     rep.event(event="start", frames=[str(f) for f in frames], output=str(output), **opt.as_dict())
     try:
-        res = deconvolve(frames, psf, options=opt, fwhm=fwhm, progress=rep, layout=layout)
+        res = deconvolve(frames, psf, options=opt, fwhm=fwhm, progress=rep, layout=layout,
+                         control=ctl)
         write_fits(output, res.image, res.header, overwrite=overwrite)
+        for stale in output.parent.glob(f"{output.name}*.ckpt.npz"):
+            stale.unlink()
         rep.event(event="done", iterations=res.iterations, early_stopped=res.early_stopped,
                   seconds=res.seconds, output=str(output))
     finally:

@@ -365,13 +365,37 @@ class Solver:
         self._calm = self._calm + 1 if calm else 0
         return rec
 
+    def state(self) -> dict:
+        """Everything a resumed run needs to continue identically."""
+        return {"x": self.x_host, "sigma": self.sigma, "delta": self.delta, "scale": self._scale,
+                "den_floor": self.den_floor, "iteration": self.iteration, "calm": self._calm,
+                "conv": self.conv, "early_stopped": self.early_stopped,
+                "history": list(self.history)}
+
+    def restore(self, st: dict) -> None:
+        """Continue from :meth:`state` (after :meth:`setup` on the same problem)."""
+        if st["x"].shape != self.x_host.shape:
+            raise ValueError(f"checkpoint estimate {st['x'].shape} != {self.x_host.shape}")
+        self.x_host = np.array(st["x"], dtype=np.float32)
+        self.sigma, self.delta, self._scale = st["sigma"], st["delta"], st["scale"]
+        self.den_floor = st["den_floor"]
+        self.iteration, self._calm = int(st["iteration"]), int(st["calm"])
+        self.early_stopped = bool(st["early_stopped"])
+        self.history = list(st["history"])
+        if st["conv"] != self.conv:
+            self.conv = st["conv"]
+            self._alloc()
+            self.otfs = None
+            if self.conv == "fft" and self.cache_otfs:
+                self.otfs = self.be.xp.stack([self.be.otf(p, self.grid) for p in self.problem.psfs])
+
     def converged(self) -> bool:
         """Both EMAs under tolerance for 2 consecutive iterations, past min_iters."""
         return (self.opt.early_stop and self._calm >= 2
                 and self.iteration >= self.opt.min_iters)
 
     def run(self) -> SolveResult:
-        while self.iteration < self.opt.iters:
+        while self.iteration < self.opt.iters and not self.early_stopped:
             rec = self.step()
             if self.callback is not None:
                 self.callback(rec)
