@@ -24,12 +24,14 @@ from .backends.cpu import CPUBackend
 from .errors import OptionError, ShapeError
 from .options import Options
 from .psf import measure_fwhm
-from .prepare import build_maps, mask_borders, stack_psfs, working_data
+from .io.tiles import ArrayReader, StackReader
+from .prepare import Scratch, border_masks, build_maps, stack_psfs
 from .psf_setup import common_psf_stack, lift_psfs
-from .seed import make_seed
+from .seed import make_seed_streaming
+from .sources import WorkSource
 from .sr import LiftedPSF, replicate, scale_wcs
 from .solver import IterationRecord, Problem, Solver
-from .stack import Stack, discover_frames, load_stack, reference_header
+from .stack import Stack, discover_frames, reference_header
 
 log = logging.getLogger("mfnumba")
 
@@ -52,6 +54,16 @@ class Result:
     plan: memory.Plan | None = None
 
 
+@dataclass
+class RunControl:
+    """Where a long run keeps itself safe: checkpoints, resume, snapshots."""
+
+    checkpoint: Path | None = None  # base path; per-channel solves add .c<k>
+    resume: bool = False
+    save_every: int = 0
+    snapshot: Callable[[int, int | None, np.ndarray], None] | None = None  # (iteration, channel, image)
+
+
 def get_backend(name: str, threads: int | None = None):
     """The backend for ``--backend``; ``auto`` is the CPU until CUDA lands."""
     if name in ("auto", "cpu"):
@@ -60,23 +72,39 @@ def get_backend(name: str, threads: int | None = None):
                       f"use --backend cpu")
 
 
-def _as_stack(frames, layout: str = "auto") -> Stack:
+def _open(frames, layout: str = "auto"):
+    """(reader, headers, paths) for paths/directories, an array or a Stack.
+
+    Files are opened for reading by tiles; no pixel is read here.
+    """
     if isinstance(frames, Stack):
-        return frames
+        return ArrayReader(frames.data), frames.headers, frames.paths
     if isinstance(frames, np.ndarray):
-        a = np.asarray(frames, dtype=np.float32)
-        if a.ndim == 3:
-            a = a[:, None]
-        if a.ndim != 4:
-            raise ShapeError(f"frames array must be (N, h, w) or (N, C, h, w), got {a.shape}")
-        a = np.where(np.isfinite(a), a, np.nan).astype(np.float32)
-        n = a.shape[0]
-        return Stack(data=a, headers=[fits.Header() for _ in range(n)],
-                     paths=[Path(f"frame[{i}]") for i in range(n)], cropped=False)
-    return load_stack(discover_frames(list(frames)), layout=layout)
+        arr = np.asarray(frames, dtype=np.float32)
+        if arr.ndim == 3:
+            arr = arr[:, None]
+        if arr.ndim != 4:
+            raise ShapeError(f"frames array must be (N, h, w) or (N, C, h, w), got {arr.shape}")
+        arr = np.where(np.isfinite(arr), arr, np.nan).astype(np.float32)
+        n = arr.shape[0]
+        return ArrayReader(arr), [fits.Header() for _ in range(n)], [Path(f"frame[{i}]") for i in range(n)]
+    reader = StackReader(discover_frames(list(frames)), layout=layout)
+    return reader, reader.headers, reader.paths
 
 
-def _pedestal(frames: np.ndarray, seed: np.ndarray) -> float:
+def _fits_in_memory(reader, channels: int, opt: Options) -> bool:
+    """Whether some plan holds frames and maps in memory (PSF radius taken at its largest)."""
+    h, w = reader.shape
+    try:
+        memory.plan(h=h, w=w, r=opt.sr, p=50 * opt.sr, channels=channels, n_frames=reader.n_frames,
+                    n_maps=int(opt.masks) + int(opt.variance), budget=opt.mem_budget,
+                    batch=opt.batch, low_mem=False, streaming=False)
+    except OptionError:
+        return False
+    return not opt.low_mem
+
+
+def _pedestal(seed: np.ndarray) -> float:
     """Offset that makes the data positive enough for a multiplicative update.
 
     Background-subtracted frames hover around zero; the MM update needs
@@ -93,7 +121,7 @@ def _pedestal(frames: np.ndarray, seed: np.ndarray) -> float:
 
 def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float | None = None,
                progress: Callable[[IterationRecord], None] | None = None,
-               layout: str = "auto", control: "RunControl | None" = None) -> Result:
+               layout: str = "auto", control: RunControl | None = None) -> Result:
     """Robust multi-frame deconvolution of a registered stack.
 
     Parameters
@@ -116,51 +144,50 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     """
     t0 = time.perf_counter()
     opt = options or Options()
-    stack = _as_stack(frames, layout)
-    mask_borders(stack)
-    psfset = stack_psfs(psf, stack, fwhm, opt)
-    common_psf_stack(psfset.psfs, stack.shape, psfset.sources)  # sizes against the frames
-    fwhms = [measure_fwhm(p) for p in psfset.psfs]
-    backend = get_backend(opt.backend, opt.threads)
-
-    seed = make_seed(opt.seed, stack.data)
-    data = working_data(stack, opt)
-    luma = data.shape[1] != stack.channels
-    work_seed = seed.mean(axis=0, keepdims=True) if luma else seed
-    maps = build_maps(stack, data, opt)
-    chroma = _chroma(seed, opt.sr) if luma else (lambda img: img)
-    ctl = control or RunControl()
-    if ctl.snapshot is not None:
-        user = ctl.snapshot
-        ctl = dataclasses.replace(ctl, snapshot=lambda it, ch, img: user(it, ch, chroma(img)))
-
-    if psfset.per_channel:  # rgb with a PSF per channel: one solve per channel
-        parts = [_solve(data[:, c:c + 1], psfset.per_channel[c], work_seed[c:c + 1], maps, c, opt,
-                        backend, progress, ctl) for c in range(data.shape[1])]
-        image = np.concatenate([p[0] for p in parts])
-        sol, ped, lifts = parts[0][1], max(p[2] for p in parts), parts[0][3]
-        iterations = max(p[1].iterations for p in parts)
-        early = all(p[1].early_stopped for p in parts)
-    else:
-        image, sol, ped, lifts = _solve(data, psfset.psfs, work_seed, maps, None, opt, backend,
-                                        progress, ctl)
-        iterations, early = sol.iterations, sol.early_stopped
+    reader, headers, paths = _open(frames, layout)
+    h, w = reader.shape
+    luma = opt.color == "luma" and reader.channels > 1
+    work_c = 1 if luma else reader.channels
+    stream = isinstance(reader, StackReader) and not _fits_in_memory(reader, work_c, opt)
+    if stream:
+        log.info("the frames and maps do not fit the memory budget: streaming them from disk")
+    scratch = Scratch(on_disk=stream)
+    try:
+        base = WorkSource(reader, border_masks(reader, scratch))
+        psfset = stack_psfs(psf, base, headers, fwhm, opt)
+        common_psf_stack(psfset.psfs, (h, w), psfset.sources)  # sizes against the frames
+        fwhms = [measure_fwhm(p) for p in psfset.psfs]
+        backend = get_backend(opt.backend, opt.threads)
+        seed = make_seed_streaming(opt.seed, base)
+        work = base.replace(luma=True) if luma else base
+        work_seed = seed.mean(axis=0, keepdims=True) if luma else seed
+        maps = build_maps(work, headers, opt, scratch, reader.channels)
+        chroma = _chroma(seed, opt.sr) if luma else (lambda img: img)
+        ctl = control or RunControl()
+        if ctl.snapshot is not None:
+            user = ctl.snapshot
+            ctl = dataclasses.replace(ctl, snapshot=lambda it, ch, img: user(it, ch, chroma(img)))
+        run = dict(maps=maps, opt=opt, backend=backend, progress=progress, ctl=ctl, stream=stream)
+        if psfset.per_channel:  # rgb with a PSF per channel: one solve per channel
+            parts = [_solve(work.replace(channel=c), psfset.per_channel[c], work_seed[c:c + 1],
+                            channel=c, **run) for c in range(work.channels)]
+            image = np.concatenate([p[0] for p in parts])
+            sol, ped, lifts = parts[0][1], max(p[2] for p in parts), parts[0][3]
+            iterations = max(p[1].iterations for p in parts)
+            early = all(p[1].early_stopped for p in parts)
+        else:
+            image, sol, ped, lifts = _solve(work, psfset.psfs, work_seed, channel=None, **run)
+            iterations, early = sol.iterations, sol.early_stopped
+    finally:
+        scratch.close()
+        reader.close()
     image = np.ascontiguousarray(chroma(image), dtype=np.float32)
     seconds = time.perf_counter() - t0
-    header = build_header(stack, opt, iterations, early, backend.name, sol.conv, ped, fwhms,
-                          psfset.sources, lifts, [sol.plan.describe()] + maps.notes)
+    header = build_header(headers[0], reader.channels, paths, opt, iterations, early, backend.name,
+                          sol.conv, ped, fwhms, psfset.sources, lifts,
+                          [sol.plan.describe()] + maps.notes)
     return Result(image, header, iterations, early, sol.history, fwhms, backend.name, sol.conv,
                   ped, seconds, seed=seed, plan=sol.plan)
-
-
-@dataclass
-class RunControl:
-    """Where a long run keeps itself safe: checkpoints, resume, snapshots."""
-
-    checkpoint: Path | None = None  # base path; per-channel solves add .c<k>
-    resume: bool = False
-    save_every: int = 0
-    snapshot: Callable[[int, int | None, np.ndarray], None] | None = None  # (iteration, channel, image)
 
 
 def _chroma(seed: np.ndarray, r: int):
@@ -171,23 +198,24 @@ def _chroma(seed: np.ndarray, r: int):
     return lambda image: image * ratio
 
 
-def _solve(data, psfs, seed, maps, channel, opt, backend, progress, ctl: RunControl | None = None):
-    """One solver run on (N, C, h, w) data; returns (image, SolveResult, pedestal, lifts)."""
-    ctl = ctl or RunControl()
+def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progress,
+           ctl: RunControl, stream: bool):
+    """One solver run on the working frames; returns (image, SolveResult, pedestal, lifts)."""
     names = [f"frame {i}" for i in range(len(psfs))]
     lifts = lift_psfs(psfs, opt, names) if opt.sr > 1 else []
     kernel = common_psf_stack([lp.psf for lp in lifts] if lifts else psfs,
-                              tuple(opt.sr * n for n in data.shape[-2:]), names)
+                              tuple(opt.sr * n for n in work.shape), names)
     sel = slice(None) if channel is None else slice(channel, channel + 1)
     protect = None if maps.protect is None else maps.protect[:, sel]
     var = None if maps.var is None else maps.var[:, sel]
-    ped = _pedestal(data, seed)
+    ped = _pedestal(seed)
     if ped:
         log.info("adding a pedestal of %.4g to make the data positive", ped)
-        data = data + np.float32(ped)
         seed = seed + np.float32(ped)
     scale = float(np.median(np.abs(seed)))
     seed = np.maximum(seed, np.float32(1e-6 * max(scale, 1e-30)))
+    src = work.replace(pedestal=ped)
+    data = src if stream else src.materialize()
     problem = Problem(data, kernel, sr=opt.sr, var=var, protect=protect)
 
     ckpt = None if ctl.checkpoint is None else checkpoint.checkpoint_path(ctl.checkpoint, channel)
@@ -203,10 +231,10 @@ def _solve(data, psfs, seed, maps, channel, opt, backend, progress, ctl: RunCont
         mem = memory.Plan(**state["plan"])
     else:
         n_maps = (var is not None) + (protect is not None)
-        mem = memory.plan(h=data.shape[-2], w=data.shape[-1], r=opt.sr, p=kernel.shape[-1] // 2,
-                          channels=data.shape[1], n_frames=data.shape[0], n_maps=n_maps,
+        mem = memory.plan(h=work.shape[0], w=work.shape[1], r=opt.sr, p=kernel.shape[-1] // 2,
+                          channels=work.channels, n_frames=work.n_frames, n_maps=n_maps,
                           budget=opt.mem_budget, batch=opt.batch, low_mem=opt.low_mem,
-                          allow_streaming=False)
+                          streaming=stream)
     log.info("%s", mem.describe())
 
     def after_iteration(rec):
@@ -237,18 +265,18 @@ def _unped(image, ped, r):
     return image - np.float32(ped / r ** 2) if ped else image
 
 
-def build_header(stack: Stack, opt: Options, iterations: int, early: bool, backend: str,
-                 conv: str, pedestal: float, fwhms: Sequence[float],
+def build_header(first: fits.Header, channels: int, paths, opt: Options, iterations: int,
+                 early: bool, backend: str, conv: str, pedestal: float, fwhms: Sequence[float],
                  sources: Sequence[str], lifts: Sequence[LiftedPSF] = (),
                  notes: Sequence[str] = ()) -> fits.Header:
     """The reference frame's header plus the MF_* keys and HISTORY lines."""
     import numba
     import scipy
 
-    hdr = scale_wcs(reference_header(stack), opt.sr)
+    hdr = scale_wcs(reference_header(first), opt.sr)
     cards = [
         ("MFDECONV", True, "mfnumba multi-frame deconvolution"),
-        ("MF_COLOR", opt.color if stack.channels > 1 else "mono", "colour mode"),
+        ("MF_COLOR", opt.color if channels > 1 else "mono", "colour mode"),
         ("MF_RHO", opt.rho, "loss: huber or l2"),
         ("MF_HDEL", opt.huber_delta, "Huber delta (<0: auto, x MAD)"),
         ("MF_MASK", opt.masks, "star masks used"),
@@ -263,7 +291,7 @@ def build_header(stack: Stack, opt: Options, iterations: int, early: bool, backe
         ("MF_RELAX", opt.relax, "relaxation alpha"),
         ("MF_NOISE", opt.noise, "noise model"),
         ("MF_SEED", opt.seed[:68], "seed"),
-        ("MF_NFRM", stack.n_frames, "frames combined"),
+        ("MF_NFRM", len(paths), "frames combined"),
         ("MF_PED", float(pedestal), "pedestal added during the solve"),
     ]
     for key, value, comment in cards:
@@ -271,7 +299,7 @@ def build_header(stack: Stack, opt: Options, iterations: int, early: bool, backe
     hdr.add_history(f"mfnumba {__version__}: backend {backend}, convolution {conv}")
     hdr.add_history(f"numpy {np.__version__}, numba {numba.__version__}, scipy {scipy.__version__}, "
                     f"python {platform.python_version()}")
-    for i, (path, src, fw) in enumerate(zip(stack.paths, sources, fwhms)):
+    for i, (path, src, fw) in enumerate(zip(paths, sources, fwhms)):
         fw_txt = "" if "FWHM" in src else f" FWHM {fw:.2f} px"
         hdr.add_history(f"frame {i}: {Path(path).name} PSF {src}{fw_txt}"[:72])
     for note in notes:

@@ -30,13 +30,22 @@ def checkpoint_path(output: str | os.PathLike, part: int | None = None) -> Path:
     return out.with_name(f"{out.name}{tail}.ckpt.npz")
 
 
-def fingerprint(frames: np.ndarray, psfs: np.ndarray, options) -> str:
-    """Hash of the data actually solved (frames, PSFs) and the math options."""
+def fingerprint(frames, psfs: np.ndarray, options) -> str:
+    """Hash of the data solved (frames, PSFs) and the math options.
+
+    ``frames``: an array (a strided sample of it is hashed) or a streaming
+    source (its files' names, sizes and modification times are hashed).
+    """
     h = hashlib.sha256()
-    h.update(str(frames.shape).encode())
-    # a strided sample of the frames keeps this cheap on big stacks
-    flat = np.ascontiguousarray(frames.reshape(-1)[:: max(1, frames.size // 1_000_003)])
-    h.update(np.nan_to_num(flat).tobytes())
+    if isinstance(frames, np.ndarray):
+        h.update(str(frames.shape).encode())
+        flat = np.ascontiguousarray(frames.reshape(-1)[:: max(1, frames.size // 1_000_003)])
+        h.update(np.nan_to_num(flat).tobytes())
+    else:
+        h.update(repr((frames.n_frames, frames.channels, frames.shape, frames.pedestal)).encode())
+        for p in frames.paths or ():
+            st = os.stat(p)
+            h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(np.ascontiguousarray(psfs, dtype=np.float32).tobytes())
     h.update(json.dumps({k: getattr(options, k) for k in _MATH}, sort_keys=True,
                         default=str).encode())

@@ -108,13 +108,21 @@ def estimate(*, h: int, w: int, r: int, p: int, channels: int, n_frames: int, n_
 
 def plan(*, h: int, w: int, r: int, p: int, channels: int, n_frames: int, n_maps: int = 0,
          budget: int | None = None, batch: int | None = None, low_mem: bool = False,
-         allow_streaming: bool = True) -> Plan:
-    """The best plan that fits ``budget`` (bytes; default :func:`default_budget`)."""
+         streaming: bool | None = None) -> Plan:
+    """The best plan that fits ``budget`` (bytes; default :func:`default_budget`).
+
+    ``streaming``: True or False when the caller has decided where the frames
+    live; None lets the planner choose (memory first).
+    """
+    allow_streaming = streaming is not False
     budget = default_budget() if budget is None else int(budget)
     kw = dict(h=h, w=w, r=r, p=p, channels=channels, n_frames=n_frames, n_maps=n_maps)
     batches = [batch] if batch else sorted({min(n_frames, b) for b in (8, 4, 2, 1)}, reverse=True)
     tiles = TILES[::-1] if low_mem else TILES
-    storage = (False,) if low_mem and allow_streaming else ((True, False) if allow_streaming else (True,))
+    if streaming is None:
+        storage = (False,) if low_mem else (True, False)
+    else:
+        storage = (not streaming,)
     for in_memory in storage:
         for cache in ((False,) if low_mem else (True, False)):
             for tile in tiles:

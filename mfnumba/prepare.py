@@ -1,40 +1,75 @@
-"""From a loaded stack to solver inputs: borders, PSFs, working channels, maps.
+"""From frames to solver inputs: borders, PSFs, maps, storage.
 
-Everything here is per frame and runs once before the iterations:
-registration borders become NaN (weight 0), PSFs come from files, a FWHM or
-the frames' own stars, colour stacks become the luminance or stay RGB, and
-the optional star-protection and variance maps are built.
+Everything here runs once before the iterations and reads one frame at a
+time, so it works the same on a stack in memory and on one read from disk:
+registration borders are found (and masked on every later read), PSFs come
+from files, a FWHM or the frames' own stars, and the optional
+star-protection and variance maps are built, in memory or in scratch files.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from .errors import InputFileError
 from .maps import border_mask, frame_gain, star_protection, variance_map
 from .options import Options
 from .psf_estimate import estimate_psfs
 from .psf_setup import resolve_psfs
-from .stack import Stack, header_fwhm
+from .sources import WorkSource
+from .stack import header_fwhm
 
 log = logging.getLogger("mfnumba")
 
 
-def mask_borders(stack: Stack) -> int:
-    """Set NaN/zero registration borders to NaN in place; returns pixels masked."""
+class Scratch:
+    """Arrays in memory, or in memory-mapped scratch files when streaming."""
+
+    def __init__(self, on_disk: bool):
+        self.on_disk = on_disk
+        self._dir = tempfile.TemporaryDirectory(prefix="mfnumba-") if on_disk else None
+
+    def empty(self, name: str, shape, dtype=np.float32) -> np.ndarray:
+        if not self.on_disk:
+            return np.empty(shape, dtype=dtype)
+        path = Path(self._dir.name) / f"{name}.npy"
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+
+    def close(self) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
+def _name(paths, i: int) -> str:
+    return str(paths[i]) if paths is not None else f"frame {i}"
+
+
+def border_masks(reader, scratch: Scratch) -> np.ndarray | None:
+    """(N, h, w) uint8 keep-masks of NaN/zero registration borders; None if none."""
+    n = reader.n_frames
+    masks = None
     total = 0
-    for i in range(stack.n_frames):
-        keep = border_mask(stack.data[i])
-        bad = keep < 0.5
-        n = int(bad.sum() - np.isnan(stack.data[i]).all(axis=0)[bad].sum())
-        if bad.any():
-            stack.data[i][:, bad] = np.nan
-        total += n
+    for i in range(n):
+        frame = reader.read(i)
+        keep = border_mask(frame) >= 0.5
+        if not keep.any():
+            raise InputFileError("all pixels are NaN/inf or border; remove this frame",
+                                 path=_name(getattr(reader, "paths", None), i))
+        if not keep.all():
+            if masks is None:
+                masks = scratch.empty("borders", (n,) + tuple(reader.shape), np.uint8)
+                masks[:i] = 1
+            total += int((~keep).sum() - np.isnan(frame).all(axis=0)[~keep].sum())
+        if masks is not None:
+            masks[i] = keep
     if total:
         log.info("masked %d border pixels (NaN or exact-zero registration edges)", total)
-    return total
+    return masks
 
 
 @dataclass
@@ -46,14 +81,16 @@ class PSFSet:
     per_channel: list[list[np.ndarray]] = field(default_factory=list)
 
 
-def _estimated(stack: Stack, channel: int | None) -> list:
-    names = [str(p) for p in stack.paths]
-    return [estimate_psfs(stack.data[i:i + 1], [stack.headers[i]], [names[i]],
-                          fallback_fwhm=header_fwhm(stack.headers[i]), channel=channel)[0]
-            for i in range(stack.n_frames)]
+def _estimated(src: WorkSource, headers, channel: int | None) -> list:
+    out = []
+    for i in range(src.n_frames):
+        name = _name(src.paths, i)
+        out.append(estimate_psfs(src.read(i)[None], [headers[i]], [name],
+                                 fallback_fwhm=header_fwhm(headers[i]), channel=channel)[0])
+    return out
 
 
-def stack_psfs(psf, stack: Stack, fwhm: float | None, opt: Options) -> PSFSet:
+def stack_psfs(psf, src: WorkSource, headers, fwhm: float | None, opt: Options) -> PSFSet:
     """PSFs from ``--psf`` or ``--fwhm``; without either, from each frame's stars.
 
     With ``--color rgb`` every channel gets its own estimated PSFs when all of
@@ -61,27 +98,20 @@ def stack_psfs(psf, stack: Stack, fwhm: float | None, opt: Options) -> PSFSet:
     luminance's.
     """
     if psf is not None or fwhm is not None:
-        psfs, sources = resolve_psfs(psf, stack, fwhm)
+        psfs, sources = resolve_psfs(psf, src.n_frames, fwhm)
         return PSFSet(psfs, sources)
-    est = _estimated(stack, None)
-    for e, path in zip(est, stack.paths):
-        log.info("%s: PSF %s", path.name if hasattr(path, "name") else path, e.note)
+    est = _estimated(src, headers, None)
+    for i, e in enumerate(est):
+        log.info("%s: PSF %s", Path(_name(src.paths, i)).name, e.note)
     out = PSFSet([e.psf for e in est], [e.note for e in est])
-    if opt.color == "rgb" and stack.channels > 1:
-        per = [_estimated(stack, c) for c in range(stack.channels)]
+    if opt.color == "rgb" and src.channels > 1:
+        per = [_estimated(src, headers, c) for c in range(src.channels)]
         if all(e.method == "empirical" for ch in per for e in ch):
             out.per_channel = [[e.psf for e in ch] for ch in per]
             log.info("rgb: each channel uses its own PSFs")
         else:
             log.info("rgb: some channel PSFs could not be measured; channels share the luminance PSFs")
     return out
-
-
-def working_data(stack: Stack, opt: Options) -> np.ndarray:
-    """(N, 1, h, w) luminance for ``--color luma`` on colour data, else the stack."""
-    if opt.color == "luma" and stack.channels > 1:
-        return np.nanmean(stack.data, axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-    return stack.data
 
 
 @dataclass
@@ -91,31 +121,34 @@ class Maps:
     notes: list[str] = field(default_factory=list)
 
 
-def build_maps(stack: Stack, data: np.ndarray, opt: Options) -> Maps:
-    """Star protection (``--masks``) and variance maps (``--variance``) for ``data``.
+def build_maps(work: WorkSource, headers, opt: Options, scratch: Scratch,
+               channels_in: int) -> Maps:
+    """Star protection (``--masks``) and variance maps (``--variance``) for ``work``.
 
-    ``data`` is the working stack (luminance or channels). Protection is found
-    on each frame's luminance and shared by its channels; variance is per
-    channel, with the gain from EGAIN/GAIN or estimated from the sky (the
-    luminance of C channels has C times the gain).
+    Protection is found on each frame's luminance and shared by its channels;
+    variance is per channel, with the gain from EGAIN/GAIN or estimated from
+    the sky (the luminance of C channels has C times the gain).
     """
     maps = Maps()
-    n, c = data.shape[:2]
+    n, c = work.n_frames, work.channels
+    shape = (n, c) + work.shape
     if opt.masks:
-        maps.protect = np.empty(data.shape, dtype=np.float32)
-        for i in range(n):
-            lum = np.nanmean(data[i], axis=0) if c > 1 else data[i, 0]
-            keep = np.isfinite(lum)
-            maps.protect[i] = star_protection(lum, mask=keep)
+        maps.protect = scratch.empty("protect", shape)
     if opt.variance:
-        maps.var = np.empty(data.shape, dtype=np.float32)
-        lum_factor = stack.channels if data.shape[1] != stack.channels else 1
-        for i in range(n):
-            g = frame_gain(stack.headers[i])
+        maps.var = scratch.empty("var", shape)
+    if not (opt.masks or opt.variance):
+        return maps
+    lum_factor = channels_in if (work.luma and channels_in > 1) else 1
+    for i in range(n):
+        frame = work.read(i)
+        if opt.masks:
+            lum = np.nanmean(frame, axis=0) if c > 1 else frame[0]
+            maps.protect[i] = star_protection(lum, mask=np.isfinite(lum))
+        if opt.variance:
+            g = frame_gain(headers[i])
             g = None if g is None else g * lum_factor
             for ch in range(c):
-                maps.var[i, ch], used = variance_map(data[i, ch], gain=g,
-                                                     mask=np.isfinite(data[i, ch]))
+                maps.var[i, ch], used = variance_map(frame[ch], gain=g, mask=np.isfinite(frame[ch]))
             how = "header" if g is not None else "estimated"
             maps.notes.append(f"frame {i}: variance map, gain {used:.4g} e-/ADU ({how})")
     return maps

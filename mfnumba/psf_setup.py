@@ -18,30 +18,22 @@ from .errors import OptionError, ShapeError
 from .options import Options
 from .psf import load_psf, moffat_psf, normalize_psf
 from .sr import LiftedPSF, lift_psf
-from .stack import Stack, discover_frames, header_fwhm
+from .stack import discover_frames
 
 log = logging.getLogger("mfnumba")
 
 
-def resolve_psfs(psf, stack: Stack, fwhm: float | None) -> tuple[list[np.ndarray], list[str]]:
-    """PSFs for every frame and a note of where each came from.
+def resolve_psfs(psf, n: int, fwhm: float | None) -> tuple[list[np.ndarray], list[str]]:
+    """PSFs for ``n`` frames from ``--psf`` or ``--fwhm``, and where each came from.
 
-    ``psf`` may be None, one array or path (shared), a directory of FITS files
-    paired by sorted name with the frames, or a sequence of arrays/paths.
-    Without it: Moffats of ``fwhm``, else of each frame's FWHM header key.
+    ``psf`` may be one array or path (shared), a directory of FITS/XISF files
+    paired by sorted name with the frames, or a sequence of arrays/paths;
+    without it, Moffats of ``fwhm``.
     """
-    n = stack.n_frames
     if psf is None:
-        if fwhm is not None:
-            if not fwhm > 0:
-                raise OptionError(f"--fwhm {fwhm}: expected a positive number of pixels")
-            return [moffat_psf(fwhm)] * n, [f"Moffat FWHM {fwhm:g} px (--fwhm)"] * n
-        fw = [header_fwhm(h) for h in stack.headers]
-        missing = [p for p, f in zip(stack.paths, fw) if f is None]
-        if missing:
-            raise OptionError("no PSF: pass --psf or --fwhm (or add a FWHM header key)",
-                              path=missing[0])
-        return [moffat_psf(f) for f in fw], [f"Moffat FWHM {f:g} px (header)" for f in fw]
+        if fwhm is None or not fwhm > 0:
+            raise OptionError(f"--fwhm {fwhm}: expected a positive number of pixels")
+        return [moffat_psf(fwhm)] * n, [f"Moffat FWHM {fwhm:g} px (--fwhm)"] * n
     if isinstance(psf, np.ndarray) and psf.ndim == 2:
         return [normalize_psf(psf, name="PSF array")] * n, ["array"] * n
     if isinstance(psf, (str, os.PathLike)):

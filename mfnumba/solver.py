@@ -65,7 +65,7 @@ class Problem:
 
     @property
     def channels(self) -> int:
-        return self.frames.shape[1] if hasattr(self.frames, "shape") else self.frames.channels
+        return self.frames.shape[1] if isinstance(self.frames, np.ndarray) else self.frames.channels
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -365,13 +365,13 @@ def header_fwhm(header: fits.Header) -> float | None:
     return None
 
 
-def reference_header(stack: Stack) -> fits.Header:
+def reference_header(stack: "Stack | fits.Header") -> fits.Header:
     """Header for the output: the first frame's, without data-shape keys.
 
     The crop is anchored at pixel (0, 0), so CRPIX and the rest of the WCS
     stay valid and are kept as they are.
     """
-    hdr = stack.headers[0].copy()
+    hdr = (stack if isinstance(stack, fits.Header) else stack.headers[0]).copy()
     for key in _SHAPE_KEYS:
         hdr.remove(key, ignore_missing=True, remove_all=True)
     for key in [k for k in hdr.keys() if re.fullmatch(r"NAXIS\d+", k)]:
