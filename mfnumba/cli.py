@@ -147,7 +147,7 @@ def deconv(
     relax: Optional[float] = typer.Option(None, help="Relaxation α in (0, 1] [1.0]."),
     preset: Optional[str] = typer.Option(None, help="noisy, good or lab (flags override)."),
     noise: Optional[str] = typer.Option(None, help="mad (constant σ) or poisson (σ² ∝ model) [mad]."),
-    seed: Optional[str] = typer.Option(None, help="median, mean or a FITS path [median]."),
+    seed: Optional[str] = typer.Option(None, help="median, bootstrap, mean or a FITS/XISF path [median]."),
     color: Optional[str] = typer.Option(None, help="luma or rgb, for colour stacks [luma]."),
     sr: Optional[int] = typer.Option(None, help="Super-resolution factor: solve on a grid this "
                                      "many times finer [1]."),

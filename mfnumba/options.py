@@ -101,7 +101,7 @@ class Options:
         _check(self.tol_upd > 0 and self.tol_rel > 0, "tolerance", (self.tol_upd, self.tol_rel), "> 0")
         _check(0.0 < self.ema <= 1.0, "ema", self.ema, "in (0, 1]")
         _check(isinstance(self.seed, str) and self.seed != "", "seed", self.seed,
-               "median, mean or a FITS path")
+               "median, bootstrap, mean or a FITS/XISF path")
 
     @property
     def auto_delta(self) -> bool:
