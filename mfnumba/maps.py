@@ -22,6 +22,7 @@ import numpy as np
 import sep
 from scipy import ndimage
 
+from .io.fits import positive_number
 from .errors import OptionError, ShapeError
 
 log = logging.getLogger("mfnumba")
@@ -292,19 +293,9 @@ def frame_gain(header) -> float | None:
     A key whose value is not a positive finite number (text, a FITS bool,
     0, NaN) is skipped, so a junk ``EGAIN`` falls through to ``GAIN``.
     """
-    if header is None:
-        return None
     for key in GAIN_KEYS:
-        if key not in header:
-            continue
-        value = header[key]
-        if isinstance(value, bool):   # FITS T/F is a bool, which float() accepts
-            continue
-        try:
-            gain = float(value)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(gain) and gain > 0:
+        gain = positive_number(header, key)
+        if gain is not None:
             return gain
     return None
 

@@ -9,7 +9,6 @@ frame's WCS valid.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import zlib
@@ -21,7 +20,7 @@ import numpy as np
 from astropy.io import fits
 
 from .errors import InputFileError, OptionError, ShapeError
-from .io.fits import is_fits_name, read_image
+from .io.fits import is_fits_name, positive_number, read_image
 from .io.xisf import read_xisf, xisf_shape
 
 log = logging.getLogger("mfnumba")
@@ -348,20 +347,13 @@ def header_fwhm(header: fits.Header) -> float | None:
     comment says arcsec is skipped: it is not in pixels.
     """
     for key in _FWHM_KEYS:
-        if key not in header:
-            continue
-        value = header[key]
-        if isinstance(value, bool):  # FITS T/F is a bool, which int() accepts
-            continue
-        try:
-            fwhm = float(value)
-        except (TypeError, ValueError):
+        fwhm = positive_number(header, key)
+        if fwhm is None:
             continue
         if "arcsec" in header.comments[key].lower():
-            log.warning("header %s = %s is in arcsec, not pixels; ignored", key, value)
+            log.warning("header %s = %s is in arcsec, not pixels; ignored", key, header[key])
             continue
-        if math.isfinite(fwhm) and fwhm > 0:
-            return fwhm
+        return fwhm
     return None
 
 

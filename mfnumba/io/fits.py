@@ -24,6 +24,20 @@ def is_fits_name(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(FITS_SUFFIXES)
 
 
+def positive_number(header, key: str) -> float | None:
+    """``header[key]`` as a positive finite float, else None (FITS T/F is not a number)."""
+    if header is None or key not in header:
+        return None
+    value = header[key]
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
+
+
 def _first_image_hdu(hdul, path):
     for hdu in hdul:
         if getattr(hdu, "is_image", False) and hdu.data is not None and hdu.data.size:
