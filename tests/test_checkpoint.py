@@ -73,3 +73,36 @@ def test_cli_resume_without_checkpoint_starts_afresh(sim, tmp_path):
                                    "--resume"])
     assert res.exit_code == 0, res.output
     assert "no checkpoint to resume from" in res.output
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    """A real SIGINT to `mfnumba deconv`: exit 130, a checkpoint, then --resume completes."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sim = simulate_stack(SimConfig(n_frames=6, shape=(256, 256), n_stars=40, trail_frames=(), seed=2))
+    write_stack(sim, tmp_path / "s")
+    out, log = tmp_path / "o.fits", tmp_path / "run.jsonl"
+    cmd = [sys.executable, "-m", "mfnumba.cli", "deconv", str(tmp_path / "s" / "frames"), "--psf",
+           str(tmp_path / "s" / "psfs"), "-o", str(out), "--iters", "400", "--no-early-stop",
+           "--json-log", str(log), "-q"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for two iterations
+        if log.exists() and sum('"iteration"' in ln for ln in log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
+    assert checkpoint_path(out).exists() and not out.exists()
+    done = [json.loads(ln) for ln in log.read_text().splitlines() if '"iteration"' in ln]
+    res = subprocess.run(cmd[:-6] + ["--iters", str(len(done) + 2), "--no-early-stop", "--resume",
+                                     "-q"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert fits.getheader(out)["MF_ITERS"] == len(done) + 2
+    assert not checkpoint_path(out).exists()
