@@ -87,17 +87,21 @@ class Tile:
         return slice(a - y0, b - y0), slice(c - x0, d - x0)
 
 
+def _even(n: int, tile: int | None) -> list[tuple[int, int]]:
+    """[0, n) split into ceil(n / tile) cores whose sizes differ by at most one
+    (no sliver tile costing a whole FFT grid for a few rows)."""
+    k = 1 if tile is None else max(1, -(-n // max(1, int(tile))))
+    cuts = [i * n // k for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def plan_tiles(full: Geometry, tile: int | None) -> list[Tile]:
     """Cover the extent with cores of about ``tile`` fine pixels (None: one tile)."""
     e0, e1 = full.extent
-    t0 = e0 if tile is None else max(1, int(tile))
-    t1 = e1 if tile is None else max(1, int(tile))
     out = []
-    for a in range(0, e0, t0):
-        b = min(e0, a + t0)
+    for a, b in _even(e0, tile):
         n0, n1, s0, s1 = _axis(a, b, full.h, full.p, full.r)
-        for c in range(0, e1, t1):
-            d = min(e1, c + t1)
+        for c, d in _even(e1, tile):
             m0, m1, u0, u1 = _axis(c, d, full.w, full.p, full.r)
             geom = Geometry.of(n1 - n0, m1 - m0, full.p, full.r)
             out.append(Tile((a, b, c, d), (n0, n1), (m0, m1), (s0, s1), (u0, u1), geom))

@@ -14,9 +14,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from scipy.fft import next_fast_len
-
 from .errors import OptionError
+from .geometry import Geometry, plan_tiles
 
 log = logging.getLogger("mfnumba")
 
@@ -75,12 +74,11 @@ class Plan:
                 f"{self.predicted / 2**30:.2f} GiB of {self.budget / 2**30:.2f} GiB")
 
 
-def _grid(n: int, r: int, p: int, tile: int | None) -> int:
-    ext = r * n + 2 * p
-    if tile is None or tile >= ext:
-        return next_fast_len(ext, real=True)
-    # a core of `tile` fine pixels needs about tile + 4p of model (the halo)
-    return next_fast_len(min(ext, tile + 4 * p + r), real=True)
+def _tile_grid(h: int, w: int, r: int, p: int, tile: int | None) -> tuple[int, int, int, int]:
+    """(g0, g1, th, tw): the FFT grid the solver will use and the largest tile's frame rows/cols."""
+    tiles = plan_tiles(Geometry.of(h, w, p, r), tile)
+    return (max(t.geom.grid[0] for t in tiles), max(t.geom.grid[1] for t in tiles),
+            max(t.geom.h for t in tiles), max(t.geom.w for t in tiles))
 
 
 def estimate(*, h: int, w: int, r: int, p: int, channels: int, n_frames: int, n_maps: int,
@@ -88,14 +86,13 @@ def estimate(*, h: int, w: int, r: int, p: int, channels: int, n_frames: int, n_
     """Predicted peak bytes of a solve with these settings."""
     C, B = channels, batch
     e0, e1 = r * h + 2 * p, r * w + 2 * p
-    g0, g1 = _grid(h, r, p, tile), _grid(w, r, p, tile)
+    g0, g1, th, tw = _tile_grid(h, w, r, p, tile)
     h1 = g1 // 2 + 1
     grid = g0 * g1 * F32
     half = g0 * h1 * C64
     total = 2 * C * e0 * e1 * F32  # x and its double buffer
     total += C * grid * (1 + 2 * B + B + 2)  # x tile, weighted planes, prediction, num/den
     total += half * C * (1 + B + 2 * B + 2)  # X, P, S, NUM/DEN spectra
-    th, tw = (h, w) if tile is None else (min(h, -(-g0 // r)), min(w, -(-g1 // r)))
     total += B * C * th * tw * F32 * (1 + (r > 1))  # native prediction (SR), batch reads
     if cache_otfs:
         total += n_frames * half

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
+from .io.tiles import drop_pages
 from .options import Options
 
 log = logging.getLogger("mfnumba")
@@ -175,8 +176,7 @@ class Solver:
         self.sigma, self.delta = np.ones(P), np.full(P, abs(self.opt.huber_delta))
         self.conv = self._choose_conv()
         if self.conv == "fft" and self.cache_otfs:
-            self.otfs = self.be.xp.stack([self.be.otf(pr.psfs[i], self.grid)
-                                          for i in range(pr.n_frames)])
+            self.otfs = self._otf_cache(range(pr.n_frames))
         self._sweep(accumulate=False)  # noise scales of the seed's residuals
         self._set_scales()
         self.den_floor = 1e-6 * self._den_ref
@@ -210,8 +210,7 @@ class Solver:
         tile = self.tiles[0]
         for cand in ("fft", "direct"):
             self.conv = cand
-            self.otfs = self.be.xp.stack([self.be.otf(self.problem.psfs[i], self.grid)
-                                          for i in range(self.batch)]) if cand == "fft" else None
+            self.otfs = self._otf_cache(range(self.batch)) if cand == "fft" else None
             self._load_tile(tile)
             for _ in range(2):  # the first run pays for JIT and caches
                 t0 = time.perf_counter()
@@ -237,10 +236,18 @@ class Solver:
         e0, e1 = tile.geom.extent
         self._x[:, :e0, :e1] = self.be.asarray(self.x_host[:, ys, xs])
 
+    def _otf_cache(self, idx: range):
+        """OTFs of frames ``idx`` in one array, filled in place (no list-then-stack copy)."""
+        g0, g1 = self.grid
+        out = self.be.zeros((len(idx), g0, g1 // 2 + 1), np.complex64)
+        for k, i in enumerate(idx):
+            out[k] = self.be.otf(self.problem.psfs[i], self.grid)
+        return out
+
     def _otf(self, idx: range):
         if self.otfs is not None:
             return self.otfs[idx.start:idx.stop]
-        return self.be.xp.stack([self.be.otf(self.problem.psfs[i], self.grid) for i in idx])
+        return self._otf_cache(idx)
 
     def _predict(self, tile: Tile, idx: range, otf):
         """ŷ of a batch on the tile's grid: (nb, C, g0, g1)."""
@@ -283,11 +290,15 @@ class Solver:
                     self._zs[planes.start + k].append(zk)
                     self._qs[planes.start + k].append(qk)
             if not accumulate:
+                for a in (pr.mask, pr.var, pr.protect):
+                    drop_pages(a)
                 continue
             out = self._wbuf[:, : nb * C]
             be.robust_weights(y, yhat, py, self.sigma[planes], self.delta[planes],
                               self.opt.rho == "huber", self.noise, self.poisson_floor, out,
                               p_out=g.p, r=g.r, **maps)
+            for a in (pr.mask, pr.var, pr.protect):  # scratch maps on disk: let go of the pages
+                drop_pages(a)
             if self.conv == "fft":
                 S = be.rfft2(out, out=self._S[:, : nb * C]).reshape((2, nb, C) + self._X.shape[-2:])
                 be.spectral_accumulate(self._acc, otf, S)
@@ -387,7 +398,7 @@ class Solver:
             self._alloc()
             self.otfs = None
             if self.conv == "fft" and self.cache_otfs:
-                self.otfs = self.be.xp.stack([self.be.otf(p, self.grid) for p in self.problem.psfs])
+                self.otfs = self._otf_cache(range(self.problem.n_frames))
 
     def converged(self) -> bool:
         """Both EMAs under tolerance for 2 consecutive iterations, past min_iters."""

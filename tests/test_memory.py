@@ -61,3 +61,18 @@ def test_a_smaller_budget_changes_the_plan_not_the_result():
     assert small.plan.predicted < need <= big.plan.predicted
     assert small.plan.predicted <= small.plan.budget
     np.testing.assert_allclose(small.image, big.image, rtol=2e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("tile", [None, 256, 1000])
+def test_estimate_uses_the_solvers_own_grid(tile):
+    """The model counts the buffers of the grid the solver really allocates."""
+    from mfnumba.backends.cpu import CPUBackend
+    from mfnumba.solver import Problem, Solver
+
+    h, w, k = 700, 530, 31
+    prob = Problem(np.zeros((3, 1, h, w), np.float32), np.zeros((3, k, k), np.float32))
+    s = Solver(prob, Options(), CPUBackend(), tile=tile)
+    assert memory._tile_grid(h, w, 1, k // 2, tile)[:2] == s.grid
+    if tile is not None:  # even split: no core much smaller than the others
+        rows = sorted({t.core[1] - t.core[0] for t in s.tiles})
+        assert rows[-1] - rows[0] <= 1

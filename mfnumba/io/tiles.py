@@ -27,6 +27,7 @@ Readers are not thread-safe.
 from __future__ import annotations
 
 import logging
+import mmap
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -45,6 +46,21 @@ _FITS_MAGIC = b"SIMPLE  ="  # a plain (not gzipped) FITS file starts with this c
 _BITPIX_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 # Errors astropy raises on unreadable FITS files (as stack._file_shape catches them).
 _FITS_ERRORS = (OSError, EOFError, ValueError, TypeError, IndexError, KeyError)
+
+
+def drop_pages(arr) -> None:
+    """Unmap the pages of a memory-mapped array from this process after a read.
+
+    They stay in the OS page cache (a re-read is a cheap minor fault), but no
+    longer count in the process's resident memory: streaming a 4 GB stack
+    through a memmap must not grow the RSS to 4 GB.
+    """
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # closed, or not supported here
+            pass
 
 
 def _span(s, n: int, what: str) -> tuple[slice, int]:
@@ -310,6 +326,7 @@ class FrameReader:
         np.copyto(out, src, casting="unsafe")  # also swaps a big-endian byte order
         if src.dtype.kind == "f":
             out[np.isinf(out)] = np.nan
+        drop_pages(self._handle)
         return out
 
     def _fits_section(self, rs: slice, cs: slice) -> np.ndarray:
