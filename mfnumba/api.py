@@ -302,8 +302,8 @@ def build_header(first: fits.Header, channels: int, paths, opt: Options, iterati
     for i, (path, src, fw) in enumerate(zip(paths, sources, fwhms)):
         fw_txt = "" if "FWHM" in src else f" FWHM {fw:.2f} px"
         hdr.add_history(f"frame {i}: {Path(path).name} PSF {src}{fw_txt}"[:72])
-    for note in notes:
-        hdr.add_history(note[:72])
+    for note in notes:  # astropy continues a long HISTORY line on the next card
+        hdr.add_history(note)
     for i, lp in enumerate(lifts):
         hdr.add_history(f"frame {i}: SR PSF lift {lp.method}, residual {lp.residual:.3g}, "
                         f"{lp.iterations} it")

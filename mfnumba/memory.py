@@ -68,7 +68,7 @@ class Plan:
     budget: int
 
     def describe(self) -> str:
-        tile = "whole image" if self.tile is None else f"{self.tile} px tiles"
+        tile = "whole image" if self.tile is None else f"tiles of at most {self.tile} px"
         return (f"memory plan: {tile}, batch {self.batch}, OTF cache {'on' if self.cache_otfs else 'off'}, "
                 f"frames {'in memory' if self.in_memory else 'read by tiles'}; predicted peak "
                 f"{self.predicted / 2**30:.2f} GiB of {self.budget / 2**30:.2f} GiB")
@@ -91,6 +91,7 @@ def estimate(*, h: int, w: int, r: int, p: int, channels: int, n_frames: int, n_
     grid = g0 * g1 * F32
     half = g0 * h1 * C64
     total = 2 * C * e0 * e1 * F32  # x and its double buffer
+    total += (3 * C + r * r) * h * w * F32  # seeds (colour, working, lifted) and the chroma ratio
     total += C * grid * (1 + 2 * B + B + 2)  # x tile, weighted planes, prediction, num/den
     total += half * C * (1 + B + 2 * B + 2)  # X, P, S, NUM/DEN spectra
     total += B * C * th * tw * F32 * (1 + (r > 1))  # native prediction (SR), batch reads

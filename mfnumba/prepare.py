@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputFileError
+from .io.tiles import drop_pages
 from .maps import border_mask, frame_gain, star_protection, variance_map
 from .options import Options
 from .psf_estimate import estimate_psfs
@@ -67,6 +68,7 @@ def border_masks(reader, scratch: Scratch) -> np.ndarray | None:
             total += int((~keep).sum() - np.isnan(frame).all(axis=0)[~keep].sum())
         if masks is not None:
             masks[i] = keep
+            drop_pages(masks)
     if total:
         log.info("masked %d border pixels (NaN or exact-zero registration edges)", total)
     return masks
@@ -144,11 +146,13 @@ def build_maps(work: WorkSource, headers, opt: Options, scratch: Scratch,
         if opt.masks:
             lum = np.nanmean(frame, axis=0) if c > 1 else frame[0]
             maps.protect[i] = star_protection(lum, mask=np.isfinite(lum))
+            drop_pages(maps.protect)  # written pages stay in the page cache, not in our RSS
         if opt.variance:
             g = frame_gain(headers[i])
             g = None if g is None else g * lum_factor
             for ch in range(c):
                 maps.var[i, ch], used = variance_map(frame[ch], gain=g, mask=np.isfinite(frame[ch]))
+            drop_pages(maps.var)
             how = "header" if g is not None else "estimated"
             maps.notes.append(f"frame {i}: variance map, gain {used:.4g} e-/ADU ({how})")
     return maps

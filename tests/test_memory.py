@@ -12,7 +12,7 @@ from mfnumba.simulate import SimConfig, simulate_stack
 STACK = dict(h=4096, w=4096, r=1, p=15, channels=1, n_frames=64, n_maps=2)
 
 
-@pytest.mark.parametrize("budget_gb", [0.5, 1, 2, 4, 8, 16, 64])
+@pytest.mark.parametrize("budget_gb", [0.75, 1, 2, 4, 8, 16, 64])
 def test_plan_never_exceeds_the_budget(budget_gb):
     budget = int(budget_gb * 2**30)
     plan = memory.plan(budget=budget, **STACK)
