@@ -18,12 +18,12 @@ import sep
 from scipy.spatial import cKDTree
 
 from .errors import InputFileError, OptionError, ShapeError
-from .psf import GAUSS_FWHM_PER_SIGMA, measure_fwhm, moffat_psf, normalize_psf, psf_size_for_fwhm
+from ._psf_stamps import combine_stamps, cut_stamps, finish_psf
+from .psf import GAUSS_FWHM_PER_SIGMA, measure_fwhm, moffat_psf, psf_size_for_fwhm
 
 log = logging.getLogger("mfnumba")
 
 MIN_STARS = 5              # fewer good stars: a fitted Moffat instead of an empirical PSF
-REGRESSION_STARS = 12      # stars needed to fit each pixel against sub-pixel phase
 DETECT_SIGMA = 5.0         # sep threshold, × global background RMS
 MIN_PEAK_SNR = 10.0        # peak / RMS of a star worth a stamp
 SATURATION_FRACTION = 0.8  # a star peaking above this × saturation is not used
@@ -33,7 +33,6 @@ MIN_ROUNDNESS = 0.65       # b/a relative to the typical star: drops blends and 
 RHALF_RANGE = (0.7, 1.4)   # half-light radius relative to the typical star
 MIN_RHALF = 0.55           # px; a one-pixel hit has ~0.45, a star of FWHM 1.2 px ~0.8
 NEIGHBOUR_FLUX = 0.02      # a neighbour this bright (× the star) must stay out of the stamp
-CLIP_SIGMA = 4.0           # per-pixel clipping when combining stamps
 FALLBACK_BETA = 4.765      # Moffat β of Kolmogorov seeing
 MIN_FWHM = 1.0             # px; a sharper "PSF" is made of cosmic rays or hot pixels
 # Half-light radius → FWHM: 2.0 for a Gaussian, 1.69 for a β = 4.765 Moffat.
@@ -241,136 +240,6 @@ def _find_stars(raw, bad, sub, rms, saturation, max_stars) -> _Stars:
     return _Stars(yx, fwhm_guess)
 
 
-def _stamps(sub: np.ndarray, bad, yx: np.ndarray, radius: int):
-    """Integer-centred stamps of side ``2 radius + 1``, each summing to 1.
-
-    Returns the stamps, each star's sub-pixel phase ``(dy, dx)`` (centre
-    minus stamp middle, in [-0.5, 0.5]) and its noise. A stamp's residual
-    background is the median of an annulus [radius + 3, radius + 8] around
-    the star, far enough out that the star's own wing there is negligible;
-    the noise is the annulus robust σ over the star's flux, the stamp's
-    per-pixel error in normalised units. Stars whose box leaves the frame,
-    holds NaN or has no positive flux are skipped.
-    """
-    h, w = sub.shape
-    a_in, a_out = radius + 3, radius + 8
-    oy, ox = np.mgrid[-a_out:a_out + 1, -a_out:a_out + 1]
-    ring_r = np.hypot(oy, ox)
-    ring_sel = (ring_r >= a_in) & (ring_r <= a_out)
-    stamps, phases, noise = [], [], []
-    for yc, xc in yx:
-        iy, ix = int(round(yc)), int(round(xc))
-        if iy - radius < 0 or ix - radius < 0 or iy + radius >= h or ix + radius >= w:
-            continue
-        box = (slice(iy - radius, iy + radius + 1), slice(ix - radius, ix + radius + 1))
-        if bad is not None and bad[box].any():
-            continue
-        # The annulus, clipped to the frame, NaN pixels left out.
-        y0, y1 = max(iy - a_out, 0), min(iy + a_out + 1, h)
-        x0, x1 = max(ix - a_out, 0), min(ix + a_out + 1, w)
-        sel = ring_sel[y0 - iy + a_out:y1 - iy + a_out, x0 - ix + a_out:x1 - ix + a_out]
-        if bad is not None:
-            sel = sel & ~bad[y0:y1, x0:x1]
-        ring = sub[y0:y1, x0:x1][sel].astype(np.float64)
-        if ring.size >= 20:
-            sky = float(np.median(ring))
-            sig = 1.4826 * float(np.median(np.abs(ring - sky)))
-        else:
-            sky, sig = 0.0, math.nan
-        cut = sub[box].astype(np.float64) - sky
-        flux = cut.sum()
-        if not flux > 0:
-            continue
-        stamps.append(cut / flux)
-        phases.append((yc - iy, xc - ix))
-        noise.append(sig / flux)
-    n = 2 * radius + 1
-    if not stamps:
-        return np.zeros((0, n, n)), np.zeros((0, 2)), np.zeros(0)
-    return np.stack(stamps), np.asarray(phases, dtype=np.float64), np.asarray(noise)
-
-
-def _phase_terms(phases: np.ndarray) -> np.ndarray:
-    """Design matrix [1, dy, dx, dy², dy dx, dx²] of the stars' sub-pixel phases."""
-    dy, dx = phases[:, 0], phases[:, 1]
-    return np.column_stack([np.ones_like(dy), dy, dx, dy * dy, dy * dx, dx * dx])
-
-
-def _fourier_shift(stamp: np.ndarray, dy: float, dx: float) -> np.ndarray:
-    # s(y − dy, x − dx) = F⁻¹[ F[s] · exp(−2πi (k_y dy + k_x dx)) ]
-    ky = np.fft.fftfreq(stamp.shape[0])[:, None]
-    kx = np.fft.fftfreq(stamp.shape[1])[None, :]
-    return np.fft.ifft2(np.fft.fft2(stamp) * np.exp(-2j * math.pi * (ky * dy + kx * dx))).real
-
-
-def _combine(stamps: np.ndarray, phases: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """Robust combination of normalised stamps into a PSF at sub-pixel phase 0.
-
-    With at least ``REGRESSION_STARS`` stars each pixel is fitted, across
-    the stars, as a quadratic in the star's sub-pixel phase, and the PSF is
-    the fit at phase 0: nothing is interpolated, so an undersampled PSF is
-    not broadened (a spline shift of each stamp widens a 1.5 px FWHM by
-    ~13 %). With fewer stars each stamp is Fourier-shifted to phase 0 and
-    averaged. Either way each pixel is σ-clipped
-    (``|r| > CLIP_SIGMA · sqrt(MAD² + σ_k²)``) and a star weighs
-    ``1 / max(σ_k, σ_20%)²``: the brightest fifth share equal weight, so no
-    single star dominates.
-    """
-    k, n, _ = stamps.shape
-    finite = np.isfinite(noise)
-    sig = np.where(finite, noise, noise[finite].max() if finite.any() else 1.0)
-    floor = max(float(np.quantile(sig, 0.2)), 1e-12)
-    wk = 1.0 / np.maximum(sig, floor) ** 2
-    if k >= REGRESSION_STARS:
-        a = _phase_terms(phases)                                   # (K, T)
-        values = stamps.reshape(k, -1)                             # (K, P)
-        # A small ridge on the phase terms keeps the fit defined when all
-        # stars share one phase; it is then a plain weighted mean.
-        ridge = np.diag([0.0] + [1e-4] * (a.shape[1] - 1))
-    else:
-        values = np.stack([_fourier_shift(s, -dy, -dx) for s, (dy, dx) in zip(stamps, phases)])
-        values = values.reshape(k, -1)
-        a = np.ones((k, 1))
-        ridge = np.zeros((1, 1))
-
-    def fit(weights):                                              # (K, P) -> (P, T)
-        normal = np.einsum("kp,ki,kj->pij", weights, a, a) + ridge * weights.sum(0)[:, None, None]
-        rhs = np.einsum("kp,ki,kp->pi", weights, a, values)
-        return np.linalg.solve(normal, rhs[..., None])[..., 0]
-
-    w = np.broadcast_to(wk[:, None], values.shape)
-    coef = fit(w)
-    if k >= 3:
-        resid = values - a @ coef.T
-        mad = 1.4826 * np.median(np.abs(resid - np.median(resid, axis=0)), axis=0)
-        keep = np.abs(resid) <= CLIP_SIGMA * np.sqrt(mad[None] ** 2 + sig[:, None] ** 2)
-        # A pixel keeps every star unless enough remain to fit its terms.
-        enough = keep.sum(axis=0) > a.shape[1]
-        w = np.where(enough[None], w * keep, w)
-        coef = fit(w)
-    return coef[:, 0].reshape(n, n)
-
-
-def _finish(psf: np.ndarray, size: int, name: str) -> np.ndarray:
-    """Crop or zero-pad to ``size``, clip negatives, taper the wings, sum to 1.
-
-    The taper is 1 out to ``size//2 − 1`` and falls to 0 (raised cosine) at
-    ``size//2 + 0.5``: the corners beyond the inscribed circle hold only noise.
-    """
-    n = psf.shape[0]
-    if n > size:
-        d = (n - size) // 2
-        psf = psf[d:d + size, d:d + size]
-    elif n < size:
-        psf = np.pad(psf, (size - n) // 2)
-    r = size // 2
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    r0, r1 = max(r - 1.0, 1.0), r + 0.5
-    t = np.clip((np.hypot(yy, xx) - r0) / (r1 - r0), 0.0, 1.0)
-    psf = np.maximum(psf, 0.0) * (0.5 + 0.5 * np.cos(math.pi * t))
-    return normalize_psf(psf, name=f"{name} PSF")
-
-
 def _moffat_estimate(fwhm: float, size: int | None, method: str, n_stars: int,
                      note: str) -> PSFEstimate:
     psf = moffat_psf(fwhm, beta=FALLBACK_BETA, size=size)
@@ -386,16 +255,16 @@ def _from_stars(sub, bad, stars: _Stars, size: int | None, name: str) -> PSFEsti
     if len(stars.yx) == 0:
         return None
     radius = _stamp_radius(stars.fwhm_guess, size)
-    stamps, phases, noise = _stamps(sub, bad, stars.yx, radius)
+    stamps, phases, noise = cut_stamps(sub, bad, stars.yx, radius)
     if len(stamps) < MIN_STARS and radius > _stamp_radius(stars.fwhm_guess, None):
         # A large requested size leaves stars' boxes off the frame: cut them
-        # to the FWHM's size and let _finish zero-pad.
+        # to the FWHM's size and let finish_psf zero-pad.
         radius = _stamp_radius(stars.fwhm_guess, None)
-        stamps, phases, noise = _stamps(sub, bad, stars.yx, radius)
+        stamps, phases, noise = cut_stamps(sub, bad, stars.yx, radius)
     n = len(stamps)
     if n == 0:
         return None
-    psf = _combine(stamps, phases, noise)
+    psf = combine_stamps(stamps, phases, noise)
     fwhm = measure_fwhm(psf)
     if fwhm < MIN_FWHM:
         # Sharper than any seeing disk: what was found are cosmic rays or hot pixels.
@@ -409,11 +278,11 @@ def _from_stars(sub, bad, stars: _Stars, size: int | None, name: str) -> PSFEsti
     if final // 2 > radius:
         # The stars are wider than their first guess: cut wider stamps, unless
         # too few of those fit in the frame (then the wings are zero-padded).
-        wide = _stamps(sub, bad, stars.yx, final // 2)
+        wide = cut_stamps(sub, bad, stars.yx, final // 2)
         if len(wide[0]) >= MIN_STARS:
             n = len(wide[0])
-            psf = _combine(*wide)
-    psf = _finish(psf, final, name)
+            psf = combine_stamps(*wide)
+    psf = finish_psf(psf, final, name)
     fwhm = measure_fwhm(psf)
     return PSFEstimate(psf, fwhm, "empirical", n, f"empirical from {n} stars, FWHM {fwhm:.2f} px")
 
