@@ -7,7 +7,7 @@ science. Presets follow the reference text's recommendations.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 from .errors import OptionError
 
@@ -133,6 +133,3 @@ def preset(name: str, **overrides) -> Options:
         raise OptionError(f"--preset {name!r}: expected one of {', '.join(PRESETS)}")
     return Options(**{**PRESETS[name], **overrides})
 
-
-def field_names() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(Options))
