@@ -116,17 +116,12 @@ class _Reporter:
             self.json.close()
 
 
-def _options(preset, **given):
+def _options(preset_name, **given):
     """Options from a preset plus the flags the user set (None = not set)."""
-    from .options import PRESETS, Options
+    from .options import Options, preset
 
-    base = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise OptionError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-        base.update(PRESETS[preset])
-    base.update({k: v for k, v in given.items() if v is not None})
-    return Options(**base)
+    flags = {k: v for k, v in given.items() if v is not None}
+    return Options(**flags) if preset_name is None else preset(preset_name, **flags)
 
 
 @app.command()
