@@ -165,6 +165,7 @@ class Solver:
         if seed.shape != (pr.channels,) + g.fine_shape:
             raise ValueError(f"seed shape {seed.shape} != {(pr.channels,) + g.fine_shape}")
         self.x_host = pad_to_extent(seed, g)
+        self._x_spare = np.empty_like(self.x_host)  # double buffer of the update
         scale = float(np.median(np.abs(seed))) or 1.0
         self.sigma_floor = 1e-7 * scale
         self.poisson_floor = 1e-3 * scale
@@ -314,7 +315,8 @@ class Solver:
         self._zs = [[] for _ in range(P)]
         self._qs = [[] for _ in range(P)]
         samples = ([], [], [])
-        x_new = self.x_host.copy() if accumulate else None
+        # the cores partition the extent, so every pixel of the spare buffer is rewritten
+        x_new = self._x_spare if accumulate else None
         for tile in self.tiles:
             self._load_tile(tile)
             self._tile_pass(tile, accumulate=accumulate)
@@ -330,7 +332,7 @@ class Solver:
             a, b, c, d = tile.core
             x_new[:, a:b, c:d] = self.be.to_host(self._x[:, cy, cx])
         if accumulate:
-            self.x_host = x_new
+            self._x_spare, self.x_host = self.x_host, x_new
         return [np.concatenate(s) for s in samples] if accumulate else None
 
     def _set_scales(self) -> None:
@@ -388,6 +390,7 @@ class Solver:
         if st["x"].shape != self.x_host.shape:
             raise ValueError(f"checkpoint estimate {st['x'].shape} != {self.x_host.shape}")
         self.x_host = np.array(st["x"], dtype=np.float32)
+        self._x_spare = np.empty_like(self.x_host)
         self.sigma, self.delta, self._scale = st["sigma"], st["delta"], st["scale"]
         self.den_floor = st["den_floor"]
         self.iteration, self._calm = int(st["iteration"]), int(st["calm"])
