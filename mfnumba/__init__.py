@@ -2,6 +2,10 @@
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from . import _numba_cache
+
+_numba_cache.configure()  # before any kernel module is imported
+
 try:
     __version__ = _version("mfnumba")
 except PackageNotFoundError:  # running from a source tree without install

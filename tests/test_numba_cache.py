@@ -33,3 +33,32 @@ def test_kernels_load_from_cache_in_a_fresh_process():
     stats = _run()
     for name, (hits, misses) in stats.items():
         assert hits >= 1 and misses == 0, (name, hits, misses)
+
+
+def test_cache_goes_to_the_user_cache_folder_not_the_package(tmp_path):
+    """Numba must never write into the installed package (site-packages)."""
+    import os
+    from pathlib import Path
+
+    import mfnumba
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    pkg = Path(mfnumba.__file__).parent
+    before = set(pkg.rglob("*.nbi"))
+    script = ("import numpy as np\nfrom mfnumba.backends import _cpu_kernels as K\n"
+              "a = np.ones((2, 8, 8), np.float32)\n"
+              "K.block_sum(a, 2, 0, np.empty((2, 4, 4), np.float32))\n"
+              "import numba; print(numba.config.CACHE_DIR)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, env=env)
+    folder = Path(out.stdout.strip().splitlines()[-1])
+    assert folder == tmp_path / "xdg" / "mfnumba" / "numba"
+    assert list(folder.rglob("*.nbi")), "no kernel was cached in the user cache folder"
+    assert set(pkg.rglob("*.nbi")) == before, "Numba wrote its cache into the package"
+
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, env=env)
+    assert Path(out.stdout.strip().splitlines()[-1]) == tmp_path / "mine"
+    assert list((tmp_path / "mine").rglob("*.nbi"))
