@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 from astropy.io import fits
@@ -24,14 +23,16 @@ from .backends.cpu import CPUBackend
 from .errors import OptionError, ShapeError
 from .options import Options
 from .psf import measure_fwhm
+from .geometry import Geometry
 from .io.tiles import ArrayReader, StackReader
 from .prepare import Scratch, border_masks, build_maps, stack_psfs
 from .psf_setup import common_psf_stack, lift_psfs
 from .seed import make_seed_streaming
 from .sources import WorkSource
-from .sr import LiftedPSF, replicate, scale_wcs
+from .sr import replicate
 from .solver import IterationRecord, Problem, Solver
-from .stack import Stack, discover_frames, reference_header
+from .provenance import build_header
+from .stack import Stack, discover_frames
 
 log = logging.getLogger("mfnumba")
 
@@ -62,6 +63,7 @@ class RunControl:
     resume: bool = False
     save_every: int = 0
     snapshot: Callable[[int, int | None, np.ndarray], None] | None = None  # (iteration, channel, image)
+    digests: list[str] | None = None  # per-frame input digests, when the caller computed them
 
 
 def get_backend(name: str, threads: int | None = None):
@@ -164,6 +166,8 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         maps = build_maps(work, headers, opt, scratch, reader.channels)
         chroma = _chroma(seed, opt.sr) if luma else (lambda img: img)
         ctl = control or RunControl()
+        if ctl.checkpoint is not None and ctl.digests is None:
+            ctl = dataclasses.replace(ctl, digests=frame_digests(reader))
         if ctl.snapshot is not None:
             user = ctl.snapshot
             ctl = dataclasses.replace(ctl, snapshot=lambda it, ch, img: user(it, ch, chroma(img)))
@@ -219,17 +223,27 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
     problem = Problem(data, kernel, sr=opt.sr, var=var, protect=protect)
 
     ckpt = None if ctl.checkpoint is None else checkpoint.checkpoint_path(ctl.checkpoint, channel)
-    fp = checkpoint.fingerprint(data, kernel, opt) if ckpt is not None else ""
+    fp = None
+    if ckpt is not None:
+        names = [Path(q).name for q in work.paths] if work.paths else names
+        fp = checkpoint.fingerprint(frames=ctl.digests or [], names=names, psfs=kernel,
+                                    options=opt, seed=_seed_digest(opt.seed), pedestal=ped)
     state = None
     if ckpt is not None and ctl.resume:
         if ckpt.exists():
-            state = checkpoint.load(ckpt, fp)
+            state = checkpoint.load(ckpt, fp, shape=(work.channels,) + Geometry.of(
+                                        *work.shape, kernel.shape[-1] // 2, opt.sr).extent,
+                                    planes=work.n_frames * work.channels, iters=opt.iters)
             log.info("resuming from %s at iteration %d", ckpt, state["iteration"])
         else:
             log.warning("%s: no checkpoint to resume from; starting afresh", ckpt)
-    if state is not None:
-        mem = memory.Plan(**state["plan"])
+    budget = [opt.mem_budget, opt.batch, opt.low_mem]
+    if state is not None and state["budget"] == budget:
+        mem = memory.Plan(**state["plan"])  # the same plan: the same sums, bit for bit
     else:
+        if state is not None:
+            log.info("a new memory budget: the run is planned again (the result may differ from "
+                     "an uninterrupted run by float32 round-off)")
         n_maps = (var is not None) + (protect is not None)
         mem = memory.plan(h=work.shape[0], w=work.shape[1], r=opt.sr, p=kernel.shape[-1] // 2,
                           channels=work.channels, n_frames=work.n_frames, n_maps=n_maps,
@@ -239,7 +253,7 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
 
     def after_iteration(rec):
         if ckpt is not None:
-            checkpoint.save(ckpt, solver, fp, mem)
+            checkpoint.save(ckpt, solver, fp, mem, budget)
         if ctl.save_every and ctl.snapshot and rec.iteration % ctl.save_every == 0:
             ctl.snapshot(rec.iteration, channel, _unped(solver.finalize().image, ped, opt.sr))
         if progress is not None:
@@ -247,64 +261,34 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
 
     solver = Solver(problem, opt.replace(batch=mem.batch), backend, callback=after_iteration,
                     tile=mem.tile, cache_otfs=mem.cache_otfs)
-    solver.setup(seed)
+    solver.setup(seed, conv=None if state is None else state["conv"])
     if state is not None:
         solver.restore(state)
     try:
         sol = solver.run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if ckpt is not None and solver.iteration:
-            checkpoint.save(ckpt, solver, fp, mem)
-        raise checkpoint.Interrupted(ckpt if ckpt is not None and ckpt.exists() else None) from None
+            checkpoint.save(ckpt, solver, fp, mem, budget)
+        raise checkpoint.Interrupted(ckpt if ckpt is not None and ckpt.exists() else None,
+                                     getattr(exc, "signum", None)) from None
     sol.plan = mem
     return _unped(sol.image, ped, opt.sr), sol, ped, lifts
+
+
+def _seed_digest(seed: str) -> str | None:
+    """Digest of a seed file's bytes; None for a seed computed from the frames."""
+    if seed in ("median", "bootstrap", "mean"):
+        return None
+    return checkpoint.file_digest(seed)
+
+
+def frame_digests(reader) -> list[str]:
+    """Per-frame digests of every input value: file bytes, or pixels of in-memory frames."""
+    if isinstance(reader, StackReader):
+        return [checkpoint.file_digest(p) for p in reader.paths]
+    return [checkpoint.array_digest(reader.read(i)) for i in range(reader.n_frames)]
 
 
 def _unped(image, ped, r):
     """Remove the pedestal: a native pedestal c is c / r² per fine pixel."""
     return image - np.float32(ped / r ** 2) if ped else image
-
-
-def build_header(first: fits.Header, channels: int, paths, opt: Options, iterations: int,
-                 early: bool, backend: str, conv: str, pedestal: float, fwhms: Sequence[float],
-                 sources: Sequence[str], lifts: Sequence[LiftedPSF] = (),
-                 notes: Sequence[str] = ()) -> fits.Header:
-    """The reference frame's header plus the MF_* keys and HISTORY lines."""
-    import numba
-    import scipy
-
-    hdr = scale_wcs(reference_header(first), opt.sr)
-    cards = [
-        ("MFDECONV", True, "mfnumba multi-frame deconvolution"),
-        ("MF_COLOR", opt.color if channels > 1 else "mono", "colour mode"),
-        ("MF_RHO", opt.rho, "loss: huber or l2"),
-        ("MF_HDEL", opt.huber_delta, "Huber delta (<0: auto, x MAD)"),
-        ("MF_MASK", opt.masks, "star masks used"),
-        ("MF_VAR", opt.variance, "variance maps used"),
-        ("MF_SR", opt.sr, "super-resolution factor"),
-        ("MF_SRSIG", opt.sr_sigma, "SR PSF-lift Gaussian sigma (fine px)"),
-        ("MF_SRIT", opt.sr_iters, "SR PSF-lift iteration limit"),
-        ("MF_ITMAX", opt.iters, "requested iterations"),
-        ("MF_ITERS", iterations, "iterations run"),
-        ("MF_ESTOP", early, "early stop triggered"),
-        ("MF_KAPPA", opt.kappa, "update clip kappa"),
-        ("MF_RELAX", opt.relax, "relaxation alpha"),
-        ("MF_NOISE", opt.noise, "noise model"),
-        ("MF_SEED", opt.seed[:68], "seed"),
-        ("MF_NFRM", len(paths), "frames combined"),
-        ("MF_PED", float(pedestal), "pedestal added during the solve"),
-    ]
-    for key, value, comment in cards:
-        hdr[key] = (value, comment)
-    hdr.add_history(f"mfnumba {__version__}: backend {backend}, convolution {conv}")
-    hdr.add_history(f"numpy {np.__version__}, numba {numba.__version__}, scipy {scipy.__version__}, "
-                    f"python {platform.python_version()}")
-    for i, (path, src, fw) in enumerate(zip(paths, sources, fwhms)):
-        fw_txt = "" if "FWHM" in src else f" FWHM {fw:.2f} px"
-        hdr.add_history(f"frame {i}: {Path(path).name} PSF {src}{fw_txt}"[:72])
-    for note in notes:  # astropy continues a long HISTORY line on the next card
-        hdr.add_history(note)
-    for i, lp in enumerate(lifts):
-        hdr.add_history(f"frame {i}: SR PSF lift {lp.method}, residual {lp.residual:.3g}, "
-                        f"{lp.iterations} it")
-    return hdr

@@ -10,21 +10,40 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from . import memory
-from .checkpoint import Interrupted
-from .errors import MfnumbaError, OptionError, OutputError
+from .errors import Interrupted, MfnumbaError, OptionError, Terminated
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Heavy modules (numpy, numba, scipy, astropy) are imported inside the
+# commands, so that --help, --version and a bad option answer at once.
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Robust multi-frame deconvolution of registered astronomical stacks.")
-err_console = Console(stderr=True, highlight=False)
+# File names are printed as they are: no markup, no :emoji: codes, no highlighting.
+err_console = Console(stderr=True, highlight=False, markup=False, emoji=False)
 log = logging.getLogger("mfnumba")
+_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"mfnumba {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Robust multi-frame deconvolution of registered astronomical stacks."""
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -47,42 +66,64 @@ def _setup_logging(quiet: bool) -> None:
     log.setLevel(logging.ERROR if quiet else logging.INFO)
 
 
+def _say(text: str) -> None:
+    err_console.print(text, markup=False, emoji=False, soft_wrap=True)
+
+
 def _guard(fn):
-    """Turn bad input into one line and exit 2; a bug into exit 1."""
+    """Turn bad input into one line and exit 2, a signal into 128 + its number."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except MfnumbaError as exc:
-            err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
+            _say(f"error: {exc}")
             raise typer.Exit(2)
         except Interrupted as exc:
             where = f"; checkpoint saved to {exc.path}, rerun the same command with --resume" \
                 if exc.path else ""
-            err_console.print(f"interrupted{where}", markup=False, soft_wrap=True)
-            raise typer.Exit(130)
-        except KeyboardInterrupt:
-            err_console.print("interrupted", markup=False)
-            raise typer.Exit(130)
+            _say(f"interrupted{_signal_name(exc.signum)}{where}")
+            raise typer.Exit(_SIGNAL_EXIT.get(exc.signum, 130))
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", None)
+            _say(f"interrupted{_signal_name(signum)}")
+            raise typer.Exit(_SIGNAL_EXIT.get(signum, 130))
     return wrapper
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputError("exists; pass --overwrite to replace it", path=path)
-    if path.is_dir():
-        raise OutputError("is a directory; give a file name", path=path)
-    if not path.parent.is_dir():
-        raise OutputError(f"folder {path.parent} does not exist", path=path)
+def _signal_name(signum) -> str:
+    return "" if signum in (None, signal.SIGINT) else f" ({signal.Signals(signum).name})"
+
+
+@contextmanager
+def _unwind_on_signals():
+    """SIGTERM and SIGHUP unwind like Ctrl-C: checkpoint saved, scratch removed, lock released.
+
+    The first signal raises in the main thread; later ones are ignored so
+    that the checkpoint being saved is not interrupted in turn.
+    """
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Terminated(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 class _Reporter:
     """Progress bar on a terminal, one line per iteration otherwise, JSON lines on request."""
 
-    def __init__(self, iters: int, quiet: bool, json_path: Path | None):
+    def __init__(self, iters: int, quiet: bool, json_log=None):
         self.iters, self.quiet = iters, quiet
-        self.json = open(json_path, "w", encoding="utf-8") if json_path else None
+        self.json = json_log  # a runfiles log handle (write_line, close) or None
         self.progress = None
         if not quiet and err_console.is_terminal:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -96,8 +137,7 @@ class _Reporter:
 
     def event(self, **kw) -> None:
         if self.json:
-            self.json.write(json.dumps(kw, default=str) + "\n")
-            self.json.flush()
+            self.json.write_line(json.dumps(kw, default=str))
 
     def __call__(self, rec) -> None:
         self.event(event="iteration", **rec.__dict__)
@@ -124,89 +164,121 @@ def _options(preset_name, **given):
     return Options(**flags) if preset_name is None else preset(preset_name, **flags)
 
 
+def _opt(help_text: str, default_shown: str | None = None, *names, **kw):
+    """An option whose default (None = "not given") is shown as ``default_shown``."""
+    return typer.Option(None, *names, help=help_text, show_default=default_shown or False, **kw)
+
+
 @app.command()
 @_guard
 def deconv(
-    frames: List[Path] = typer.Argument(..., help="Frame files or directories (sorted)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output FITS file."),
-    psf: Optional[Path] = typer.Option(None, help="One PSF FITS for all frames, or a directory "
-                                       "whose sorted files pair with the sorted frames."),
-    fwhm: Optional[float] = typer.Option(None, help="No PSF files: Moffat PSFs of this FWHM (px)."),
-    iters: Optional[int] = typer.Option(None, help="Maximum iterations [20]."),
-    min_iters: Optional[int] = typer.Option(None, help="Minimum iterations [3]."),
-    early_stop: Optional[bool] = typer.Option(None, "--early-stop/--no-early-stop",
-                                              help="Stop when the update settles [on]."),
-    rho: Optional[str] = typer.Option(None, help="huber or l2 [huber]."),
-    huber_delta: Optional[float] = typer.Option(None, help="Huber δ in σ; <0: |δ|×MAD auto [-2.5]."),
-    kappa: Optional[float] = typer.Option(None, help="Clip of the multiplicative update [2.0]."),
-    relax: Optional[float] = typer.Option(None, help="Relaxation α in (0, 1] [1.0]."),
-    preset: Optional[str] = typer.Option(None, help="noisy, good or lab (flags override)."),
-    noise: Optional[str] = typer.Option(None, help="mad (constant σ) or poisson (σ² ∝ model) [mad]."),
-    seed: Optional[str] = typer.Option(None, help="median, bootstrap, mean or a FITS/XISF path [median]."),
-    color: Optional[str] = typer.Option(None, help="luma or rgb, for colour stacks [luma]."),
-    sr: Optional[int] = typer.Option(None, help="Super-resolution factor: solve on a grid this "
-                                     "many times finer [1]."),
-    sr_sigma: Optional[float] = typer.Option(None, help="SR PSF lift: Gaussian σ in fine px [1.1]."),
-    sr_iters: Optional[int] = typer.Option(None, help="SR PSF lift: iteration limit [250]."),
-    masks: Optional[bool] = typer.Option(None, "--masks/--no-masks",
-                                         help="Protect bright-star cores from the robust loss."),
-    variance: Optional[bool] = typer.Option(None, "--variance/--no-variance",
-                                            help="Per-pixel variance maps (sky + shot noise)."),
+    frames: List[Path] = typer.Argument(..., help="Frame files or directories (sorted).",
+                                        show_default=False),
+    output: Path = typer.Option(..., "--output", "-o", help="Output FITS file (.fits, .fit, "
+                                ".fts, optionally .gz)."),
+    psf: Optional[Path] = _opt("One PSF file for all frames, or a directory whose sorted files "
+                               "pair with the sorted frames.", "from each frame's stars"),
+    fwhm: Optional[float] = _opt("No PSF files: Moffat PSFs of this FWHM (px).", "none"),
+    iters: Optional[int] = _opt("Maximum iterations.", "20"),
+    min_iters: Optional[int] = _opt("Minimum iterations before the early stop may end the run.",
+                                    "3"),
+    early_stop: Optional[bool] = _opt("Stop when the update settles.", "on",
+                                      "--early-stop/--no-early-stop"),
+    rho: Optional[str] = _opt("Loss: huber (robust) or l2.", "huber"),
+    huber_delta: Optional[float] = _opt("Huber delta in sigma; negative: |delta| x MAD, auto.",
+                                        "-2.5"),
+    kappa: Optional[float] = _opt("Clip of the multiplicative update to [1/kappa, kappa].", "2.0"),
+    relax: Optional[float] = _opt("Relaxation alpha in (0, 1].", "1.0"),
+    preset: Optional[str] = _opt("noisy, good or lab; flags given explicitly win.", "none"),
+    noise: Optional[str] = _opt("Without variance maps: mad (one sigma per frame) or poisson.",
+                                "mad"),
+    seed: Optional[str] = _opt("median, bootstrap, mean or a FITS/XISF file.", "median"),
+    color: Optional[str] = _opt("Colour stacks: luma or rgb.", "luma"),
+    sr: Optional[int] = _opt("Super-resolution factor: solve on a grid this many times finer.",
+                             "1"),
+    sr_sigma: Optional[float] = _opt("SR PSF lift: Gaussian sigma in fine px.", "1.1"),
+    sr_iters: Optional[int] = _opt("SR PSF lift: iteration limit.", "250"),
+    masks: Optional[bool] = _opt("Protect bright-star cores from the robust loss.", "on",
+                                 "--masks/--no-masks"),
+    variance: Optional[bool] = _opt("Per-pixel variance maps (sky + shot noise).", "on",
+                                    "--variance/--no-variance"),
     layout: str = typer.Option("auto", help="3-D frames: auto, chw or hwc."),
-    backend: Optional[str] = typer.Option(None, help="auto, cpu or cuda [auto]."),
-    conv: Optional[str] = typer.Option(None, help="auto, fft or direct [auto: timed]."),
-    batch: Optional[int] = typer.Option(None, help="Frames per batch [planned]."),
-    mem_budget: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4GB [60% of available]."),
+    backend: Optional[str] = _opt("auto, cpu or cuda.", "auto"),
+    conv: Optional[str] = _opt("auto (both timed once), fft or direct.", "auto"),
+    batch: Optional[int] = _opt("Frames per batch.", "planned"),
+    mem_budget: Optional[str] = _opt("Memory budget of the whole process, e.g. 4GB.",
+                                     "60% of available"),
     low_mem: bool = typer.Option(False, "--low-mem", help="Smallest memory footprint."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads [all]."),
-    checkpoint: Optional[bool] = typer.Option(None, "--checkpoint/--no-checkpoint",
-                                              help="Save the state after every iteration "
-                                              "[on for more than 5 iterations]."),
+    threads: Optional[int] = _opt("CPU threads.", "all"),
+    checkpoint: Optional[bool] = _opt("Save the state after every iteration.",
+                                      "on for more than 5 iterations",
+                                      "--checkpoint/--no-checkpoint"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint."),
-    save_every: int = typer.Option(0, help="Write the current image every N iterations."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    save_every: int = typer.Option(0, help="Write the current image every N iterations "
+                                   "(0: never)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (never "
+                                   "an input, never a file mfnumba did not make)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
-    json_log: Optional[Path] = typer.Option(None, help="Write JSON lines of the run here."),
+    json_log: Optional[Path] = _opt("Write JSON lines of the run to this file.", "none"),
 ):
     """Deconvolve a registered stack into one sharp FITS image."""
-    from .api import RunControl, deconvolve
-    from .io.fits import write_fits
+    from . import memory
+    from .runfiles import RunFiles
 
     _setup_logging(quiet)
-    _check_output(output, overwrite)
-    from astropy.io import fits
-
     opt = _options(preset, iters=iters, min_iters=min_iters, early_stop=early_stop, rho=rho,
                    huber_delta=huber_delta, kappa=kappa, relax=relax, noise=noise, seed=seed,
                    color=color, masks=masks, variance=variance, sr=sr,
                    mem_budget=None if mem_budget is None else memory.parse_size(mem_budget),
-                   low_mem=low_mem or None, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend, conv=conv, batch=batch, threads=threads)
-    if save_every < 0:
-        raise OptionError(f"--save-every {save_every}: expected >= 0")
+                   low_mem=low_mem or None, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend,
+                   conv=conv, batch=batch, threads=threads)
+    if min_iters is not None and min_iters > opt.iters:
+        raise OptionError(f"--min-iters {min_iters} is more than --iters {opt.iters}")
     keep = opt.iters > 5 if checkpoint is None else checkpoint
+    files = RunFiles(output, json_log=json_log, overwrite=overwrite, resume=resume,
+                     checkpoint=keep or resume)
+    with _unwind_on_signals():
+        _run(frames, psf, fwhm, layout, opt, files, save_every, quiet)
+
+
+def _run(frames, psf, fwhm, layout, opt, files, save_every: int, quiet: bool) -> None:
+    """Preflight, lock, solve, write: the deconv command once its options are parsed."""
+    from . import __version__
+    from .api import RunControl, deconvolve
+    from .io.fits import write_fits
+    from .preflight import check_run
+
+    checked = check_run(frames, psf, options=opt, files=files, fwhm=fwhm, layout=layout,
+                        save_every=save_every)
+    output = files.output
 
     def snapshot(it, channel, image):
-        part = "" if channel is None else f".c{channel}"
-        path = output.with_name(f"{output.stem}{part}.iter{it:04d}{output.suffix or '.fits'}")
+        from astropy.io import fits
+
         hdr = fits.Header()
         hdr["MFSNAP"] = (True, "intermediate mfnumba image")
         hdr["MF_ITERS"] = (it, "iterations so far")
-        write_fits(path, image, hdr, overwrite=True)
+        write_fits(files.snapshot_path(it, channel), image, hdr, overwrite=True)
 
-    ctl = RunControl(checkpoint=output if (keep or resume) else None, resume=resume,
-                     save_every=save_every, snapshot=snapshot if save_every else None)
-    rep = _Reporter(opt.iters, quiet, json_log)
-    rep.event(event="start", frames=[str(f) for f in frames], output=str(output), **opt.as_dict())
+    files.acquire()
+    rep = None
     try:
-        res = deconvolve(frames, psf, options=opt, fwhm=fwhm, progress=rep, layout=layout,
-                         control=ctl)
-        write_fits(output, res.image, res.header, overwrite=overwrite)
-        for stale in output.parent.glob(f"{output.name}*.ckpt.npz"):
-            stale.unlink()
+        start = dict(event="start", mfnumba=__version__, frames=[str(f) for f in checked.frames],
+                     output=str(output), resume=files.resume, **opt.as_dict())
+        rep = _Reporter(opt.iters, quiet, files.open_log(json.dumps(start, default=str)))
+        ctl = RunControl(checkpoint=output if files.checkpoint else None, resume=files.resume,
+                         save_every=save_every, snapshot=snapshot if save_every else None,
+                         digests=checked.digests)
+        res = deconvolve(checked.frames, psf, options=opt, fwhm=fwhm, progress=rep,
+                         layout=layout, control=ctl)
+        write_fits(output, res.image, res.header, overwrite=True)  # checked in preflight
+        files.remove_checkpoints()
         rep.event(event="done", iterations=res.iterations, early_stopped=res.early_stopped,
                   seconds=res.seconds, output=str(output))
     finally:
-        rep.close()
+        if rep is not None:
+            rep.close()
+        files.release()
     if not quiet:
         stop = "early stop" if res.early_stopped else "iteration limit"
         log.info("wrote %s: %d iterations (%s), %.1f s, backend %s/%s", output, res.iterations,

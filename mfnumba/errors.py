@@ -30,3 +30,22 @@ class OptionError(MfnumbaError):
 
 class OutputError(MfnumbaError):
     """The output cannot be written (exists without --overwrite, bad folder)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or a termination signal during a solve.
+
+    ``path``: the checkpoint written (or None); ``signum``: the signal (None for Ctrl-C).
+    """
+
+    def __init__(self, path=None, signum: int | None = None):
+        self.path, self.signum = path, signum
+        super().__init__(str(path))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread so that it unwinds like Ctrl-C."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signum)

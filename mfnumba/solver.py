@@ -153,11 +153,12 @@ class Solver:
         self.upd_step = sample_step(*self.geom.extent, _SAMPLES)
 
     # setup ------------------------------------------------------------------
-    def setup(self, seed: np.ndarray) -> None:
+    def setup(self, seed: np.ndarray, *, conv: str | None = None) -> None:
         """Seed the estimate, measure the noise scales and choose the convolution.
 
         ``seed`` is native (C, h, w), lifted sum-preservingly when r > 1, or
-        already fine (C, r h, r w).
+        already fine (C, r h, r w). ``conv``: the convolution a resumed run
+        chose before ("fft" or "direct"), so that it is not timed again.
         """
         pr, g = self.problem, self.geom
         if seed.shape == (pr.channels, g.h, g.w):
@@ -175,7 +176,7 @@ class Solver:
         self.otfs = None
         P = pr.n_frames * pr.channels
         self.sigma, self.delta = np.ones(P), np.full(P, abs(self.opt.huber_delta))
-        self.conv = self._choose_conv()
+        self.conv = conv or self._choose_conv()
         if self.conv == "fft" and self.cache_otfs:
             self.otfs = self._otf_cache(range(pr.n_frames))
         self._sweep(accumulate=False)  # noise scales of the seed's residuals
@@ -397,11 +398,7 @@ class Solver:
         self.early_stopped = bool(st["early_stopped"])
         self.history = list(st["history"])
         if st["conv"] != self.conv:
-            self.conv = st["conv"]
-            self._alloc()
-            self.otfs = None
-            if self.conv == "fft" and self.cache_otfs:
-                self.otfs = self._otf_cache(range(self.problem.n_frames))
+            raise ValueError(f"checkpoint convolution {st['conv']} != {self.conv}: pass it to setup")
 
     def converged(self) -> bool:
         """Both EMAs under tolerance for 2 consecutive iterations, past min_iters."""

@@ -22,6 +22,7 @@ from astropy.io import fits
 from .errors import InputFileError, OptionError, ShapeError
 from .io.fits import is_fits_name, positive_number, read_image
 from .io.xisf import read_xisf, xisf_shape
+from .runfiles import is_product_header, is_product_name
 
 log = logging.getLogger("mfnumba")
 
@@ -73,6 +74,7 @@ def discover_frames(items: Sequence[str | os.PathLike], *, what: str = "frame") 
     """
     out: list[Path] = []
     seen: dict[tuple[int, int], Path] = {}
+    ours: list[Path] = []
     for item in items:
         item = Path(item)
         if item.is_dir():
@@ -92,6 +94,9 @@ def discover_frames(items: Sequence[str | os.PathLike], *, what: str = "frame") 
         else:
             raise InputFileError(f"{what} file or directory not found", path=item)
         for path in found:
+            if _is_our_product(path):
+                ours.append(path)
+                continue
             # Device and inode catch the same file reached by different
             # spellings, symlinks or hard links.
             st = path.stat()
@@ -102,7 +107,26 @@ def discover_frames(items: Sequence[str | os.PathLike], *, what: str = "frame") 
                 raise OptionError(f"{what} given twice{also}; each file may be used once", path=path)
             seen[key] = path
             out.append(path)
+    if ours:
+        names = ", ".join(p.name for p in ours[:3]) + (f" and {len(ours) - 3} more" if len(ours) > 3 else "")
+        log.warning("skipping %d file(s) written by mfnumba (results, snapshots, temporary files), "
+                    "not %ss: %s", len(ours), what, names)
+    if not out and ours:
+        raise InputFileError(f"holds only mfnumba's own results, no {what}s", path=Path(items[0]))
     return out
+
+
+def _is_our_product(path: Path) -> bool:
+    """A result, snapshot or temporary file of mfnumba's: by name or by its header key."""
+    if is_product_name(path.name):
+        return True
+    if not is_fits_name(path):
+        return False
+    try:
+        header = fits.getheader(path)
+    except Exception:  # unreadable files are reported, by name, when they are read
+        return False
+    return is_product_header(header)
 
 
 def _check_layout(layout: str) -> str:

@@ -7,7 +7,6 @@ big-endian data), with BZERO/BSCALE applied by astropy.
 from __future__ import annotations
 
 import os
-import secrets
 import zlib
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 from astropy.io import fits
 
 from ..errors import InputFileError, OutputError
+from .atomic import atomic_path
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")
 
@@ -98,35 +98,6 @@ def write_fits(path: str | os.PathLike, data: np.ndarray, header: fits.Header | 
         hdr.remove(key, ignore_missing=True, remove_all=True)
     hdu = fits.PrimaryHDU(data=arr, header=hdr)
     hdu.header["BITPIX"] = -32
-    tmp = _create_temp(path, folder)
-    try:
+    with atomic_path(path, what="output") as tmp:
         hdu.writeto(tmp, overwrite=True, output_verify="silentfix")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write ({' '.join(str(exc).split())})", path=path) from None
-        raise
     return path
-
-
-def _create_temp(path: Path, folder: Path) -> str:
-    """Create an empty temporary file beside ``path`` and return its name.
-
-    ``os.open`` with mode 0o666 lets the umask decide the permissions
-    (``mkstemp`` would leave the result readable by its owner only), and a
-    ``.gz`` ending is kept because astropy compresses by file name.
-    """
-    suffix = ".part.gz" if path.name.lower().endswith(".gz") else ".part"
-    for _ in range(100):
-        tmp = str(folder / f".{path.name}.{secrets.token_hex(4)}{suffix}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise OutputError(f"cannot write in {folder} ({exc.strerror})", path=path) from None
-        os.close(fd)
-        return tmp
-    raise OutputError(f"cannot create a temporary file in {folder}", path=path)
