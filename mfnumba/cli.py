@@ -262,7 +262,7 @@ def demo(
     finally:
         rep.close()
     if not quiet:   # only now: a live progress bar would share lines with the table
-        print_report(report, Console(highlight=False))
+        print_report(report)
 
 
 @app.command()

@@ -75,7 +75,7 @@ def preview_image(frames: np.ndarray, trail_mask: np.ndarray, median: np.ndarray
 
     One stretch for all three, from the median stack (see
     :func:`~mfnumba.preview.labelled_panels`). Returns the uint8 image and
-    the third panel's label (frame 0, unlabelled "trail", when no frame has one).
+    the third panel's label (frame 0, not marked as a trail, if no frame has one).
     """
     k = trail_frame(trail_mask)
     raw_label = "frame_000" if k is None else f"frame_{k:03d} (trail)"
@@ -117,7 +117,7 @@ def print_report(rep: DemoReport, console=None) -> None:
     """Print the before/after table and the paths written.
 
     Call it after any progress display has stopped. File names are printed
-    literally (no rich markup or highlighting).
+    literally (no rich markup, emoji codes or highlighting).
     """
     from rich.console import Console
     from rich.table import Table
@@ -131,7 +131,8 @@ def print_report(rep: DemoReport, console=None) -> None:
     console = Console(highlight=False) if console is None else console
     console.print(table)
     stop = "early stop" if rep.early_stopped else "iteration limit"
-    say = functools.partial(console.print, markup=False, highlight=False, soft_wrap=True)
+    say = functools.partial(console.print, markup=False, emoji=False, highlight=False,
+                            soft_wrap=True)
     say(f"{rep.iterations} iterations ({stop}) in {rep.seconds:.1f} s")
     say(f"result:  {rep.result_path}")
     say(f"preview: {rep.preview_path} (median stack | mfnumba | {rep.raw_label})")

@@ -1,5 +1,6 @@
 """The demo: its preview shows the trail frame, and its table follows the progress bar."""
 
+import io
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 import mfnumba
 from mfnumba import preview
-from mfnumba.demo import preview_image, run_demo, trail_frame
+from mfnumba.demo import DemoReport, preview_image, print_report, run_demo, trail_frame
 from mfnumba.seed import median_seed
 from mfnumba.simulate import SimConfig, simulate_stack
 
@@ -61,6 +62,19 @@ def test_run_demo_writes_a_labelled_0644_preview(tmp_path):
     assert all(np.any(p[:strip] == preview.LABEL_INK) for p in panels)
     assert os.stat(rep.preview_path).st_mode & 0o777 == 0o644
     assert rep.raw_label.endswith("(trail)") and rep.fwhm_result < rep.fwhm_median
+
+
+def test_report_prints_file_names_literally(tmp_path):
+    from rich.console import Console
+
+    odd = tmp_path / "a:b:c [bold]x[/bold]"
+    rep = DemoReport(odd, odd / "result.fits", odd / "preview.png", 3.0, 1.5, 1.0, 1.0, 10,
+                     False, 1.0, 4, 6, "frame_001 (trail)")
+    buf = io.StringIO()
+    print_report(rep, Console(file=buf, width=200, color_system=None))
+    out = buf.getvalue()
+    assert f"result:  {odd / 'result.fits'}" in out
+    assert f"preview: {odd / 'preview.png'} (median stack | mfnumba | frame_001 (trail))" in out
 
 
 def _run_in_a_terminal(args, timeout=180):
