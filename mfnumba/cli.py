@@ -325,14 +325,16 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Simulate a stack, deconvolve it and compare with the median stack."""
-    from .demo import run_demo
+    from .demo import print_report, run_demo
 
     _setup_logging(quiet)
     rep = _Reporter(iters, quiet, None)
     try:
-        run_demo(outdir, n_frames=frames, size=size, iters=iters, quiet=quiet, progress=rep)
+        report = run_demo(outdir, n_frames=frames, size=size, iters=iters, progress=rep)
     finally:
         rep.close()
+    if not quiet:   # only now: a live progress bar would share lines with the table
+        print_report(report)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""8-bit previews: asinh stretch, side-by-side panels, a dependency-free PNG writer."""
+"""8-bit previews: asinh stretch, labelled side-by-side panels, a dependency-free PNG writer."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ._font import GLYPH_H, render_text, text_width
 from .errors import OutputError, ShapeError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GAP_VALUE = 255   # white separator, visible against a dark sky
+LABEL_BG, LABEL_INK = 0, 255
+PNG_MODE = 0o644  # a preview is for looking at and sharing: rw-r--r--, whatever the umask
 
 
 def _levels(values: np.ndarray) -> tuple[float, float]:
@@ -72,9 +75,10 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def write_png(path, image_uint8) -> Path:
-    """Write an 8-bit grey (H, W) or RGB (H, W, 3) PNG atomically.
+    """Write an 8-bit grey (H, W) or RGB (H, W, 3) PNG atomically, mode 0644.
 
-    Written to a temporary file in the same folder, then renamed.
+    Written to a temporary file in the same folder, then renamed, so a
+    reader never sees half a file and a failed write leaves none behind.
 
     Raises
     ------
@@ -110,10 +114,14 @@ def write_png(path, image_uint8) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(blob)
+        # mkstemp makes the file 0600; set the mode before the name appears.
+        os.chmod(tmp, PNG_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):   # disk full, read-only: one line, not a traceback
+            raise OutputError(f"cannot write ({exc.strerror or exc})", path=path) from None
         raise
     return path
 
@@ -140,6 +148,25 @@ def _resize_nearest(img: np.ndarray, height: int) -> np.ndarray:
     return img[iy][:, ix]
 
 
+def _match(stretched: list[np.ndarray]) -> list[np.ndarray]:
+    """Give uint8 (H, W, C) panels one channel count and one height (the tallest)."""
+    channels = max(p.shape[2] for p in stretched)
+    height = max(p.shape[0] for p in stretched)
+    return [_resize_nearest(np.broadcast_to(p, p.shape[:2] + (channels,)), height)
+            for p in stretched]
+
+
+def _join(panels: list[np.ndarray], gap: int) -> np.ndarray:
+    """Panels of equal height left to right, white gaps between; (H, W) if grey."""
+    height, channels = panels[0].shape[0], panels[0].shape[2]
+    spacer = np.full((height, max(int(gap), 0), channels), GAP_VALUE, np.uint8)
+    parts = [panels[0]]
+    for p in panels[1:]:
+        parts += [spacer, p]
+    out = np.concatenate(parts, axis=1)
+    return np.ascontiguousarray(out[:, :, 0] if channels == 1 else out)
+
+
 def side_by_side(left, right, *, gap: int = 8, same_stretch: bool = False) -> np.ndarray:
     """Two stretched images in one uint8 panel, left | gap | right.
 
@@ -155,17 +182,80 @@ def side_by_side(left, right, *, gap: int = 8, same_stretch: bool = False) -> np
     """
     a, b = _as_hwc(left), _as_hwc(right)
     if same_stretch:
-        both = np.concatenate([a.ravel(), b.ravel()])
-        black, white = _levels(both)
-        sa = asinh_stretch(a, black=black, white=white)
-        sb = asinh_stretch(b, black=black, white=white)
+        black, white = _levels(np.concatenate([a.ravel(), b.ravel()]))
+        stretched = [asinh_stretch(x, black=black, white=white) for x in (a, b)]
     else:
-        sa, sb = asinh_stretch(a), asinh_stretch(b)
-    channels = max(sa.shape[2], sb.shape[2])
-    sa = np.broadcast_to(sa, sa.shape[:2] + (channels,))
-    sb = np.broadcast_to(sb, sb.shape[:2] + (channels,))
-    height = max(sa.shape[0], sb.shape[0])
-    sa, sb = _resize_nearest(sa, height), _resize_nearest(sb, height)
-    spacer = np.full((height, max(int(gap), 0), channels), GAP_VALUE, np.uint8)
-    out = np.concatenate([sa, spacer, sb], axis=1)
-    return np.ascontiguousarray(out[:, :, 0] if channels == 1 else out)
+        stretched = [asinh_stretch(a), asinh_stretch(b)]
+    return _join(_match(stretched), gap)
+
+
+def label_scale(width: int) -> int:
+    """Glyph scale for panels ``width`` px wide: one step per 80 px, from 1 to 6.
+
+    Big enough to read when the preview is viewed whole, small enough that a
+    two-word label fits a 48 px panel at scale 1.
+    """
+    return int(np.clip(int(width) // 80, 1, 6))
+
+
+def _wrap(label: str, max_chars: int) -> list[str]:
+    """Greedy word wrap to ``max_chars`` per line; a longer word is cut."""
+    if max_chars <= 0:
+        return []
+    lines: list[str] = []
+    for word in str(label).split():
+        word = word[:max_chars]
+        if lines and len(lines[-1]) + 1 + len(word) <= max_chars:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def _label_strip(lines: list[str], width: int, n_lines: int, scale: int) -> np.ndarray:
+    """(h, width) uint8 strip: ``lines`` centred, white on black, margins of 2·scale."""
+    pitch = (GLYPH_H + 2) * scale
+    strip = np.full((n_lines * pitch + 2 * scale, width), LABEL_BG, np.uint8)
+    for k, line in enumerate(lines):
+        ink = render_text(line, scale)
+        y0, x0 = 2 * scale + k * pitch, max((width - ink.shape[1]) // 2, 0)
+        region = strip[y0:y0 + ink.shape[0], x0:x0 + ink.shape[1]]
+        region[ink[:, :region.shape[1]]] = LABEL_INK
+    return strip
+
+
+def labelled_panels(images, labels, *, reference: int = 0, gap: int = 8) -> np.ndarray:
+    """Stretched images left to right, each under a strip with its label.
+
+    All panels share one asinh stretch, with the levels of
+    ``images[reference]`` (black = median − 1.4826·MAD, white = 99.9th
+    percentile), so equal brightness means equal value across panels; take
+    the reference from an image without outliers (the median stack) or a
+    trail would set the white level. Panels are nearest-neighbour resized to
+    the tallest; labels are wrapped to their panel's width and drawn with
+    the built-in 5 × 7 font at :func:`label_scale` of the narrowest panel.
+    Every strip has ``lines · 9·scale + 2·scale`` rows for the longest label.
+
+    Examples
+    --------
+    >>> labelled_panels([np.zeros((64, 64))] * 3, ["a", "b", "c"], gap=8).shape
+    (75, 208)
+    """
+    if len(images) == 0 or len(images) != len(labels):
+        raise ShapeError(f"preview needs one label per image, got {len(images)} images "
+                         f"and {len(labels)} labels")
+    if not -len(images) <= reference < len(images):
+        raise ShapeError(f"preview reference {reference} is not one of the {len(images)} images")
+    hwc = [_as_hwc(im) for im in images]
+    black, white = _levels(hwc[reference])
+    panels = _match([asinh_stretch(x, black=black, white=white) for x in hwc])
+    scale = label_scale(min(p.shape[1] for p in panels))
+    per_char = (text_width(2, scale) - text_width(1, scale))
+    wrapped = [_wrap(lab, (p.shape[1] - scale) // per_char) for lab, p in zip(labels, panels)]
+    n_lines = max(1, max(len(w) for w in wrapped))
+    out = []
+    for lines, p in zip(wrapped, panels):
+        strip = _label_strip(lines, p.shape[1], n_lines, scale)
+        strip = np.broadcast_to(strip[:, :, None], strip.shape + (p.shape[2],))
+        out.append(np.concatenate([strip, p], axis=0))
+    return _join(out, gap)
