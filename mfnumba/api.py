@@ -18,9 +18,9 @@ from typing import Callable
 import numpy as np
 from astropy.io import fits
 
-from . import __version__, checkpoint, memory
+from . import checkpoint, memory
 from .backends.cpu import CPUBackend
-from .errors import OptionError, ShapeError
+from .errors import Interrupted, OptionError, ShapeError
 from .options import Options
 from .psf import measure_fwhm
 from .geometry import Geometry
@@ -269,7 +269,7 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
     except KeyboardInterrupt as exc:
         if ckpt is not None and solver.iteration:
             checkpoint.save(ckpt, solver, fp, mem, budget)
-        raise checkpoint.Interrupted(ckpt if ckpt is not None and ckpt.exists() else None,
+        raise Interrupted(ckpt if ckpt is not None and ckpt.exists() else None,
                                      getattr(exc, "signum", None)) from None
     sol.plan = mem
     return _unped(sol.image, ped, opt.sr), sol, ped, lifts

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputFileError, Interrupted, OptionError, Terminated  # noqa: F401 (re-exported)
+from .errors import InputFileError, OptionError
 from .runfiles import atomic_path
 
 FORMAT = 2  # version of the checkpoint layout

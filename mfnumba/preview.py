@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import numpy as np
 
 from ._font import GLYPH_H, render_text, text_width
 from .errors import OutputError, ShapeError
+from .io.atomic import atomic_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GAP_VALUE = 255   # white separator, visible against a dark sky
@@ -107,22 +106,9 @@ def write_png(path, image_uint8) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"folder {folder} does not exist", path=path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write ({exc.strerror})", path=path) from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_path(path, what="preview", mode=PNG_MODE) as tmp:
+        with open(tmp, "wb") as fh:
             fh.write(blob)
-        # mkstemp makes the file 0600; set the mode before the name appears.
-        os.chmod(tmp, PNG_MODE)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):   # disk full, read-only: one line, not a traceback
-            raise OutputError(f"cannot write ({exc.strerror or exc})", path=path) from None
-        raise
     return path
 
 

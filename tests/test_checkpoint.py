@@ -6,9 +6,9 @@ from astropy.io import fits
 from typer.testing import CliRunner
 
 from mfnumba.api import RunControl, deconvolve
-from mfnumba.checkpoint import Interrupted, checkpoint_path
+from mfnumba.checkpoint import checkpoint_path
 from mfnumba.cli import app
-from mfnumba.errors import InputFileError
+from mfnumba.errors import InputFileError, Interrupted
 from mfnumba.options import Options
 from mfnumba.simulate import SimConfig, simulate_stack, write_stack
 
