@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import sep
-from scipy.optimize import least_squares
 from scipy.special import erf
 
 from .errors import ShapeError
@@ -87,6 +86,7 @@ def _fit_star(cut: np.ndarray, cy: float, cx: float) -> float:
         return (_gauss_pixels(p, yy, xx) - cut)[good]
 
     try:
+        from scipy.optimize import least_squares  # lazy: a heavy import only this path needs
         fit = least_squares(resid, p0, bounds=(lo, hi))
     except (ValueError, np.linalg.LinAlgError):
         return float("nan")

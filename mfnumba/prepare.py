@@ -20,7 +20,6 @@ from .errors import InputFileError
 from .io.tiles import drop_pages
 from .maps import border_mask, frame_gain, star_protection, variance_map
 from .options import Options
-from .psf_estimate import estimate_psfs
 from .psf_setup import resolve_psfs
 from .sources import WorkSource
 from .stack import header_fwhm
@@ -84,6 +83,8 @@ class PSFSet:
 
 
 def _estimated(src: WorkSource, headers, channel: int | None) -> list:
+    from .psf_estimate import estimate_psfs  # lazy: scipy.spatial, only without PSF files
+
     out = []
     for i in range(src.n_frames):
         name = _name(src.paths, i)

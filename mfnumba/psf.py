@@ -12,7 +12,6 @@ import math
 import os
 
 import numpy as np
-from scipy.optimize import least_squares
 
 from .errors import OptionError, ShapeError
 
@@ -262,6 +261,7 @@ def measure_fwhm(psf) -> float:
           -math.log(10.0 * img.shape[0]), math.log(0.05)]
     hi = [np.inf, py + 2.0, px + 2.0, math.log(20.0), np.inf, math.log(20.0), math.log(100.0)]
     try:
+        from scipy.optimize import least_squares  # lazy: a heavy import only this path needs
         fit = least_squares(lambda p: (_moffat_model(p, yy, xx) - cut).ravel(), p0,
                             bounds=(lo, hi))
         ok = fit.success

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from scipy.signal import fftconvolve
 
 from .errors import OptionError, OutputError
 from .io.fits import write_fits
@@ -284,6 +283,7 @@ def simulate_stack(config: SimConfig = SimConfig()) -> SimStack:
     trail_mask = np.zeros((n, h, w), bool)
     cr_mask = np.zeros((n, h, w), bool)
     for i in range(n):
+        from scipy.signal import fftconvolve  # lazy: a heavy import only this path needs
         model = block_sum(fftconvolve(canvas, fine_psfs[i], mode="valid"), r)
         img = rng.poisson(np.maximum(model, 0.0)).astype(np.float64)
         img += rng.normal(0.0, cfg.read_noise, img.shape) if cfg.read_noise > 0 else 0.0

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.io import fits
-from scipy.signal import fftconvolve
 
 log = logging.getLogger("mfnumba")
 
@@ -71,6 +70,8 @@ def lift_psf(f: np.ndarray, r: int, *, sigma: float = 1.1, iters: int = 250,
     sigma : width of g_σ in fine pixels.
     iters : iteration limit.
     """
+    from scipy.signal import fftconvolve  # lazy: a heavy import only the SR lift needs
+
     f = np.asarray(f, dtype=np.float64)
     f = f / f.sum()
     k = f.shape[0]

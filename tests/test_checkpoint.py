@@ -27,7 +27,8 @@ def _stop_at(n):
 
 @pytest.mark.parametrize("color_sr", [dict(), dict(sr=2)])
 def test_resume_after_interruption_gives_the_same_image(sim, tmp_path, color_sr):
-    opt = Options(iters=8, early_stop=False, **color_sr)
+    # conv fixed: two separate runs must not depend on which path "auto" timed faster
+    opt = Options(iters=8, early_stop=False, conv="fft", **color_sr)
     whole = deconvolve(sim.frames, list(sim.psfs), options=opt)
     out = tmp_path / "out.fits"
     with pytest.raises(Interrupted) as err:
@@ -106,3 +107,25 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert res.returncode == 0, res.stderr
     assert fits.getheader(out)["MF_ITERS"] == len(done) + 2
     assert not checkpoint_path(out).exists()
+
+
+def test_resume_reuses_the_recorded_convolution_instead_of_timing_again(sim, tmp_path, monkeypatch):
+    """conv=auto: the checkpoint's choice wins, whatever the timing says in the resumed run."""
+    from mfnumba.solver import Solver
+
+    opt = Options(iters=6, early_stop=False)  # conv="auto"
+    out = tmp_path / "out.fits"
+    monkeypatch.setattr(Solver, "_choose_conv", lambda self: "direct")
+    whole = deconvolve(sim.frames, list(sim.psfs), options=opt)
+    with pytest.raises(Interrupted):
+        deconvolve(sim.frames, list(sim.psfs), options=opt, progress=_stop_at(2),
+                   control=RunControl(checkpoint=out))
+
+    def timed_again(self):
+        raise AssertionError("the resumed run timed the convolution again")
+
+    monkeypatch.setattr(Solver, "_choose_conv", timed_again)
+    resumed = deconvolve(sim.frames, list(sim.psfs), options=opt,
+                         control=RunControl(checkpoint=out, resume=True))
+    assert resumed.conv == whole.conv == "direct"
+    np.testing.assert_array_equal(resumed.image, whole.image)
