@@ -376,3 +376,30 @@ def test_sigterm_saves_a_checkpoint_removes_scratch_and_exits(tmp_path, sig, cod
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
     events = [json.loads(ln)["event"] for ln in log.read_text().splitlines()]
     assert events[0] == "start"
+
+
+# preflight ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,needle", [
+    (["--backend", "cuda"], "--backend cuda"),
+    (["--seed", "missing_seed.fits"], "missing_seed.fits"),
+    (["--json-log", "no_such_folder/run.jsonl"], "does not exist"),
+    (["-o", "no_such_folder/o.fits"], "does not exist"),
+    (["--fwhm", "-1"], "--fwhm"),
+])
+def test_bad_options_are_refused_before_any_heavy_work(stack, tmp_path, monkeypatch, args, needle):
+    import mfnumba.api as api
+    import mfnumba.prepare as prepare
+
+    def heavy(*a, **k):
+        raise AssertionError("heavy work started before the options were checked")
+
+    monkeypatch.setattr(api, "deconvolve", heavy)
+    monkeypatch.setattr(prepare, "stack_psfs", heavy)
+    monkeypatch.chdir(tmp_path)
+    base = ["deconv", str(stack / "frames"), "-o", "o.fits", "--iters", "3", "-q"]
+    if "--fwhm" not in args:
+        base += ["--psf", str(stack / "psfs")]
+    if "-o" in args:
+        base = [a for a in base if a not in ("-o", "o.fits")]
+    res = runner.invoke(app, base + args)
+    _one_line_error(res, needle)
