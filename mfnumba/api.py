@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from astropy.io import fits
 
-from . import checkpoint, memory
+from . import checkpoint, memory, normalize
 from .backends.cpu import CPUBackend
 from .errors import Interrupted, OptionError, ShapeError
 from .options import Options
@@ -160,10 +160,17 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         common_psf_stack(psfset.psfs, (h, w), psfset.sources)  # sizes against the frames
         fwhms = [measure_fwhm(p) for p in psfset.psfs]
         backend = get_backend(opt.backend, opt.threads)
-        seed = make_seed_streaming(opt.seed, base)
-        work = base.replace(luma=True) if luma else base
+        names = [Path(p).name for p in paths]
+        phot = normalize.estimate(base, fwhms, mode=opt.normalize, names=names, headers=headers,
+                                  psfs=psfset.per_channel or psfset.psfs,
+                                  reference=reference_index(opt.reference, paths))
+        norm = base if opt.normalize == "none" else base.replace(photometry=phot)
+        seed = make_seed_streaming(opt.seed, norm)
+        work = norm.replace(luma=True) if luma else norm
         work_seed = seed.mean(axis=0, keepdims=True) if luma else seed
-        maps = build_maps(work, headers, opt, scratch, reader.channels)
+        # the maps are measured on the raw frames; σ on the reference scale is σ / a_i
+        maps = build_maps(work.replace(photometry=None), headers, opt, scratch, reader.channels)
+        _rescale_variance(maps.var, phot, luma)
         chroma = _chroma(seed, opt.sr) if luma else (lambda img: img)
         ctl = control or RunControl()
         if ctl.checkpoint is not None and ctl.digests is None:
@@ -187,11 +194,37 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         reader.close()
     image = np.ascontiguousarray(chroma(image), dtype=np.float32)
     seconds = time.perf_counter() - t0
-    header = build_header(headers[0], reader.channels, paths, opt, iterations, early, backend.name,
-                          sol.conv, ped, fwhms, psfset.sources, lifts,
-                          [sol.plan.describe()] + maps.notes)
+    header = build_header(headers[phot.reference], reader.channels, paths, opt, iterations, early,
+                          backend.name, sol.conv, ped, fwhms, psfset.sources, lifts,
+                          [sol.plan.describe()] + phot.notes + maps.notes,
+                          reference=phot.reference)
     return Result(image, header, iterations, early, sol.history, fwhms, backend.name, sol.conv,
                   ped, seconds, seed=seed, plan=sol.plan)
+
+
+def reference_index(reference: str | None, paths) -> int | None:
+    """``--reference``: a frame index or a frame's file name (or path); None: the best frame."""
+    if reference is None:
+        return None
+    names = [str(p) for p in paths]
+    text = str(reference)
+    if text.isdigit() and int(text) < len(names):
+        return int(text)
+    for i, p in enumerate(paths):
+        if text in (str(p), Path(p).name):
+            return i
+    raise OptionError(f"--reference {text}: no such frame; give an index 0..{len(names) - 1} "
+                      f"or a frame's file name")
+
+
+def _rescale_variance(var, phot, luma: bool) -> None:
+    """Variance maps of raw frames onto the reference scale: var / a_i² (per channel)."""
+    if var is None or np.all(phot.scale == 1.0):
+        return
+    for i in range(var.shape[0]):
+        a = phot.scale[i]
+        a = np.array([a.mean()]) if (luma or var.shape[1] != a.size) else a
+        var[i] /= (a.astype(np.float32) ** 2)[:, None, None]
 
 
 def _chroma(seed: np.ndarray, r: int):

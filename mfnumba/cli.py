@@ -202,6 +202,11 @@ def deconv(
                                  "--masks/--no-masks"),
     variance: Optional[bool] = _opt("Per-pixel variance maps (sky + shot noise).", "on",
                                     "--variance/--no-variance"),
+    normalize: Optional[str] = _opt("Put every frame on the reference's photometric scale: none, "
+                                    "scale (transparency) or scale+offset (and a sky plane).",
+                                    "scale+offset"),
+    reference: Optional[str] = _opt("Reference frame (index or file name): its photometric scale "
+                                    "and header.", "the best frame"),
     layout: str = typer.Option("auto", help="3-D frames: auto, chw or hwc."),
     backend: Optional[str] = _opt("auto, cpu or cuda.", "auto"),
     conv: Optional[str] = _opt("auto (both timed once), fft or direct.", "auto"),
@@ -231,7 +236,8 @@ def deconv(
                    color=color, masks=masks, variance=variance, sr=sr,
                    mem_budget=None if mem_budget is None else memory.parse_size(mem_budget),
                    low_mem=low_mem or None, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend,
-                   conv=conv, batch=batch, threads=threads)
+                   conv=conv, batch=batch, threads=threads, normalize=normalize,
+                   reference=reference)
     if min_iters is not None and min_iters > opt.iters:
         raise OptionError(f"--min-iters {min_iters} is more than --iters {opt.iters}")
     keep = opt.iters > 5 if checkpoint is None else checkpoint

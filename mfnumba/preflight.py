@@ -84,6 +84,9 @@ def check_run(frames, psf, *, options: Options, files: RunFiles, fwhm: float | N
         raise OptionError("no frames given")
     with StackReader(paths, layout=layout) as reader:  # headers only
         shape, channels = tuple(reader.shape), reader.channels
+    from .api import reference_index
+
+    reference_index(opt.reference, paths)
     inputs = list(paths) + _psf_inputs(psf, len(paths))
     if opt.seed not in _NAMED_SEEDS:
         from .seed import file_seed
