@@ -14,7 +14,8 @@ from xisf import XISF
 from mfnumba.errors import InputFileError, ShapeError
 from mfnumba.io.fits import read_image
 from mfnumba.io.xisf import read_xisf, xisf_shape
-from mfnumba.stack import discover_frames, header_fwhm, load_stack, read_frame, to_chw
+from mfnumba.io.layout import to_chw
+from mfnumba.stack import discover_frames, header_fwhm, load_stack, read_frame
 
 _NS = "http://www.pixinsight.com/xisf"
 _DATA_AT = 4096  # attachment position of hand-made files; the header must fit before it

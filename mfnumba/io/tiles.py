@@ -36,16 +36,14 @@ import numpy as np
 from astropy.io import fits
 
 from ..errors import InputFileError, OptionError, ShapeError
-from ..stack import XISF_SUFFIXES, check_layout, fits_layout, to_chw
-from .fits import read_image
+from .fits import FITS_ERRORS, first_image_hdu, fits_reason, read_image
+from .layout import check_layout, fits_layout, is_xisf, to_chw
 from .xisf import xisf_block
 
 log = logging.getLogger("mfnumba")
 
 _FITS_MAGIC = b"SIMPLE  ="  # a plain (not gzipped) FITS file starts with this card
 _BITPIX_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
-# Errors astropy raises on unreadable FITS files (as stack._file_shape catches them).
-_FITS_ERRORS = (OSError, EOFError, ValueError, TypeError, IndexError, KeyError)
 
 
 def drop_pages(arr) -> None:
@@ -108,7 +106,7 @@ class FrameReader:
     path : str or path-like
         A FITS file (first image HDU) or an XISF file (first image).
     layout : {"auto", "chw", "hwc"}
-        Channel layout of a 3-D FITS image, see :func:`mfnumba.stack.to_chw`.
+        Channel layout of a 3-D FITS image, see :func:`mfnumba.io.layout.to_chw`.
     shape : (int, int), optional
         Crop ``(h, w)`` anchored at pixel (0, 0); the whole frame by default.
 
@@ -146,7 +144,7 @@ class FrameReader:
         layout = check_layout(layout)
         self._cache: np.ndarray | None = None  # a whole frame, cropped
         self._handle = None  # np.memmap or an open HDUList
-        if self.path.name.lower().endswith(XISF_SUFFIXES):
+        if is_xisf(self.path):
             self._init_xisf()
         else:
             self._init_fits(layout)
@@ -175,25 +173,14 @@ class FrameReader:
         try:
             with open(path, "rb") as f:
                 plain = f.read(len(_FITS_MAGIC)) == _FITS_MAGIC
-            found = None
             with fits.open(path, memmap=False) as hdul:  # headers only
-                for index, hdu in enumerate(hdul):
-                    # Same rule as read_image: the first image HDU with data.
-                    if not getattr(hdu, "is_image", False):
-                        continue
-                    hdr = hdu.header
-                    naxis = int(hdr.get("NAXIS", 0))
-                    raw_shape = tuple(int(hdr.get(f"NAXIS{k}", 0)) for k in range(naxis, 0, -1))
-                    if raw_shape and all(n > 0 for n in raw_shape):
-                        found = (index, raw_shape, hdr.copy(), isinstance(hdu, fits.CompImageHDU),
-                                 hdul.fileinfo(index)["datLoc"])
-                        break
-        except _FITS_ERRORS as exc:
-            reason = " ".join(str(exc).split())
-            raise InputFileError(f"not a readable FITS file ({reason})", path=path) from None
-        if found is None:
-            raise InputFileError("no image data in any HDU", path=path)
-        self._hdu_index, raw_shape, self.header, compressed, offset = found
+                index, raw_shape = first_image_hdu(hdul, path=path)  # the rule read_image uses
+                hdu = hdul[index]
+                header, compressed = hdu.header.copy(), isinstance(hdu, fits.CompImageHDU)
+                offset = hdul.fileinfo(index)["datLoc"]
+        except FITS_ERRORS as exc:
+            raise InputFileError(f"not a readable FITS file ({fits_reason(exc)})", path=path) from None
+        self._hdu_index, self.header = index, header
         self._layout = fits_layout(raw_shape, path=path, layout=layout)
         self._raw_shape = raw_shape
         self._layout_name = layout
@@ -252,15 +239,15 @@ class FrameReader:
         elif self._kind == "fits-section":
             try:
                 self._handle = fits.open(self.path, memmap=False)
-            except _FITS_ERRORS as exc:
-                raise InputFileError(f"not a readable FITS file ({' '.join(str(exc).split())})",
+            except FITS_ERRORS as exc:
+                raise InputFileError(f"not a readable FITS file ({fits_reason(exc)})",
                                      path=self.path) from None
         else:
             self._cache = self._decode()
 
     def _decode(self) -> np.ndarray:
         log.debug("%s: no section reads for this file; decoding it whole", self.path)
-        if self.path.name.lower().endswith(XISF_SUFFIXES):
+        if is_xisf(self.path):
             full = self._xisf.decode()
         else:
             img, _ = read_image(self.path)
@@ -342,8 +329,8 @@ class FrameReader:
         else:  # compressed: astropy decompresses the tiles the section overlaps
             try:
                 src = np.asarray(self._handle[self._hdu_index].section[key])
-            except _FITS_ERRORS as exc:
-                raise InputFileError(f"not a readable FITS file ({' '.join(str(exc).split())})",
+            except FITS_ERRORS as exc:
+                raise InputFileError(f"not a readable FITS file ({fits_reason(exc)})",
                                      path=self.path) from None
         if src.ndim == 2:
             return src[None]
@@ -358,7 +345,7 @@ class StackReader:
     paths : sequence of path-like
         Frame files, e.g. from :func:`mfnumba.stack.discover_frames`.
     layout : {"auto", "chw", "hwc"}
-        Channel layout of 3-D FITS frames, see :func:`mfnumba.stack.to_chw`.
+        Channel layout of 3-D FITS frames, see :func:`mfnumba.io.layout.to_chw`.
     max_open : int, optional
         At most this many files are mapped or open at once (least recently
         read ones are released first), so a stack of hundreds of frames
