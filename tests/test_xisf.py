@@ -222,28 +222,29 @@ def test_fits_keywords_in_header(tmp_path, rng):
     hdr.tostring()  # every card kept is a valid FITS card
 
 
-# --- memory map --------------------------------------------------------------
+# --- reading an attachment ------------------------------------------------------
 
-def test_uncompressed_attachment_read_through_memmap(tmp_path, rng, monkeypatch):
-    chw = _planes(rng, c=3)
+def test_uncompressed_attachment_is_read_in_bands(tmp_path, rng, monkeypatch):
+    import mfnumba.io.raw as raw
+
+    chw = _planes(rng, c=3, h=40, w=11)
     _write_xisf(tmp_path / "m.xisf", chw)
-    calls = []
-    real = np.memmap
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(np, "memmap", spy)
+    band = 11 * 4 * 3 * 5  # five rows of the three planes
+    monkeypatch.setattr(raw, "_BAND_BYTES", band)
+    reads, closes = [], []
+    real_read, real_close = raw.RawSamples._read_exact, raw.RawSamples.close
+    monkeypatch.setattr(raw.RawSamples, "_read_exact",
+                        lambda self, view, pos: reads.append(len(view)) or real_read(self, view, pos))
+    monkeypatch.setattr(raw.RawSamples, "close",
+                        lambda self: closes.append(self.is_open) or real_close(self))
     data, _ = read_xisf(tmp_path / "m.xisf")
     np.testing.assert_array_equal(data, chw)
-    assert len(calls) == 1 and calls[0]["mode"] == "r" and calls[0]["offset"] >= 16
-    assert calls[0]["shape"] == (chw.size,)  # exactly the frame, not the file
-    assert not isinstance(data, real) and data.base is None  # an in-memory copy, file closed
-    calls.clear()
+    assert sum(reads) == chw.nbytes and max(reads) <= band // 3  # never the whole block at once
+    assert closes == [True]  # opened once, closed before returning
+    reads.clear()
     _write_xisf(tmp_path / "z.xisf", _smooth(1, 8, 8, np.float32), codec="zlib")
     read_xisf(tmp_path / "z.xisf")
-    assert not calls  # compressed blocks are decoded per frame instead
+    assert not reads  # compressed blocks are decoded per frame instead
 
 
 # --- stacks ------------------------------------------------------------------

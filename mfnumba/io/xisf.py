@@ -2,8 +2,9 @@
 
 Only what a registered light frame needs: the first image of a monolithic
 XISF 1.0 file, 2-D, Gray or RGB, UInt8/16/32 or Float32/64 samples, Planar
-or Normal pixel storage, stored as an attachment (read through ``np.memmap``
-so no more than the one frame is ever copied), inline or embedded, and
+or Normal pixel storage, stored as an attachment (read by positioned reads
+in bands of rows, see :mod:`mfnumba.io.raw`, so the file's samples are never
+all in memory beside the result), inline or embedded, and
 optionally compressed (zlib, lz4, lz4hc, zstd, each with or without byte
 shuffling, in one or several subblocks). Sample values are returned raw, as
 the FITS reader does: a UInt16 1234 reads as 1234.0, not 1234/65535.
@@ -36,6 +37,7 @@ import zstandard
 from astropy.io import fits
 
 from ..errors import InputFileError
+from .raw import RawSamples
 
 log = logging.getLogger("mfnumba")
 
@@ -323,18 +325,36 @@ def _to_chw(img: _Image, flat: np.ndarray) -> np.ndarray:
     return out
 
 
+def _samples(img: _Image) -> RawSamples:
+    """The uncompressed attachment as (planes, h, w, per pixel) samples."""
+    shape = ((img.stored_channels, img.height, img.width, 1) if img.planar
+             else (1, img.height, img.width, img.stored_channels))
+    return RawSamples(img.path, offset=img.position, dtype=img.dtype, shape=shape)
+
+
+def _sections(img: _Image, raw: RawSamples, rows: slice, cols: slice):
+    """Yield ``(first row, (C, n, ncols))`` bands of the nominal channels in the file's dtype.
+
+    Alpha channels are not returned. Each band is a view that the next one
+    overwrites (see :meth:`RawSamples.bands`).
+    """
+    c = img.channels
+    for first, block in raw.bands(rows, cols, range(c) if img.planar else range(1)):
+        yield first, (block[..., 0] if img.planar else block[0, :, :, :c].transpose(2, 0, 1))
+
+
 def _read_pixels(img: _Image) -> np.ndarray:
     count = img.nbytes // img.dtype.itemsize
     if img.location == "attachment" and img.codec is None:
-        # memmap: only the pages of this frame are read, and only once.
+        # By bands of rows: the file's samples are never all in memory beside the result.
+        out = np.empty((img.channels, img.height, img.width), dtype=np.float32)
+        raw = _samples(img)
         try:
-            mm = np.memmap(img.path, dtype=img.dtype, mode="r", offset=img.position, shape=(count,))
-        except (OSError, ValueError) as exc:
-            _fail(img.path, f"cannot map XISF image data ({' '.join(str(exc).split())})")
-        try:
-            return _to_chw(img, mm)
+            for first, src in _sections(img, raw, slice(None), slice(None)):
+                np.copyto(out[:, first:first + src.shape[1]], src, casting="unsafe")
         finally:
-            del mm
+            raw.close()
+        return out
     if img.location == "attachment":
         try:
             with open(img.path, "rb") as f:
@@ -418,8 +438,9 @@ class XisfBlock:
     """The first image of an XISF file, described for reading by sections.
 
     From :func:`xisf_block`. ``offset`` is the byte position of an
-    uncompressed attachment, which :meth:`memmap` maps; it is None for
-    compressed, inline or embedded data, which only :meth:`decode` reads.
+    uncompressed attachment, which :meth:`samples` reads by sections; it is
+    None for compressed, inline or embedded data, which only :meth:`decode`
+    reads.
     """
 
     path: Path
@@ -433,20 +454,21 @@ class XisfBlock:
     header: fits.Header = field(repr=False, compare=False)
     _image: _Image = field(repr=False, compare=False)
 
-    def memmap(self) -> np.memmap:
-        """Read-only map of the samples in stored order and type, alpha included.
+    def samples(self) -> RawSamples:
+        """The uncompressed attachment (``offset`` set) for reads by sections, alpha included.
 
-        ``(stored_channels, h, w)`` when planar, ``(h, w, stored_channels)``
-        when normal. Only for an uncompressed attachment (``offset`` set).
+        Read it with :meth:`sections`; close it when done.
         """
         if self.offset is None:
             raise ValueError(f"{self.path}: XISF data is not an uncompressed attachment")
-        shape = ((self.stored_channels, self.height, self.width) if self.planar
-                 else (self.height, self.width, self.stored_channels))
-        try:
-            return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=shape)
-        except (OSError, ValueError) as exc:
-            _fail(self.path, f"cannot map XISF image data ({' '.join(str(exc).split())})")
+        return _samples(self._image)
+
+    def sections(self, raw: RawSamples, rows: slice, cols: slice):
+        """Bands ``(first row, (C, n, ncols))`` of :meth:`samples`, in the file's dtype.
+
+        Each band is a view that the next one overwrites: convert it first.
+        """
+        return _sections(self._image, raw, rows, cols)
 
     def decode(self) -> np.ndarray:
         """The whole image as :func:`read_xisf` returns it, without its warnings."""
