@@ -358,6 +358,71 @@ def test_unsupported_features_refused(tmp_path, change, words):
         assert "bad frame.xisf" in msg and words in msg and "\n" not in msg
 
 
+def _xisf_at(path, position_of, payload):
+    """An XISF file with ``payload`` right after its header, but located at ``position_of(header_end)``.
+
+    The position is written with a fixed number of digits, so the header's
+    length does not depend on it.
+    """
+    def xml_for(pos):
+        image = (f'<Image geometry="4:3:1" sampleFormat="Float32" colorSpace="Gray" '
+                 f'location="attachment:{pos:06d}:{len(payload)}"/>')
+        return f'<?xml version="1.0" encoding="UTF-8"?><xisf version="1.0" xmlns="{_NS}">{image}</xisf>'.encode()
+
+    header_end = 16 + len(xml_for(0))
+    pos = position_of(header_end)
+    blob = b"XISF0100" + len(xml_for(pos)).to_bytes(4, "little") + b"\0" * 4 + xml_for(pos)
+    path.write_bytes(blob + payload)
+    return path, header_end
+
+
+def test_a_block_inside_the_header_is_refused(tmp_path, rng):
+    payload = rng.random((3, 4)).astype(np.float32)
+    path, end = _xisf_at(tmp_path / "right after.xisf", lambda end: end, payload.tobytes())
+    np.testing.assert_array_equal(read_xisf(path)[0][0], payload)  # a block may start where the header ends
+    for name, where in [("one byte early.xisf", lambda end: end - 1), ("in the xml.xisf", lambda end: 40),
+                        ("in the preamble.xisf", lambda end: 4)]:
+        path, end = _xisf_at(tmp_path / name, where, payload.tobytes())
+        for call in (xisf_shape, read_xisf, lambda p: load_stack([p])):
+            with pytest.raises(InputFileError) as err:
+                call(path)
+            msg = str(err.value)
+            assert msg.startswith(f"{path}: corrupt XISF file: the image block") and "\n" not in msg
+            assert f"starts inside the file header (signature and XML), which ends at byte {end}" in msg
+
+
+@pytest.mark.parametrize("other, where, refused", [
+    ('<Property id="Notes" type="String" location="attachment:{0}:16"/>', "inside", True),
+    ('<Property id="Notes" type="String" location="attachment:{0}:16"/>', "after", False),
+    ('<ICCProfile location="attachment:{0}:16"/>', "before", True),
+    ('<Thumbnail geometry="2:2:1" sampleFormat="UInt8" location="attachment:{0}:4"/>', "inside", True),
+])
+def test_a_block_overlapping_another_is_refused(tmp_path, other, where, refused):
+    at = {"inside": _DATA_AT + 20, "after": _DATA_AT + 48, "before": _DATA_AT - 8}[where]
+    data = np.arange(12, dtype=np.float32)
+    path = _raw_xisf(tmp_path / "blocks.xisf", data.tobytes() + b"\0" * 16, children=other.format(at),
+                     location=f"attachment:{_DATA_AT}:48", **_GRAY)
+    if not refused:
+        np.testing.assert_array_equal(read_xisf(path)[0].ravel(), data)  # adjacent blocks are fine
+        return
+    with pytest.raises(InputFileError) as err:
+        read_xisf(path)
+    msg = str(err.value)
+    tag = other[1:other.index(" ")]
+    assert msg.startswith(f"{path}: corrupt XISF file: the image block (48 bytes at byte {_DATA_AT}) "
+                          f"overlaps the data block of <{tag}") and "\n" not in msg
+    assert f"bytes at byte {at})" in msg
+
+
+def test_an_image_block_overlapping_a_second_image_is_refused(tmp_path):
+    images = "".join(f'<Image geometry="4:3:1" sampleFormat="Float32" location="attachment:{p}:48"/>'
+                     for p in (_DATA_AT, _DATA_AT + 24))
+    path = _raw_xisf(tmp_path / "two.xisf", b"\0" * 72, root_children=images)
+    with pytest.raises(InputFileError, match=r"two\.xisf: corrupt XISF file: .* overlaps the data block "
+                                             r"of <Image> \(48 bytes at byte 4120\)"):
+        xisf_shape(path)
+
+
 def test_supported_list_in_message(tmp_path):
     path = _bad(tmp_path / "c.xisf", sampleFormat="Complex64")
     with pytest.raises(InputFileError, match="UInt8/16/32 or Float32/64"):

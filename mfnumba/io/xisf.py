@@ -95,8 +95,8 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def _read_header(path: Path) -> tuple[ET.Element, int]:
-    """Parse the XML header; returns the root element and the file size."""
+def _read_header(path: Path) -> tuple[ET.Element, int, int]:
+    """Parse the XML header; returns the root element, the file size and where the header ends."""
     if not path.exists():
         _fail(path, "file not found")
     if not path.is_file():
@@ -125,7 +125,7 @@ def _read_header(path: Path) -> tuple[ET.Element, int]:
         root = parser.close()
     except ET.ParseError as exc:
         _fail(path, f"corrupt XISF header ({exc})")
-    return root, size
+    return root, size, _PREAMBLE + length
 
 
 def _parse_compression(path, el: ET.Element, stored: int) -> tuple[str | None, int, tuple]:
@@ -173,7 +173,7 @@ def _parse_location(path, image: ET.Element, file_size: int):
             position, size = int(pos), int(n)
         except ValueError:
             _fail(path, f"malformed XISF location {loc!r}")
-        if position < _PREAMBLE or size < 1:
+        if position < 0 or size < 1:
             _fail(path, f"malformed XISF location {loc!r}")
         if position + size > file_size:
             _fail(path, f"truncated XISF file: the image block ends at byte {position + size}, "
@@ -195,9 +195,41 @@ def _parse_location(path, image: ET.Element, file_size: int):
     return kind, position, size, encoding, encoded
 
 
+def _attachment(location: str) -> tuple[int, int] | None:
+    """``(position, size)`` of an ``attachment:POS:SIZE`` location; None for any other, or an empty one."""
+    parts = location.split(":")
+    if len(parts) != 3 or parts[0].strip() != "attachment":
+        return None
+    try:
+        position, size = int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+    return (position, size) if size > 0 else None
+
+
+def _check_block(path, root: ET.Element, image: ET.Element, position: int, size: int,
+                 header_end: int) -> None:
+    """Refuse an image block inside the file header or overlapping another data block.
+
+    No sound writer produces either, and reading such a block would return
+    header text or another block's bytes (a thumbnail, an ICC profile, a
+    property) as pixels, silently.
+    """
+    here = f"the image block ({size} bytes at byte {position})"
+    if position < header_end:
+        _fail(path, f"corrupt XISF file: {here} starts inside the file header "
+                    f"(signature and XML), which ends at byte {header_end}")
+    for el in root.iter():
+        other = None if el is image else _attachment(el.get("location", ""))
+        if other is not None and other[0] < position + size and position < other[0] + other[1]:
+            name = _local(el.tag) + (f" id={el.get('id')!r}" if el.get("id") else "")
+            _fail(path, f"corrupt XISF file: {here} overlaps the data block of <{name}> "
+                        f"({other[1]} bytes at byte {other[0]})")
+
+
 def _describe(path: Path) -> _Image:
     """Validate the first image's header; every refusal happens here."""
-    root, file_size = _read_header(path)
+    root, file_size, header_end = _read_header(path)
     image = next((el for el in root if _local(el.tag) == "Image"), None)
     if image is None:
         _fail(path, "XISF file holds no Image element (no image data)")
@@ -233,6 +265,8 @@ def _describe(path: Path) -> _Image:
         _fail(path, f"unsupported XISF pixel storage {storage!r}; {_SUPPORTED}")
 
     kind, position, size, encoding, encoded = _parse_location(path, image, file_size)
+    if kind == "attachment":
+        _check_block(path, root, image, position, size, header_end)
     stored_bytes = width * height * stored * dtype.itemsize
     codec, shuffle, blocks = _parse_compression(path, image, stored_bytes)
     if codec is None and kind == "attachment" and size < stored_bytes:
