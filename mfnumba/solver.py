@@ -1,7 +1,8 @@
 """The multiplicative majorize-minimize loop, written once against Backend.
 
-One iteration (DESIGN §1), with the adjoint accumulated in the Fourier
-domain so that a frame costs three real half-FFTs::
+One iteration (docs/architecture.md, *One iteration*), with the adjoint
+accumulated in the Fourier domain so that a frame costs three real
+half-FFTs (*The three-FFT floor*)::
 
     X = rfft2(x)
     ŷ_i = D(irfft2(X · OTF_i))               per frame
