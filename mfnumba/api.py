@@ -3,7 +3,7 @@
 It turns user inputs (paths or arrays, PSF files or a FWHM) into a
 :class:`~mfnumba.solver.Problem`, picks the backend, runs the solver and
 returns a :class:`Result` with the image and a FITS header carrying the
-provenance (DESIGN §5). The CLI is a thin shell around it.
+provenance (docs/architecture.md, "Output"). The CLI is a thin shell around it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputFileError
-from .io.tiles import drop_pages
+from .io.scratch import open_scratch_map, release_pages
 from .maps import border_mask, frame_gain, star_protection, variance_map
 from .options import Options
 from .psf_setup import resolve_psfs
@@ -37,8 +37,7 @@ class Scratch:
     def empty(self, name: str, shape, dtype=np.float32) -> np.ndarray:
         if not self.on_disk:
             return np.empty(shape, dtype=dtype)
-        path = Path(self._dir.name) / f"{name}.npy"
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+        return open_scratch_map(Path(self._dir.name) / f"{name}.npy", shape, dtype)
 
     def close(self) -> None:
         if self._dir is not None:
@@ -67,7 +66,7 @@ def border_masks(reader, scratch: Scratch) -> np.ndarray | None:
             total += int((~keep).sum() - np.isnan(frame).all(axis=0)[~keep].sum())
         if masks is not None:
             masks[i] = keep
-            drop_pages(masks)
+            release_pages(masks)
     if total:
         log.info("masked %d border pixels (NaN or exact-zero registration edges)", total)
     return masks
@@ -147,13 +146,13 @@ def build_maps(work: WorkSource, headers, opt: Options, scratch: Scratch,
         if opt.masks:
             lum = np.nanmean(frame, axis=0) if c > 1 else frame[0]
             maps.protect[i] = star_protection(lum, mask=np.isfinite(lum))
-            drop_pages(maps.protect)  # written pages stay in the page cache, not in our RSS
+            release_pages(maps.protect)  # written pages stay in the page cache, not in our RSS
         if opt.variance:
             g = frame_gain(headers[i])
             g = None if g is None else g * lum_factor
             for ch in range(c):
                 maps.var[i, ch], used = variance_map(frame[ch], gain=g, mask=np.isfinite(frame[ch]))
-            drop_pages(maps.var)
+            release_pages(maps.var)
             how = "header" if g is not None else "estimated"
             maps.notes.append(f"frame {i}: variance map, gain {used:.4g} e-/ADU ({how})")
     return maps

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .io.tiles import drop_pages
+from .io.scratch import release_pages
 
 
 def _frames_range(frames, n: int) -> range:
@@ -61,7 +61,7 @@ class WorkSource:
         """(n, C, r, c) raw block -> working block."""
         if self.borders is not None:
             keep = np.stack([self.borders[i][rows, cols] for i in frames])
-            drop_pages(self.borders)
+            release_pages(self.borders)
             block[np.broadcast_to((keep == 0)[:, None], block.shape)] = np.nan
         if self.photometry is not None:
             ph = self.photometry
