@@ -12,14 +12,13 @@ import json
 import logging
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from .errors import Interrupted, MfnumbaError, OptionError, Terminated
+from .errors import Interrupted, MfnumbaError, OptionError
 
 # Heavy modules (numpy, numba, scipy, astropy) are imported inside the
 # commands, so that --help, --version and a bad option answer at once.
@@ -94,28 +93,6 @@ def _guard(fn):
 
 def _signal_name(signum) -> str:
     return "" if signum in (None, signal.SIGINT) else f" ({signal.Signals(signum).name})"
-
-
-@contextmanager
-def _unwind_on_signals():
-    """SIGTERM and SIGHUP unwind like Ctrl-C: checkpoint saved, scratch removed, lock released.
-
-    The first signal raises in the main thread; later ones are ignored so
-    that the checkpoint being saved is not interrupted in turn.
-    """
-    fired = []
-
-    def handler(signum, frame):
-        if not fired:
-            fired.append(signum)
-            raise Terminated(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 class _Reporter:
@@ -243,7 +220,9 @@ def deconv(
     keep = opt.iters > 5 if checkpoint is None else checkpoint
     files = RunFiles(output, json_log=json_log, overwrite=overwrite, resume=resume,
                      checkpoint=keep or resume)
-    with _unwind_on_signals():
+    from .interrupt import handle
+
+    with handle():  # SIGINT, SIGTERM, SIGHUP unwind like Ctrl-C: checkpoint, no debris
         _run(frames, psf, fwhm, layout, opt, files, save_every, quiet)
 
 

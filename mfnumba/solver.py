@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
+from . import interrupt
 from .options import Options
 
 log = logging.getLogger("mfnumba")
@@ -190,10 +191,11 @@ class Solver:
         self.otfs = None
         P = pr.n_frames * pr.channels
         self.sigma, self.delta = np.ones(P), np.full(P, abs(self.opt.huber_delta))
-        self.conv = conv or self._choose_conv()
-        if self.conv == "fft" and self.cache_otfs:
-            self.otfs = self._otf_cache(range(pr.n_frames))
-        self._sweep(accumulate=False)  # noise scales of the seed's residuals
+        with interrupt.deferred():
+            self.conv = conv or self._choose_conv()
+            if self.conv == "fft" and self.cache_otfs:
+                self.otfs = self._otf_cache(range(pr.n_frames))
+            self._sweep(accumulate=False)  # noise scales of the seed's residuals
         self._set_scales()
         self.den_floor = 1e-6 * self._den_ref
         log.debug("solver: grid %s, %d tile(s), radius %d, batch %d, conv %s", self.grid,
@@ -286,6 +288,7 @@ class Solver:
         own_r = (tile.own_rows[0] - tile.rows[0], tile.own_rows[1] - tile.rows[0])
         own_c = (tile.own_cols[0] - tile.cols[0], tile.own_cols[1] - tile.cols[0])
         for idx in ([frames] if frames is not None else self._batches()):
+            interrupt.check()  # a signal during the kernels is raised here, between batches
             nb, planes = len(idx), slice(idx.start * C, idx.stop * C)
             otf = self._otf(idx) if self.conv == "fft" else None
             yhat = self._predict(tile, idx, otf).reshape(nb * C, *self.grid)
@@ -373,7 +376,8 @@ class Solver:
         """One iteration: num and den over all frames and tiles, then the update."""
         t0 = time.perf_counter()
         o = self.opt
-        su, sd, sx = self._sweep(accumulate=True)
+        with interrupt.deferred():
+            su, sd, sx = self._sweep(accumulate=True)
         delta, sigma = float(np.median(self.delta)), float(np.median(self._scale))
         self._set_scales()  # for the next iteration, from this pass's residuals
         mx = float(np.median(sx))

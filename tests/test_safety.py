@@ -431,3 +431,24 @@ def test_resume_keeps_the_earlier_runs_snapshots(stack, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o.iter0002.fits").read_bytes() == first
     assert (tmp_path / "o.iter0006.fits").exists()
+
+
+def test_a_signal_inside_the_kernels_is_raised_between_batches():
+    """A signal while the solver is in its numeric loop waits for the next batch boundary."""
+    import signal as sg
+
+    from mfnumba import interrupt
+    from mfnumba.errors import Terminated
+
+    with interrupt.handle():
+        with pytest.raises(Terminated) as err:
+            with interrupt.deferred():
+                os.kill(os.getpid(), sg.SIGTERM)
+                time.sleep(0.05)  # the handler has run: it only recorded the signal
+                reached = True
+        assert reached and err.value.signum == sg.SIGTERM
+        os.kill(os.getpid(), sg.SIGTERM)  # the first signal counts, later ones are ignored
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt.handle():
+            os.kill(os.getpid(), sg.SIGINT)
+            time.sleep(0.05)
