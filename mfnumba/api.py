@@ -92,16 +92,22 @@ def _open(frames, layout: str = "auto"):
     return reader, reader.headers, reader.paths
 
 
-def _fits_in_memory(reader, channels: int, opt: Options) -> bool:
-    """Whether some plan holds frames and maps in memory (PSF radius taken at its largest)."""
+def _plan_setup(reader, channels: int, opt: Options, psf_from_stars: bool) -> memory.Plan:
+    """The memory plan made before any pixel is read: where the frames live, the seed's tile.
+
+    A budget that no plan meets, setup included, is refused here, before the
+    heavy work. The PSF radius is not known yet: it is taken at its largest.
+    """
     h, w = reader.shape
-    try:
-        memory.plan(h=h, w=w, r=opt.sr, p=50 * opt.sr, channels=channels, n_frames=reader.n_frames,
-                    n_maps=int(opt.masks) + int(opt.variance), budget=opt.mem_budget,
-                    batch=opt.batch, low_mem=False, streaming=False)
-    except OptionError:
-        return False
-    return not opt.low_mem
+    streamable = isinstance(reader, StackReader)
+    plan = memory.plan(h=h, w=w, r=opt.sr, p=50 * opt.sr, channels=channels, n_frames=reader.n_frames,
+                       n_maps=int(opt.masks) + int(opt.variance), budget=opt.mem_budget,
+                       batch=opt.batch, low_mem=opt.low_mem,
+                       streaming=(True if opt.low_mem else None) if streamable else False,
+                       channels_in=reader.channels, setup=True, psf_from_stars=psf_from_stars,
+                       seed=opt.seed)
+    log.debug("%s", plan.describe("memory plan before the setup"))
+    return plan
 
 
 def _pedestal(seed: np.ndarray) -> float:
@@ -148,7 +154,8 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     h, w = reader.shape
     luma = opt.color == "luma" and reader.channels > 1
     work_c = 1 if luma else reader.channels
-    stream = isinstance(reader, StackReader) and not _fits_in_memory(reader, work_c, opt)
+    setup = _plan_setup(reader, work_c, opt, psf is None and fwhm is None)
+    stream = isinstance(reader, StackReader) and not setup.in_memory
     if stream:
         log.info("the frames and maps do not fit the memory budget: streaming them from disk")
     scratch = Scratch(on_disk=stream)
@@ -158,7 +165,7 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         common_psf_stack(psfset.psfs, (h, w), psfset.sources)  # sizes against the frames
         fwhms = [measure_fwhm(p) for p in psfset.psfs]
         backend = get_backend(opt.backend, opt.threads)
-        seed = make_seed_streaming(opt.seed, base)
+        seed = make_seed_streaming(opt.seed, base, tile=setup.seed_tile)
         work = base.replace(luma=True) if luma else base
         work_seed = seed.mean(axis=0, keepdims=True) if luma else seed
         maps = build_maps(work, headers, opt, scratch, reader.channels)
@@ -234,7 +241,7 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
         mem = memory.plan(h=work.shape[0], w=work.shape[1], r=opt.sr, p=kernel.shape[-1] // 2,
                           channels=work.channels, n_frames=work.n_frames, n_maps=n_maps,
                           budget=opt.mem_budget, batch=opt.batch, low_mem=opt.low_mem,
-                          streaming=stream)
+                          streaming=stream, channels_in=work.reader.channels, setup=False)
     log.info("%s", mem.describe())
 
     def after_iteration(rec):
