@@ -1,9 +1,11 @@
 """Peak RSS of whole runs against ``--mem-budget``: the budget is a promise for the process.
 
-Run ``python -m bench.bench_memory`` (about 5 minutes on 2 cores; 1 GB of
-frames under ``bench/_data/``, reused by later runs, and up to 1.3 GB of
-mfnumba's scratch maps in the temp folder while a run lasts) or
-``python -m bench.bench_memory --quick`` (a smoke test, under a minute).
+Run ``python -m bench.bench_memory`` (about 3 minutes on 2 cores; 672 MiB
+of frames under ``bench/_data/``, reused by later runs, and up to 1.3 GB of
+mfnumba's scratch maps in the temp folder while a run lasts),
+``python -m bench.bench_memory --cases S:300MB,L:1GB`` for some of the
+cases, or ``python -m bench.bench_memory --quick`` (a smoke test, under a
+minute).
 
 Each case is one fresh ``python -m mfnumba.cli deconv FRAMES -o OUT
 --mem-budget B --iters 2 --no-early-stop`` process with default options:
@@ -21,9 +23,10 @@ small launcher runs the CLI with ``runpy`` and writes it from an
 ``ru_maxrss``, which a child spawned by vfork inherits from its parent.
 The run is also polled every 0.1 s (bench_stream's ``run_measured``) to
 say in which phase the peak was reached. The prediction is the larger of
-the two plans the run logs: the one made before the setup (whole run, from
-the baseline after the imports) and the solve's (from the baseline measured
-after the setup).
+the run's two plans: the one made before the setup (whole run, from the
+baseline after the imports; the API logs it at DEBUG level, so the launcher
+prints it) and the solve's (logged; from the baseline measured after the
+setup).
 """
 
 from __future__ import annotations
@@ -53,12 +56,13 @@ _LAUNCH = """
 import atexit, json, runpy, sys, time
 t0, out = time.perf_counter(), sys.argv[1]
 import mfnumba.api as api
-plan_setup = api._plan_setup
+plan_setup = getattr(api, "_plan_setup", None)  # absent before the whole-process planner
 def logged(*args, **kw):
     plan = plan_setup(*args, **kw)
     print(plan.describe("memory plan before the setup"), file=sys.stderr, flush=True)
     return plan
-api._plan_setup = logged
+if plan_setup is not None:
+    api._plan_setup = logged
 def report():
     hwm = 0
     with open("/proc/self/status", encoding="ascii") as fh:
@@ -174,7 +178,7 @@ def report(cases: list[Case], command: str, example: str, wall: float) -> str:
         plan = c.plan if c.rc == 0 else f"failed (exit {c.rc}): {c.message}"
         out.append(f"| {stack} | {budget} | {plan} | {c.predicted / MiB:.0f} MiB | "
                    f"{c.hwm / MiB:.0f} MiB | {ratio:.2f} | {ok} | {c.peak_in} | {c.seconds:.0f} s |")
-    out += ["", "Predicted = the larger of the two logged plans, each the baseline it measured + "
+    out += ["", "Predicted = the larger of the two plans, each the baseline it measured + "
             "code still to load + arrays (MiB):", ""]
     for c in cases:
         for what, (proc, _, base, code, arrays) in c.plans.items():
@@ -191,6 +195,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--data", type=Path, default=DATA, help="where the stacks are kept")
     ap.add_argument("--quick", action="store_true", help="small stacks, two budgets: a smoke test")
+    ap.add_argument("--cases", default="", help="only these, e.g. S:300MB,L:1GB")
     return ap.parse_args(argv)
 
 
@@ -209,6 +214,9 @@ def main(argv=None) -> int:
     given = shlex.join(sys.argv[1:] if argv is None else argv)
     command = f"python -m bench.bench_memory {given}".strip()
     todo = cases(args.quick)
+    if args.cases:
+        keep = set(args.cases.split(","))
+        todo = [c for c in todo if f"{c.stack}:{c.budget}" in keep]
     runs = args.data / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     done, example = [], ""
