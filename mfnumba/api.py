@@ -94,16 +94,32 @@ def _open(frames, layout: str = "auto"):
     return reader, reader.headers, reader.paths
 
 
-def _fits_in_memory(reader, channels: int, opt: Options) -> bool:
-    """Whether some plan holds frames and maps in memory (PSF radius taken at its largest)."""
+def _import_setup_modules(opt: Options, *, estimate_psfs: bool) -> None:
+    """Import, before the baseline is measured, the modules the setup will load.
+
+    The CLI imports them lazily (so that --help answers at once); a budget
+    planned from a baseline without them would be short by their ~25 MiB.
+    """
+    if estimate_psfs or opt.normalize != "none":
+        from . import psf_estimate  # noqa: F401  (scipy.spatial)
+
+
+def _plan_setup(reader, channels: int, opt: Options, psf_from_stars: bool) -> memory.Plan:
+    """The memory plan made before any pixel is read: where the frames live, the seed's tile.
+
+    A budget that no plan meets, setup included, is refused here, before the
+    heavy work. The PSF radius is not known yet: it is taken at its largest.
+    """
     h, w = reader.shape
-    try:
-        memory.plan(h=h, w=w, r=opt.sr, p=50 * opt.sr, channels=channels, n_frames=reader.n_frames,
-                    n_maps=int(opt.masks) + int(opt.variance), budget=opt.mem_budget,
-                    batch=opt.batch, low_mem=False, streaming=False)
-    except OptionError:
-        return False
-    return not opt.low_mem
+    streamable = isinstance(reader, StackReader)
+    plan = memory.plan(h=h, w=w, r=opt.sr, p=50 * opt.sr, channels=channels, n_frames=reader.n_frames,
+                       n_maps=int(opt.masks) + int(opt.variance), budget=opt.mem_budget,
+                       batch=opt.batch, low_mem=opt.low_mem,
+                       streaming=(True if opt.low_mem else None) if streamable else False,
+                       channels_in=reader.channels, setup=True, psf_from_stars=psf_from_stars,
+                       seed=opt.seed)
+    log.debug("%s", plan.describe("memory plan before the setup"))
+    return plan
 
 
 def _pedestal(seed: np.ndarray) -> float:
@@ -150,7 +166,9 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     h, w = reader.shape
     luma = opt.color == "luma" and reader.channels > 1
     work_c = 1 if luma else reader.channels
-    stream = isinstance(reader, StackReader) and not _fits_in_memory(reader, work_c, opt)
+    _import_setup_modules(opt, estimate_psfs=psf is None and fwhm is None)
+    setup = _plan_setup(reader, work_c, opt, psf is None and fwhm is None)
+    stream = isinstance(reader, StackReader) and not setup.in_memory
     if stream:
         log.info("the frames and maps do not fit the memory budget: streaming them from disk")
     scratch = Scratch(on_disk=stream)
@@ -165,7 +183,7 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
                                   psfs=psfset.per_channel or psfset.psfs,
                                   reference=reference_index(opt.reference, paths))
         norm = base if opt.normalize == "none" else base.replace(photometry=phot)
-        seed = make_seed_streaming(opt.seed, norm)
+        seed = make_seed_streaming(opt.seed, norm, tile=setup.seed_tile)
         work = norm.replace(luma=True) if luma else norm
         work_seed = seed.mean(axis=0, keepdims=True) if luma else seed
         # the maps are measured on the raw frames; σ on the reference scale is σ / a_i
@@ -224,7 +242,9 @@ def _rescale_variance(var, phot, luma: bool) -> None:
     for i in range(var.shape[0]):
         a = phot.scale[i]
         a = np.array([a.mean()]) if (luma or var.shape[1] != a.size) else a
-        var[i] /= (a.astype(np.float32) ** 2)[:, None, None]
+        # a frame at a time: the maps may be a scratch stack on disk
+        frame = var.read_tile(frames=[i])[0] if hasattr(var, "read_tile") else var[i]
+        var[i] = frame / (a.astype(np.float32) ** 2)[:, None, None]
 
 
 def _chroma(seed: np.ndarray, r: int):
@@ -281,7 +301,7 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
         mem = memory.plan(h=work.shape[0], w=work.shape[1], r=opt.sr, p=kernel.shape[-1] // 2,
                           channels=work.channels, n_frames=work.n_frames, n_maps=n_maps,
                           budget=opt.mem_budget, batch=opt.batch, low_mem=opt.low_mem,
-                          streaming=stream)
+                          streaming=stream, channels_in=work.reader.channels, setup=False)
     log.info("%s", mem.describe())
 
     def after_iteration(rec):

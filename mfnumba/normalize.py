@@ -252,13 +252,15 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
     shape = tuple(src.shape)
 
     # the anchor: the frame with the most clean bright sources (a clear one)
-    cand = []
+    best = None  # (count, index, y, x, source mask): only the best frame's is kept
     for i in range(n):
         frame = src.read(i)
         lum = np.nanmean(frame, axis=0) if c > 1 else frame[0]
         y, x, masked = _positions(lum, radius)
-        cand.append((len(x), i, y, x, masked))
-    _, anchor, ys, xs, sources = max(cand, key=lambda t: (t[0], -t[1]))
+        if best is None or len(x) > best[0]:
+            best = (len(x), i, y, x, masked)
+        del frame, lum, masked
+    _, anchor, ys, xs, sources = best
 
     flux = np.full((n, c, len(xs)), np.nan)
     ferr = np.full_like(flux, np.nan)
