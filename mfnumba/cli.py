@@ -189,7 +189,7 @@ def deconv(
     conv: Optional[str] = _opt("auto (both timed once), fft or direct.", "auto"),
     batch: Optional[int] = _opt("Frames per batch.", "planned"),
     mem_budget: Optional[str] = _opt("Memory budget of the whole process, e.g. 4GB.",
-                                     "60% of available"),
+                                     "current use + 60% of available"),
     low_mem: bool = typer.Option(False, "--low-mem", help="Smallest memory footprint."),
     threads: Optional[int] = _opt("CPU threads.", "all"),
     checkpoint: Optional[bool] = _opt("Save the state after every iteration.",

@@ -1,6 +1,6 @@
 """The memory model: from a budget to tiles, batch, OTF caching and streaming.
 
-The budget is a promise for the whole process (DESIGN §4): interpreter,
+The budget is a promise for the whole process (docs/architecture.md, "Streaming and memory"): interpreter,
 libraries, setup and solve together. So the planner starts from what the
 process holds *now* (:func:`~mfnumba.rss.measure_baseline`, measured, never
 assumed), adds the machine code Numba has still to load

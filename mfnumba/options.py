@@ -76,7 +76,7 @@ class Options:
     backend: str = "auto"
     batch: int | None = None
     threads: int | None = None
-    mem_budget: int | None = None  # bytes; None: 60 % of available memory
+    mem_budget: int | None = None  # bytes of the whole process; None: what it holds + 60 % of available
     low_mem: bool = False
     conv: str = "auto"
     masks: bool = True

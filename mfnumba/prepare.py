@@ -35,7 +35,7 @@ class ScratchStack:
     touched row: a batch of map tiles read through a plain memmap costs up
     to the batch's whole frames. Here every write and every read copies
     through the map one frame at a time and releases its pages at once, so
-    the RSS holds at most one frame's pages (DESIGN §4).
+    the RSS holds at most one frame's pages (docs/architecture.md, "Streaming and memory").
 
     ``stack[i] = plane`` and ``stack[i, c] = plane`` write; ``stack[:, c0:c1]``
     is a view of some channels; ``stack[i][rows, cols]`` and

@@ -1,6 +1,6 @@
 """What this process holds: its resident set now, its peak, and the code still to load.
 
-The memory budget is a promise for the whole process (DESIGN §4), so the
+The memory budget is a promise for the whole process (docs/architecture.md, "Streaming and memory"), so the
 planner starts from these measurements instead of assuming an interpreter
 size. Linux answers from ``/proc``; elsewhere ``getrusage`` or psutil give
 an upper bound.
