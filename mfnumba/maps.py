@@ -22,8 +22,9 @@ import numpy as np
 import sep
 from scipy import ndimage
 
-from .io.fits import positive_number
+from ._sep import background, extract, sep_image
 from .errors import OptionError, ShapeError
+from .io.fits import positive_number
 
 log = logging.getLogger("mfnumba")
 
@@ -94,53 +95,7 @@ def border_mask(frame: np.ndarray, *, grow: int = 1) -> np.ndarray:
     return (~bad).astype(np.float32)
 
 
-# --------------------------------------------------------------------------- sep helpers
-
-def _sep_input(image: np.ndarray, mask: np.ndarray | None, what: str):
-    """(data, bad) for sep: float32, C-contiguous, native order, NaN → 0.
-
-    ``bad`` is True where the pixel is non-finite or ``mask`` is <= 0; None
-    when no pixel is bad (sep is faster without a mask).
-    """
-    img = np.asarray(image)
-    if img.ndim != 2:
-        raise ShapeError(f"{what} needs a 2-D image, got shape {img.shape}")
-    data = np.ascontiguousarray(img, dtype=np.float32)  # also fixes a big-endian FITS array
-    bad = ~np.isfinite(data)
-    if mask is not None:
-        m = np.asarray(mask)
-        if m.shape != data.shape:
-            raise ShapeError(f"{what}: mask shape {m.shape} differs from image shape {data.shape}")
-        bad |= ~(m > 0)
-    if not bad.any():
-        return data, None
-    data = np.where(bad, np.float32(0.0), data)
-    return data, bad
-
-
-def _background(data: np.ndarray, bad: np.ndarray | None) -> sep.Background:
-    return sep.Background(data, mask=bad)
-
-
-def _extract(data, thresh, **kw):
-    """sep.extract, retried once past sep's internal limits.
-
-    A full pixel stack is enlarged; a deblending overflow (a huge or very
-    crowded object) is retried without deblending.
-    """
-    try:
-        return sep.extract(data, thresh, **kw)
-    except Exception as exc:  # sep raises a bare Exception for its internal limits
-        message = str(exc)
-        if "buffer full" in message:
-            sep.set_extract_pixstack(max(sep.get_extract_pixstack() * 10, data.size))
-        elif "deblend" in message:
-            kw = {**kw, "deblend_cont": 1.0}
-        else:
-            raise
-        log.debug("sep: %s; retrying", message)
-        return sep.extract(data, thresh, **kw)
-
+# --------------------------------------------------------------------------- helpers
 
 def _median(values) -> float:
     v = np.asarray(values, dtype=np.float64)
@@ -250,15 +205,15 @@ def star_protection(image: np.ndarray, *, thresh: float = 20.0, feather: float =
         raise OptionError(f"star protection threshold must be > 0, got {thresh}")
     if not feather >= 0:
         raise OptionError(f"star protection feather must be >= 0, got {feather}")
-    data, bad = _sep_input(image, mask, "star_protection")
+    data, bad = sep_image(image, mask=mask, what="star_protection")
     out = np.zeros(data.shape, np.float32)
     if int(max_stars) <= 0 or bad is not None and bad.all():
         return out
-    bkg = _background(data, bad)
+    bkg = background(data, bad)
     sub = data - bkg.back()
     if bad is not None:
         sub[bad] = 0.0
-    objs = _extract(sub, float(thresh), err=bkg.rms(), mask=bad, filter_kernel=None)
+    objs = extract(sub, float(thresh), err=bkg.rms(), mask=bad, filter_kernel=None)
     stars = objs[_star_objects(objs)] if len(objs) else objs
     if len(stars) == 0:
         log.debug("star protection: no star above %.1f sigma", thresh)
@@ -355,10 +310,10 @@ def variance_map(image: np.ndarray, *, gain: float | None = None, floor: float |
         raise OptionError(f"gain must be a positive finite number of e-/ADU, got {gain}")
     if floor is not None and not (math.isfinite(floor) and floor > 0):
         raise OptionError(f"variance floor must be a positive finite number, got {floor}")
-    data, bad = _sep_input(image, mask, "variance_map")
+    data, bad = sep_image(image, mask=mask, what="variance_map")
     if bad is not None and bad.all():
         return np.full(data.shape, floor or 1.0, np.float32), float(gain or math.inf)
-    bkg = _background(data, bad)
+    bkg = background(data, bad)
     back = bkg.back()
     var = bkg.rms()
     np.square(var, out=var)
