@@ -12,31 +12,36 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import sep
 from scipy.spatial import cKDTree
 
 from .errors import InputFileError, OptionError, ShapeError
+from ._locus import Locus, find_locus, fwhm_of_sigma, physical
+from ._moments import adaptive_moments
 from ._psf_stamps import combine_stamps, cut_stamps, finish_psf
-from .psf import GAUSS_FWHM_PER_SIGMA, measure_fwhm, moffat_psf, psf_size_for_fwhm
+from ._sep import extract, sep_image, subtracted
+from .psf import measure_fwhm, moffat_psf, psf_size_for_fwhm
 
 log = logging.getLogger("mfnumba")
 
 MIN_STARS = 5              # fewer good stars: a fitted Moffat instead of an empirical PSF
 DETECT_SIGMA = 5.0         # sep threshold, × global background RMS
-MIN_PEAK_SNR = 10.0        # peak / RMS of a star worth a stamp
+MIN_PEAK_SNR = 15.0        # peak / RMS of a source worth measuring (PSFEx: S/N >= 20)
+MAX_CANDIDATES = 400       # the brightest this many measured for the locus
 SATURATION_FRACTION = 0.8  # a star peaking above this × saturation is not used
 PLATEAU_TOLERANCE = 0.02   # pixels within 2 % of the frame maximum ...
 PLATEAU_PIXELS = 5         # ... this many of them: a clipped plateau
-MIN_ROUNDNESS = 0.65       # b/a relative to the typical star: drops blends and galaxies
-RHALF_RANGE = (0.7, 1.4)   # half-light radius relative to the typical star
-MIN_RHALF = 0.55           # px; a one-pixel hit has ~0.45, a star of FWHM 1.2 px ~0.8
-NEIGHBOUR_FLUX = 0.02      # a neighbour this bright (× the star) must stay out of the stamp
+ELL_MARGIN = 0.1           # a star may be this much more elongated than the locus median
+NEIGHBOUR_FLUX = 0.5       # a neighbour this bright (× the star) in the stamp disqualifies it;
+                           # fainter ones are masked
 FALLBACK_BETA = 4.765      # Moffat β of Kolmogorov seeing
 MIN_FWHM = 1.0             # px; a sharper "PSF" is made of cosmic rays or hot pixels
-# Half-light radius → FWHM: 2.0 for a Gaussian, 1.69 for a β = 4.765 Moffat.
-FWHM_PER_RHALF = 1.8
+MOMENT_RADIUS = 15         # px; box for the adaptive moments (sizes up to FWHM ≈ 11 px) ...
+MAX_MOMENT_RADIUS = 60     # ... grown up to this when the locus is near the box's limit
+PRIOR_WINDOW = math.log(1.3)   # with a prior, the locus lies within ×/÷ 1.3 of it
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,9 @@ class PSFEstimate:
     centred on its middle pixel; ``fwhm`` is ``measure_fwhm(psf)`` in pixels;
     ``method`` is "empirical", "moffat" or "fwhm"; ``n_stars`` the number of
     stars used (0 for "fwhm"); ``note`` one line for a log or HISTORY card.
+    ``locus`` is the size (adaptive-moment FWHM, px) of the frame's stellar
+    locus, ``n_locus`` the number of sources on it and ``spread`` their
+    scatter in ln(size): the evidence behind the PSF (NaN / 0 without one).
     """
 
     psf: np.ndarray
@@ -54,30 +62,23 @@ class PSFEstimate:
     method: str
     n_stars: int
     note: str
+    locus: float = math.nan
+    n_locus: int = 0
+    spread: float = math.nan
 
 
 @dataclass
 class _Stars:
-    """Good stars of one frame, brightest first."""
+    """Good stars of one frame, brightest first, and the locus they came from."""
 
-    yx: np.ndarray          # (K, 2) windowed centroids
-    fwhm_guess: float       # from the typical half-light radius, px
+    yx: np.ndarray          # (K, 2) adaptive-moment centroids
+    fwhm_guess: float       # the locus size, px
+    locus: Locus | None = None
+    segmap: np.ndarray | None = None   # sep's segmentation of the frame ...
+    ids: np.ndarray | None = None      # ... and the stars' labels in it
 
 
 _NO_STARS = _Stars(np.zeros((0, 2)), math.nan)
-
-
-def _sep_ready(image, what: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Native float32 C-ordered copy with NaN set to 0, and the NaN mask (None if none)."""
-    arr = np.asarray(image)
-    if arr.ndim != 2:
-        raise ShapeError(f"PSF estimation needs a 2-D {what}, got shape {arr.shape}")
-    data = np.array(arr, dtype=np.float32, order="C")   # a copy, native byte order
-    bad = ~np.isfinite(data)
-    if not bad.any():
-        return data, None
-    data[bad] = 0.0
-    return data, bad
 
 
 def _header_saturation(header) -> float | None:
@@ -129,19 +130,6 @@ def saturation_level(image, header=None) -> float:
     return top if n_top >= PLATEAU_PIXELS else math.inf
 
 
-def _extract(sub: np.ndarray, rms: float, mask):
-    try:
-        return sep.extract(sub, DETECT_SIGMA, err=rms, mask=mask, minarea=5)
-    except Exception as exc:  # sep raises bare Exception for its internal buffer limits
-        if "buffer full" in str(exc):
-            sep.set_extract_pixstack(max(sep.get_extract_pixstack() * 10, 3_000_000))
-        elif "deblending overflow" in str(exc):
-            sep.set_sub_object_limit(max(sep.get_sub_object_limit() * 4, 4096))
-        else:
-            raise
-        return sep.extract(sub, DETECT_SIGMA, err=rms, mask=mask, minarea=5)
-
-
 def _box_max(img: np.ndarray, objs) -> np.ndarray:
     """Maximum of ``img`` over each object's isophotal bounding box."""
     out = np.empty(len(objs))
@@ -150,94 +138,95 @@ def _box_max(img: np.ndarray, objs) -> np.ndarray:
     return out
 
 
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
-    order = np.argsort(values, kind="stable")
-    cum = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
-
-
 def _stamp_radius(fwhm: float, size: int | None) -> int:
     # A little wider than the kernel the FWHM asks for, so the FWHM measured
     # on the stamps can still grow the final kernel.
     return max(psf_size_for_fwhm(1.3 * fwhm) // 2, (size or 0) // 2)
 
 
-def _find_stars(raw, bad, sub, rms, saturation, max_stars) -> _Stars:
-    """Good PSF stars, brightest first.
+def _candidates(raw, bad, sub, rms, saturation, objs):
+    """Indices into ``objs`` of the bright, unsaturated, unmasked, untruncated sources.
 
-    Good: not deblended or truncated by sep, peak S/N ≥ ``MIN_PEAK_SNR``,
-    raw peak below ``SATURATION_FRACTION`` × saturation, no NaN in its
-    footprint, half-light radius and b/a close to the typical star's (no
-    galaxies, blends, cosmic rays or trails), no detection close enough to
-    blend and no bright one inside the stamp. Saturated stars are left out
-    by their peak only: a centre/peak ratio would also reject good,
-    well-sampled stars.
+    The brightest ``MAX_CANDIDATES`` by peak, brightest first; saturation is
+    judged on the raw frame (sky included), as the camera clips it.
     """
-    objs = _extract(sub, rms, bad)
-    if len(objs) == 0:
-        return _NO_STARS
-    ok = ((objs["flag"] & (sep.OBJ_MERGED | sep.OBJ_TRUNC)) == 0) & (objs["flux"] > 0) \
-        & (objs["peak"] >= MIN_PEAK_SNR * rms) & (objs["b"] > 0)
+    ok = ((objs["flag"] & sep.OBJ_TRUNC) == 0) & (objs["flux"] > 0) & (objs["b"] > 0) \
+        & (objs["peak"] >= MIN_PEAK_SNR * rms)
     cand = np.flatnonzero(ok)
     if cand.size:
-        # Saturation is judged on the raw frame (sky included), as the camera clips it.
         keep = _box_max(raw, objs[cand]) < SATURATION_FRACTION * saturation
         if bad is not None:
             keep &= _box_max(bad, objs[cand]) == 0
         cand = cand[keep]
-    if cand.size == 0:
-        return _NO_STARS
-    # Only the brightest can end up used; a margin for the shape cuts below.
-    cand = cand[np.argsort(-objs["flux"][cand], kind="stable")[:4 * int(max_stars)]]
-    c = objs[cand]
+    return cand[np.argsort(-objs["peak"][cand], kind="stable")[:MAX_CANDIDATES]]
 
-    # Half-light radius does not grow with brightness, unlike sep's isophotal a, b.
-    rmax = float(np.clip(6.0 * np.median(c["a"]), 5.0, 40.0))
-    rhalf, rflag = sep.flux_radius(sub, c["x"], c["y"], np.full(len(c), rmax), 0.5,
-                                   mask=bad, subpix=5)
-    good = (rflag == 0) & np.isfinite(rhalf) & (rhalf >= MIN_RHALF)
-    if not good.any():
+
+def _measure(sub, bad, objs, cand):
+    """Adaptive-moment size (FWHM, px), ellipticity, centre and physical-cut mask."""
+    yx = np.column_stack([objs["y"][cand], objs["x"][cand]])
+    radius = MOMENT_RADIUS
+    while True:
+        mom = adaptive_moments(sub, bad, yx, radius=radius)
+        size = fwhm_of_sigma(mom.sigma)
+        peak_fraction = objs["peak"][cand] / objs["flux"][cand]
+        usable = physical(size, mom.ell, peak_fraction, mom.ok)
+        # Sources too big for the box are not ``ok``; if that is most of the
+        # bright ones, the seeing itself may be that big: a larger box.
+        big = np.count_nonzero(~mom.ok & (mom.sigma > 0.9 * radius / 3.0))
+        if radius >= MAX_MOMENT_RADIUS or big <= max(usable.sum(), 3):
+            return size, mom, usable
+        radius = min(2 * radius, MAX_MOMENT_RADIUS)
+
+
+def _find_stars(raw, bad, sub, rms, saturation, max_stars, prior=None) -> _Stars:
+    """Good PSF stars on the frame's stellar locus, brightest first.
+
+    The locus (see :mod:`mfnumba._locus`) is the mode of the adaptive-moment
+    size among bright, unsaturated sources that a PSF could have made, so
+    neither galaxies nor cosmic rays can set it. Its members are then kept
+    when sep did not deblend them, they are no more elongated than the
+    locus allows, and no detection is close enough to blend with them or
+    bright enough to outshine them in their stamp (fainter ones are masked
+    there). ``prior`` (a locus size from the
+    other frames) restricts the locus to within ×/÷ 1.3 of it.
+    """
+    objs, segmap = extract(sub, DETECT_SIGMA, err=rms, mask=bad, minarea=5,
+                           segmentation_map=True)
+    if len(objs) == 0:
         return _NO_STARS
-    # Typical star: flux-weighted, so cosmic rays (many, faint, sharp) do not
-    # set it; weights capped so one large galaxy does not either.
-    weight = np.minimum(c["flux"], np.quantile(c["flux"][good], 0.8))
-    r_typ = _weighted_median(rhalf[good], weight[good])
-    ratio = c["b"] / c["a"]
-    q_typ = _weighted_median(ratio[good], weight[good])
-    good &= (rhalf >= RHALF_RANGE[0] * r_typ) & (rhalf <= RHALF_RANGE[1] * r_typ)
-    good &= ratio >= MIN_ROUNDNESS * q_typ
-    if good.sum() >= 3:   # the typical size again, on the star-like set
-        r_typ = _weighted_median(rhalf[good], weight[good])
-    fwhm_guess = max(FWHM_PER_RHALF * r_typ, 1.0)
-    cand, c = cand[good], c[good]
+    cand = _candidates(raw, bad, sub, rms, saturation, objs)
     if cand.size == 0:
         return _NO_STARS
+    size, mom, usable = _measure(sub, bad, objs, cand)
+    loc = find_locus(size, usable, prior=prior, window=PRIOR_WINDOW)
+    if loc is None:
+        return _NO_STARS
+    fwhm_guess = max(loc.size, MIN_FWHM)
+    m = loc.members
+    ell_max = float(np.median(mom.ell[m])) + ELL_MARGIN
+    m = m[(mom.ell[m] <= ell_max) & ((objs["flag"][cand[m]] & sep.OBJ_MERGED) == 0)]
+    m = m[np.argsort(-objs["flux"][cand[m]], kind="stable")]   # brightest first
 
     # Isolation against every detection, star or not.
     all_yx = np.column_stack([objs["y"], objs["x"]])
-    yx = np.column_stack([c["y"], c["x"]])
     tree = cKDTree(all_yx)
     near_blend = 2.0 * fwhm_guess
     near_stamp = _stamp_radius(fwhm_guess, None) + 3 + fwhm_guess
-    keep = np.ones(len(c), bool)
-    for k, (pt, idx) in enumerate(zip(yx, cand)):
-        for j in tree.query_ball_point(pt, near_stamp):
-            if j == idx:
-                continue
-            if (math.hypot(*(all_yx[j] - pt)) < near_blend
-                    or objs["flux"][j] > NEIGHBOUR_FLUX * c["flux"][k]):
-                keep[k] = False
+    keep = []
+    for k in m:
+        idx, pt, flux = cand[k], mom.yx[k], objs["flux"][cand[k]]
+        crowded = False
+        for j in tree.query_ball_point(all_yx[idx], near_stamp):
+            if j != idx and (math.hypot(*(all_yx[j] - pt)) < near_blend
+                             or objs["flux"][j] > NEIGHBOUR_FLUX * flux):
+                crowded = True
                 break
-    c = c[keep][:int(max_stars)]     # still brightest first
-
-    # Windowed centroids; a large jump means the window wandered off.
-    xw, yw, wflag = sep.winpos(sub, c["x"], c["y"],
-                               np.full(len(c), fwhm_guess / GAUSS_FWHM_PER_SIGMA),
-                               mask=bad, subpix=5)
-    moved = np.hypot(xw - c["x"], yw - c["y"])
-    use_w = (wflag == 0) & np.isfinite(xw) & np.isfinite(yw) & (moved < 1.5)
-    yx = np.column_stack([np.where(use_w, yw, c["y"]), np.where(use_w, xw, c["x"])])
-    return _Stars(yx, fwhm_guess)
+        if not crowded:
+            keep.append(k)
+            if len(keep) >= int(max_stars):
+                break
+    keep = np.asarray(keep, dtype=np.int64)
+    return _Stars(mom.yx[keep].reshape(-1, 2), fwhm_guess, loc, segmap, cand[keep] + 1)
 
 
 def _moffat_estimate(fwhm: float, size: int | None, method: str, n_stars: int,
@@ -246,82 +235,112 @@ def _moffat_estimate(fwhm: float, size: int | None, method: str, n_stars: int,
     return PSFEstimate(psf, measure_fwhm(psf), method, n_stars, note)
 
 
-def _from_stars(sub, bad, stars: _Stars, size: int | None, name: str) -> PSFEstimate | None:
-    """Empirical PSF from ≥ ``MIN_STARS`` stamps, a fitted Moffat from fewer.
+def _from_stars(sub, bad, stars: _Stars, size: int | None, name: str):
+    """(estimate, reason): empirical PSF from ≥ ``MIN_STARS`` stamps, a fitted Moffat from fewer.
 
-    None when no stamp could be cut, or when the stamps are sharper than
-    ``MIN_FWHM`` (cosmic rays or hot pixels, not stars).
+    The estimate is None (and ``reason`` says why) when no stamp could be
+    cut, or when the stamps are sharper than ``MIN_FWHM`` (cosmic rays or
+    hot pixels, not stars).
     """
     if len(stars.yx) == 0:
-        return None
+        if stars.locus is None:
+            return None, "no point sources"
+        return None, f"no isolated star among the {stars.locus.n} point source(s)"
+    masks = dict(segmap=stars.segmap, ids=stars.ids, grow=int(math.ceil(0.5 * stars.fwhm_guess)),
+                 core=max(2.0, 1.5 * stars.fwhm_guess))
+
+    def cut(r):
+        return cut_stamps(sub, bad, stars.yx, r, **masks)
+
     radius = _stamp_radius(stars.fwhm_guess, size)
-    stamps, phases, noise = cut_stamps(sub, bad, stars.yx, radius)
+    stamps, phases, noise = cut(radius)
     if len(stamps) < MIN_STARS and radius > _stamp_radius(stars.fwhm_guess, None):
         # A large requested size leaves stars' boxes off the frame: cut them
         # to the FWHM's size and let finish_psf zero-pad.
         radius = _stamp_radius(stars.fwhm_guess, None)
-        stamps, phases, noise = cut_stamps(sub, bad, stars.yx, radius)
+        stamps, phases, noise = cut(radius)
     n = len(stamps)
     if n == 0:
-        return None
+        return None, "no star far enough from the edges and masked pixels"
     psf = combine_stamps(stamps, phases, noise)
     fwhm = measure_fwhm(psf)
     if fwhm < MIN_FWHM:
         # Sharper than any seeing disk: what was found are cosmic rays or hot pixels.
-        log.warning("%s: the %d source(s) found are sharper than a PSF (FWHM %.2f px); "
-                    "not used", name, n, fwhm)
-        return None
+        return None, f"the {n} source(s) found are sharper than a PSF (FWHM {fwhm:.2f} px)"
+    loc = stars.locus
+    evidence = dict(locus=loc.size, n_locus=loc.n, spread=loc.spread) if loc is not None else {}
     if n < MIN_STARS:
-        return _moffat_estimate(fwhm, size, "moffat", n,
-                                f"Moffat fitted to {n} star(s), FWHM {fwhm:.2f} px")
+        est = _moffat_estimate(fwhm, size, "moffat", n,
+                               f"Moffat fitted to {n} star(s), FWHM {fwhm:.2f} px")
+        return PSFEstimate(est.psf, est.fwhm, est.method, n, est.note, **evidence), ""
     final = size or psf_size_for_fwhm(fwhm)
     if final // 2 > radius:
         # The stars are wider than their first guess: cut wider stamps, unless
         # too few of those fit in the frame (then the wings are zero-padded).
-        wide = cut_stamps(sub, bad, stars.yx, final // 2)
+        wide = cut(final // 2)
         if len(wide[0]) >= MIN_STARS:
             n = len(wide[0])
             psf = combine_stamps(*wide)
     psf = finish_psf(psf, final, name)
     fwhm = measure_fwhm(psf)
-    return PSFEstimate(psf, fwhm, "empirical", n, f"empirical from {n} stars, FWHM {fwhm:.2f} px")
+    return PSFEstimate(psf, fwhm, "empirical", n, f"empirical from {n} stars, FWHM {fwhm:.2f} px",
+                       **evidence), ""
 
 
-def _estimate(image, peak_image, *, header, name, fallback_fwhm, size, max_stars) -> PSFEstimate:
-    """:func:`estimate_psf`, judging saturation on ``peak_image`` (None: on ``image``)."""
+def _check_options(size, max_stars, fallback_fwhm) -> int | None:
     if size is not None and (int(size) != size or size < 1 or size % 2 == 0):
         raise OptionError(f"PSF size must be a positive odd number, got {size}")
     if int(max_stars) < 1:
         raise OptionError(f"max_stars must be >= 1, got {max_stars}")
     if fallback_fwhm is not None and not (math.isfinite(fallback_fwhm) and fallback_fwhm > 0):
         raise OptionError(f"fallback FWHM must be a positive number of pixels, got {fallback_fwhm}")
-    size = None if size is None else int(size)
-    data, bad = _sep_ready(image, "frame")
-    raw = data if peak_image is None else _sep_ready(peak_image, "peak image")[0]
+    return None if size is None else int(size)
+
+
+def measure_frame(image, peak_image=None, *, header=None, name: str = "frame",
+                  size: int | None = None, max_stars: int = 60,
+                  prior: float | None = None) -> tuple[PSFEstimate | None, str]:
+    """One frame's PSF from its own stars, or None and the reason there is none.
+
+    The building block of :func:`estimate_psf` and of the stack's estimate
+    (:mod:`mfnumba.psf_frames`), which decide what a frame without stars
+    gets. Saturation is judged on ``peak_image`` (default ``image``);
+    ``prior`` restricts the stellar locus to within ×/÷ 1.3 of that size
+    (an adaptive-moment FWHM, as in :attr:`PSFEstimate.locus`).
+    """
+    size = _check_options(size, max_stars, None)
+    data, bad = sep_image(image, what="PSF estimation")
+    raw = data if peak_image is None else sep_image(peak_image, what="PSF estimation")[0]
     if raw.shape != data.shape:
         raise ShapeError(f"{name}: peak image {raw.shape} does not match frame {data.shape}")
-    est = None
-    if bad is None or not bad.all():
-        bkg = sep.Background(data, mask=bad)
-        sub = data - bkg.back(dtype=np.float32)
-        rms = float(bkg.globalrms) if bkg.globalrms > 0 else 1.0
-        sat = saturation_level(raw if bad is None else np.where(bad, np.nan, raw), header)
-        stars = _find_stars(raw, bad, sub, rms, sat, max_stars)
-        est = _from_stars(sub, bad, stars, size, name)
+    if bad is not None and bad.all():
+        return None, "no valid pixels"
+    sub, bkg = subtracted(data, bad)
+    rms = float(bkg.globalrms) if bkg.globalrms > 0 else 1.0
+    sat = saturation_level(raw if bad is None else np.where(bad, np.nan, raw), header)
+    stars = _find_stars(raw, bad, sub, rms, sat, max_stars, prior=prior)
+    return _from_stars(sub, bad, stars, size, name)
 
+
+def _estimate(image, peak_image, *, header, name, fallback_fwhm, size, max_stars,
+              warn: Callable[[str], None] = log.warning) -> PSFEstimate:
+    """:func:`estimate_psf`, judging saturation on ``peak_image`` (None: on ``image``)."""
+    size = _check_options(size, max_stars, fallback_fwhm)
+    est, reason = measure_frame(image, peak_image, header=header, name=name, size=size,
+                                max_stars=max_stars)
     if est is not None:
         if est.method == "moffat":
-            log.warning("%s: only %d usable star(s) for the PSF; using a Moffat of FWHM "
-                        "%.2f px fitted to them", name, est.n_stars, est.fwhm)
+            warn(f"{name}: only {est.n_stars} usable star(s) for the PSF; using a Moffat of "
+                 f"FWHM {est.fwhm:.2f} px fitted to them")
         return est
     if fallback_fwhm is not None:
         fwhm = float(fallback_fwhm)
-        log.warning("%s: no usable stars for the PSF; using a Moffat of the given FWHM "
-                    "%.2f px", name, fwhm)
+        warn(f"{name}: no usable stars for the PSF ({reason}); using a Moffat of the given "
+             f"FWHM {fwhm:.2f} px")
         return _moffat_estimate(fwhm, size, "fwhm", 0,
-                                f"Moffat of the given FWHM {fwhm:.2f} px (no usable stars)")
-    raise InputFileError("no usable stars found to estimate the PSF; pass --fwhm or --psf",
-                         path=name)
+                                f"Moffat of the given FWHM {fwhm:.2f} px (no usable stars: {reason})")
+    raise InputFileError(f"no usable stars found to estimate the PSF ({reason}); "
+                         "pass --fwhm or --psf", path=name)
 
 
 def estimate_psf(image: np.ndarray, *, header=None, name: str = "frame",
