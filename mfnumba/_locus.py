@@ -32,7 +32,9 @@ MIN_FWHM = 1.0          # px; sharper than this is not a seeing disk
 # its flux in that pixel; no PSF of FWHM >= 1 px puts more.
 MAX_PEAK_FRACTION = 0.58
 MAX_ELL = 0.3           # weighted-moment ellipticity; an axis ratio b/a of 0.5 reads about 0.3
-BANDWIDTH = 0.05        # kernel width in ln(size): 5 %
+BANDWIDTH = 0.03        # kernel width in ln(size): 3 %
+PEAK_FRACTION = 0.3     # a density peak this high (× the highest) is significant ...
+MIN_PEAK_SOURCES = 4    # ... and as high as this many coincident sources
 WINDOW = 0.10           # members: within 10 % (in ln) of the mode ...
 WINDOW_MAX = 0.15       # ... widened to 3 × the members' spread, at most 15 %
 PIXEL_VAR = 1.0 / 12.0  # px²; the pixel's own second moment
@@ -71,7 +73,15 @@ def physical(size: np.ndarray, ell: np.ndarray, peak_fraction: np.ndarray,
 
 
 def _mode(lnsize: np.ndarray) -> float:
-    """Mode of a Gaussian kernel density of ``lnsize`` (bandwidth ``BANDWIDTH``)."""
+    """The stellar peak of a Gaussian kernel density of ``lnsize`` (bandwidth ``BANDWIDTH``).
+
+    Everything in a frame is the PSF convolved with something, so point
+    sources are the smallest sequence: of the density's peaks that are
+    significant (at least ``PEAK_FRACTION`` of the highest, and as high as
+    ``MIN_PEAK_SOURCES`` coincident sources), the one at the smallest size.
+    A galaxy-rich field can hold more compact galaxies just above the stars
+    than it holds stars; they do not outvote the stars that way.
+    """
     if lnsize.size == 1:
         return float(lnsize[0])
     step = BANDWIDTH / 5.0
@@ -79,8 +89,14 @@ def _mode(lnsize: np.ndarray) -> float:
     density = np.zeros(grid.size)
     for chunk in np.array_split(lnsize, max(1, lnsize.size // 256)):
         density += np.exp(-0.5 * ((grid[:, None] - chunk[None]) / BANDWIDTH) ** 2).sum(axis=1)
-    # Ties (flat tops) resolve to the smallest size: stars are the smallest sequence.
-    return float(grid[int(np.argmax(density))])
+    top = float(density.max())
+    inner = density[1:-1]
+    peaks = np.flatnonzero((inner >= density[:-2]) & (inner > density[2:])) + 1
+    need = max(PEAK_FRACTION * top, min(MIN_PEAK_SOURCES, lnsize.size) * 0.9)
+    strong = peaks[density[peaks] >= need]
+    if strong.size == 0:
+        return float(grid[int(np.argmax(density))])
+    return float(grid[strong[0]])
 
 
 def find_locus(size: np.ndarray, usable: np.ndarray, *, prior: float | None = None,

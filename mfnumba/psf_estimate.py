@@ -170,10 +170,10 @@ def _measure(sub, bad, objs, cand):
         size = fwhm_of_sigma(mom.sigma)
         peak_fraction = objs["peak"][cand] / objs["flux"][cand]
         usable = physical(size, mom.ell, peak_fraction, mom.ok)
-        # Sources too big for the box are not ``ok``; if that is most of the
-        # bright ones, the seeing itself may be that big: a larger box.
-        big = np.count_nonzero(~mom.ok & (mom.sigma > 0.9 * radius / 3.0))
-        if radius >= MAX_MOMENT_RADIUS or big <= max(usable.sum(), 3):
+        # Sources too big for the box are not ``ok``; if they outnumber the
+        # usable ones, the seeing itself may be that big: a larger box.
+        big = np.count_nonzero(mom.too_big)
+        if radius >= MAX_MOMENT_RADIUS or big <= 2 * usable.sum() + 3:
             return size, mom, usable
         radius = min(2 * radius, MAX_MOMENT_RADIUS)
 
@@ -264,6 +264,12 @@ def _from_stars(sub, bad, stars: _Stars, size: int | None, name: str):
         return None, "no star far enough from the edges and masked pixels"
     psf = combine_stamps(stamps, phases, noise)
     fwhm = measure_fwhm(psf)
+    if not 0.5 <= fwhm / stars.fwhm_guess <= 2.0:
+        # Wings the stamps could not clean (light of a galaxy under the
+        # stars) can make the Moffat fit degenerate; the tapered kernel's core
+        # is measurable.
+        fwhm = measure_fwhm(finish_psf(psf, min(psf_size_for_fwhm(stars.fwhm_guess),
+                                                psf.shape[0]), name))
     if fwhm < MIN_FWHM:
         # Sharper than any seeing disk: what was found are cosmic rays or hot pixels.
         return None, f"the {n} source(s) found are sharper than a PSF (FWHM {fwhm:.2f} px)"
@@ -394,7 +400,12 @@ def estimate_psf(image: np.ndarray, *, header=None, name: str = "frame",
 def estimate_psfs(data: np.ndarray, headers=None, names=None, *,
                   fallback_fwhm: float | None = None, size: int | None = None,
                   channel: int | None = None) -> list[PSFEstimate]:
-    """Estimate each frame's PSF (see :func:`estimate_psf`).
+    """Estimate each frame's PSF, checked against the other frames.
+
+    Each frame as :func:`estimate_psf` does, then as a stack (see
+    :mod:`mfnumba.psf_frames`): an outlier without strong evidence is
+    measured again near the stack's stellar locus, and a frame without
+    stars gets ``fallback_fwhm`` or its neighbours' FWHM, with a warning.
 
     Parameters
     ----------
@@ -402,6 +413,8 @@ def estimate_psfs(data: np.ndarray, headers=None, names=None, *,
         ``(N, C, h, w)`` stack.
     headers, names : sequence, optional
         Per-frame headers (or None) and names; names default to "frame i".
+    fallback_fwhm : float, optional
+        FWHM (px) for frames without usable stars (before neighbours).
     channel : int, optional
         Channel whose stars are used; None: the luminance (channel mean).
         Saturation is judged on the brightest channel of each pixel, so a
@@ -411,7 +424,14 @@ def estimate_psfs(data: np.ndarray, headers=None, names=None, *,
     -------
     list of PSFEstimate
         One per frame.
+
+    Raises
+    ------
+    InputFileError
+        No frame has usable stars and there is no ``fallback_fwhm``.
     """
+    from .psf_frames import emit_warnings, estimate_stack   # it builds on this module
+
     arr = np.asarray(data)
     if arr.ndim != 4:
         raise ShapeError(f"expected an (N, C, h, w) stack, got shape {arr.shape}")
@@ -422,15 +442,9 @@ def estimate_psfs(data: np.ndarray, headers=None, names=None, *,
         raise ShapeError(f"{n_frames} frames but {len(headers)} headers and {len(names)} names")
     if channel is not None and not 0 <= int(channel) < n_chan:
         raise OptionError(f"channel {channel} out of range for {n_chan} channel(s)")
-    out = []
-    for i in range(n_frames):
-        if channel is not None:
-            img, peak = arr[i, int(channel)], None
-        elif n_chan == 1:
-            img, peak = arr[i, 0], None
-        else:
-            img = arr[i].mean(axis=0, dtype=np.float32)
-            peak = arr[i].max(axis=0)
-        out.append(_estimate(img, peak, header=headers[i], name=names[i],
-                             fallback_fwhm=fallback_fwhm, size=size, max_stars=60))
-    return out
+    size = _check_options(size, 1, fallback_fwhm)
+    stack = estimate_stack(lambda i: arr[i], n_frames, names=names, headers=headers,
+                           planes=[None if channel is None else int(channel)], size=size,
+                           fallback_fwhms=[fallback_fwhm] * n_frames)
+    emit_warnings(stack, names)
+    return stack.estimates[0]
