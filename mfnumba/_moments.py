@@ -12,6 +12,7 @@ Gaussian of width σ measures ``sqrt(σ² + 1/12)``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,7 +86,8 @@ def adaptive_moments(image: np.ndarray, bad, yx: np.ndarray, *, radius: int) -> 
     offsets = np.arange(-r, r + 1, dtype=np.float64)
     ring = np.hypot(offsets[:, None], offsets[None, :]) >= r - 1.5
     valid = np.isfinite(boxes)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():   # a box with no valid ring pixel: no sky to remove
+        warnings.simplefilter("ignore", RuntimeWarning)
         sky = np.nanmedian(np.where(ring[None], boxes, np.nan).reshape(k, -1), axis=1)
     data = np.where(valid, boxes - np.nan_to_num(sky)[:, None, None], 0.0)
     start = np.asarray(yx, np.float64).reshape(-1, 2) - centre

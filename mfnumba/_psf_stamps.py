@@ -12,6 +12,7 @@ has one, and a masked pixel simply gets no weight.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy import ndimage
@@ -21,6 +22,13 @@ from .psf import normalize_psf
 REGRESSION_STARS = 12      # stars needed to fit each pixel against sub-pixel phase
 CLIP_SIGMA = 4.0           # per-pixel clipping when combining stamps
 _GROW = ndimage.generate_binary_structure(2, 1)
+
+
+def _nanmedian(a: np.ndarray, axis: int) -> np.ndarray:
+    """np.nanmedian without the warning for an all-NaN slice (it is NaN, as wanted)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(a, axis=axis)
 
 
 def _others(segmap, seg_id: int, box, grow: int) -> np.ndarray:
@@ -137,8 +145,7 @@ def combine_stamps(stamps: np.ndarray, phases: np.ndarray, noise: np.ndarray) ->
         ridge = np.diag([0.0] + [1e-4] * (a.shape[1] - 1))
     else:
         if not valid.all():
-            with np.errstate(all="ignore"):
-                fill = np.nan_to_num(np.nanmedian(stamps, axis=0))
+            fill = np.nan_to_num(_nanmedian(stamps, axis=0))
             stamps = np.where(np.isfinite(stamps), stamps, fill[None])
         values = np.stack([fourier_shift(s, -dy, -dx) for s, (dy, dx) in zip(stamps, phases)])
         values = values.reshape(k, -1)
@@ -156,9 +163,8 @@ def combine_stamps(stamps: np.ndarray, phases: np.ndarray, noise: np.ndarray) ->
     coef = fit(w)
     if k >= 3:
         resid = np.where(valid, values - a @ coef.T, np.nan)
-        with np.errstate(all="ignore"):
-            centre = np.nanmedian(resid, axis=0)
-            mad = 1.4826 * np.nanmedian(np.abs(resid - centre), axis=0)
+        centre = _nanmedian(resid, axis=0)
+        mad = 1.4826 * _nanmedian(np.abs(resid - centre), axis=0)
         mad = np.nan_to_num(mad)
         keep = valid & (np.abs(np.nan_to_num(resid)) <= CLIP_SIGMA * np.sqrt(
             mad[None] ** 2 + sig[:, None] ** 2))

@@ -89,8 +89,8 @@ def extract(data: np.ndarray, thresh: float, **kw):
 
     A full pixel stack is retried with room for every pixel of the image;
     a deblending overflow with ``SUBOBJECT_GROWTH`` × the sub-object limit,
-    then without deblending (``deblend_cont=1``: a crowded clump stays one
-    object, which the callers' cuts then leave out). The limits are
+    then without deblending (``deblend_nthresh=1``: a crowded clump stays
+    one object, which the callers' cuts then leave out). The limits are
     restored afterwards. Other errors propagate.
     """
     try:
@@ -109,7 +109,7 @@ def extract(data: np.ndarray, thresh: float, **kw):
             if _limit_hit(exc) != "deblend":
                 raise
             log.debug("sep: deblending still overflows; extracting without deblending")
-            return sep.extract(data, thresh, **{**kw, "deblend_cont": 1.0})
+            return sep.extract(data, thresh, **{**kw, "deblend_nthresh": 1})
 
 
 def subtracted(data: np.ndarray, bad: np.ndarray | None) -> tuple[np.ndarray, sep.Background]:
