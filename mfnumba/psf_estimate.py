@@ -1,10 +1,15 @@
 """Per-frame PSF estimation from the frame's own stars.
 
-For stacks without PSF files: detect stars with sep, keep the isolated,
-unsaturated, round, bright ones, cut integer-centred stamps and combine them
+For stacks without PSF files: the frame's point sources are found on its
+stellar locus (:mod:`mfnumba._psf_stars`: bright, unsaturated detections
+whose size sits on the tight, flux-independent sequence of smallest size,
+so neither galaxies nor cosmic rays are taken for stars); integer-centred
+stamps of the isolated ones (fainter neighbours masked) are combined
 robustly into an empirical PSF centred at sub-pixel phase 0. With too few
 good stars the PSF is a Moffat fitted to the stars there are, else a Moffat
-of a given FWHM. Coordinates are (y, x) with the centre of pixel (0, 0) at 0.0.
+of a given FWHM. A whole stack's PSFs, checked against each other, come
+from :mod:`mfnumba.psf_frames`. Coordinates are (y, x) with the centre of
+pixel (0, 0) at 0.0.
 """
 
 from __future__ import annotations
@@ -15,33 +20,20 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import sep
-from scipy.spatial import cKDTree
 
-from .errors import InputFileError, OptionError, ShapeError
-from ._locus import Locus, find_locus, fwhm_of_sigma, physical
-from ._moments import adaptive_moments
+from ._locus import MIN_FWHM   # px; a sharper "PSF" is made of cosmic rays or hot pixels
 from ._psf_stamps import combine_stamps, cut_stamps, finish_psf
-from ._sep import extract, sep_image, subtracted
+from ._psf_stars import Stars, find_stars, stamp_radius
+from ._sep import sep_image, subtracted
+from .errors import InputFileError, OptionError, ShapeError
 from .psf import measure_fwhm, moffat_psf, psf_size_for_fwhm
 
 log = logging.getLogger("mfnumba")
 
 MIN_STARS = 5              # fewer good stars: a fitted Moffat instead of an empirical PSF
-DETECT_SIGMA = 5.0         # sep threshold, × global background RMS
-MIN_PEAK_SNR = 15.0        # peak / RMS of a source worth measuring (PSFEx: S/N >= 20)
-MAX_CANDIDATES = 400       # the brightest this many measured for the locus
-SATURATION_FRACTION = 0.8  # a star peaking above this × saturation is not used
 PLATEAU_TOLERANCE = 0.02   # pixels within 2 % of the frame maximum ...
 PLATEAU_PIXELS = 5         # ... this many of them: a clipped plateau
-ELL_MARGIN = 0.1           # a star may be this much more elongated than the locus median
-NEIGHBOUR_FLUX = 0.5       # a neighbour this bright (× the star) in the stamp disqualifies it;
-                           # fainter ones are masked
 FALLBACK_BETA = 4.765      # Moffat β of Kolmogorov seeing
-MIN_FWHM = 1.0             # px; a sharper "PSF" is made of cosmic rays or hot pixels
-MOMENT_RADIUS = 15         # px; box for the adaptive moments (sizes up to FWHM ≈ 11 px) ...
-MAX_MOMENT_RADIUS = 60     # ... grown up to this when the locus is near the box's limit
-PRIOR_WINDOW = math.log(1.3)   # with a prior, the locus lies within ×/÷ 1.3 of it
 
 
 @dataclass(frozen=True)
@@ -65,20 +57,6 @@ class PSFEstimate:
     locus: float = math.nan
     n_locus: int = 0
     spread: float = math.nan
-
-
-@dataclass
-class _Stars:
-    """Good stars of one frame, brightest first, and the locus they came from."""
-
-    yx: np.ndarray          # (K, 2) adaptive-moment centroids
-    fwhm_guess: float       # the locus size, px
-    locus: Locus | None = None
-    segmap: np.ndarray | None = None   # sep's segmentation of the frame ...
-    ids: np.ndarray | None = None      # ... and the stars' labels in it
-
-
-_NO_STARS = _Stars(np.zeros((0, 2)), math.nan)
 
 
 def _header_saturation(header) -> float | None:
@@ -130,112 +108,13 @@ def saturation_level(image, header=None) -> float:
     return top if n_top >= PLATEAU_PIXELS else math.inf
 
 
-def _box_max(img: np.ndarray, objs) -> np.ndarray:
-    """Maximum of ``img`` over each object's isophotal bounding box."""
-    out = np.empty(len(objs))
-    for k, o in enumerate(objs):
-        out[k] = img[o["ymin"]:o["ymax"] + 1, o["xmin"]:o["xmax"] + 1].max()
-    return out
-
-
-def _stamp_radius(fwhm: float, size: int | None) -> int:
-    # A little wider than the kernel the FWHM asks for, so the FWHM measured
-    # on the stamps can still grow the final kernel.
-    return max(psf_size_for_fwhm(1.3 * fwhm) // 2, (size or 0) // 2)
-
-
-def _candidates(raw, bad, sub, rms, saturation, objs):
-    """Indices into ``objs`` of the bright, unsaturated, unmasked, untruncated sources.
-
-    The brightest ``MAX_CANDIDATES`` by peak, brightest first; saturation is
-    judged on the raw frame (sky included), as the camera clips it.
-    """
-    ok = ((objs["flag"] & sep.OBJ_TRUNC) == 0) & (objs["flux"] > 0) & (objs["b"] > 0) \
-        & (objs["peak"] >= MIN_PEAK_SNR * rms)
-    cand = np.flatnonzero(ok)
-    if cand.size:
-        keep = _box_max(raw, objs[cand]) < SATURATION_FRACTION * saturation
-        if bad is not None:
-            keep &= _box_max(bad, objs[cand]) == 0
-        cand = cand[keep]
-    return cand[np.argsort(-objs["peak"][cand], kind="stable")[:MAX_CANDIDATES]]
-
-
-def _measure(sub, bad, objs, cand):
-    """Adaptive-moment size (FWHM, px), ellipticity, centre and physical-cut mask."""
-    yx = np.column_stack([objs["y"][cand], objs["x"][cand]])
-    radius = MOMENT_RADIUS
-    while True:
-        mom = adaptive_moments(sub, bad, yx, radius=radius)
-        size = fwhm_of_sigma(mom.sigma)
-        peak_fraction = objs["peak"][cand] / objs["flux"][cand]
-        usable = physical(size, mom.ell, peak_fraction, mom.ok)
-        # Sources too big for the box are not ``ok``; if they outnumber the
-        # usable ones, the seeing itself may be that big: a larger box.
-        big = np.count_nonzero(mom.too_big)
-        if radius >= MAX_MOMENT_RADIUS or big <= 2 * usable.sum() + 3:
-            return size, mom, usable
-        radius = min(2 * radius, MAX_MOMENT_RADIUS)
-
-
-def _find_stars(raw, bad, sub, rms, saturation, max_stars, prior=None) -> _Stars:
-    """Good PSF stars on the frame's stellar locus, brightest first.
-
-    The locus (see :mod:`mfnumba._locus`) is the mode of the adaptive-moment
-    size among bright, unsaturated sources that a PSF could have made, so
-    neither galaxies nor cosmic rays can set it. Its members are then kept
-    when sep did not deblend them, they are no more elongated than the
-    locus allows, and no detection is close enough to blend with them or
-    bright enough to outshine them in their stamp (fainter ones are masked
-    there). ``prior`` (a locus size from the
-    other frames) restricts the locus to within ×/÷ 1.3 of it.
-    """
-    objs, segmap = extract(sub, DETECT_SIGMA, err=rms, mask=bad, minarea=5,
-                           segmentation_map=True)
-    if len(objs) == 0:
-        return _NO_STARS
-    cand = _candidates(raw, bad, sub, rms, saturation, objs)
-    if cand.size == 0:
-        return _NO_STARS
-    size, mom, usable = _measure(sub, bad, objs, cand)
-    loc = find_locus(size, usable, prior=prior, window=PRIOR_WINDOW)
-    if loc is None:
-        return _NO_STARS
-    fwhm_guess = max(loc.size, MIN_FWHM)
-    m = loc.members
-    ell_max = float(np.median(mom.ell[m])) + ELL_MARGIN
-    m = m[(mom.ell[m] <= ell_max) & ((objs["flag"][cand[m]] & sep.OBJ_MERGED) == 0)]
-    m = m[np.argsort(-objs["flux"][cand[m]], kind="stable")]   # brightest first
-
-    # Isolation against every detection, star or not.
-    all_yx = np.column_stack([objs["y"], objs["x"]])
-    tree = cKDTree(all_yx)
-    near_blend = 2.0 * fwhm_guess
-    near_stamp = _stamp_radius(fwhm_guess, None) + 3 + fwhm_guess
-    keep = []
-    for k in m:
-        idx, pt, flux = cand[k], mom.yx[k], objs["flux"][cand[k]]
-        crowded = False
-        for j in tree.query_ball_point(all_yx[idx], near_stamp):
-            if j != idx and (math.hypot(*(all_yx[j] - pt)) < near_blend
-                             or objs["flux"][j] > NEIGHBOUR_FLUX * flux):
-                crowded = True
-                break
-        if not crowded:
-            keep.append(k)
-            if len(keep) >= int(max_stars):
-                break
-    keep = np.asarray(keep, dtype=np.int64)
-    return _Stars(mom.yx[keep].reshape(-1, 2), fwhm_guess, loc, segmap, cand[keep] + 1)
-
-
 def _moffat_estimate(fwhm: float, size: int | None, method: str, n_stars: int,
                      note: str) -> PSFEstimate:
     psf = moffat_psf(fwhm, beta=FALLBACK_BETA, size=size)
     return PSFEstimate(psf, measure_fwhm(psf), method, n_stars, note)
 
 
-def _from_stars(sub, bad, stars: _Stars, size: int | None, name: str):
+def _from_stars(sub, bad, stars: Stars, size: int | None, name: str):
     """(estimate, reason): empirical PSF from ≥ ``MIN_STARS`` stamps, a fitted Moffat from fewer.
 
     The estimate is None (and ``reason`` says why) when no stamp could be
@@ -252,12 +131,12 @@ def _from_stars(sub, bad, stars: _Stars, size: int | None, name: str):
     def cut(r):
         return cut_stamps(sub, bad, stars.yx, r, **masks)
 
-    radius = _stamp_radius(stars.fwhm_guess, size)
+    radius = stamp_radius(stars.fwhm_guess, size)
     stamps, phases, noise = cut(radius)
-    if len(stamps) < MIN_STARS and radius > _stamp_radius(stars.fwhm_guess, None):
+    if len(stamps) < MIN_STARS and radius > stamp_radius(stars.fwhm_guess, None):
         # A large requested size leaves stars' boxes off the frame: cut them
         # to the FWHM's size and let finish_psf zero-pad.
-        radius = _stamp_radius(stars.fwhm_guess, None)
+        radius = stamp_radius(stars.fwhm_guess, None)
         stamps, phases, noise = cut(radius)
     n = len(stamps)
     if n == 0:
@@ -324,7 +203,7 @@ def measure_frame(image, peak_image=None, *, header=None, name: str = "frame",
     sub, bkg = subtracted(data, bad)
     rms = float(bkg.globalrms) if bkg.globalrms > 0 else 1.0
     sat = saturation_level(raw if bad is None else np.where(bad, np.nan, raw), header)
-    stars = _find_stars(raw, bad, sub, rms, sat, max_stars, prior=prior)
+    stars = find_stars(raw, bad, sub, rms, sat, max_stars, prior=prior)
     return _from_stars(sub, bad, stars, size, name)
 
 
