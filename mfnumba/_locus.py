@@ -3,10 +3,10 @@
 Among bright, unsaturated detections, point sources form a tight sequence
 at one size, whatever their flux: galaxies are larger (each is the PSF
 convolved with something), cosmic rays and hot pixels are sharper than any
-seeing disk and rarely round. So, as PSFEx does with its FWHM mode, the
-locus is the mode of the size distribution, counted (never flux-weighted:
-one bright galaxy or a swarm of cosmic rays must not set it), after the
-sources no PSF can produce are left out:
+seeing disk and rarely round. So, much as PSFEx takes the mode of
+its candidates' FWHM, the locus is a peak of the size distribution, counted
+(never flux-weighted: one bright galaxy or a swarm of cosmic rays must not
+set it), after the sources no PSF can produce are left out:
 
 * size: adaptive second moments (:mod:`mfnumba._moments`), which do not
   grow with brightness and ignore neighbours;
@@ -16,8 +16,10 @@ sources no PSF can produce are left out:
 * roundness: elongation above ``MAX_ELL`` is a trail, a cosmic-ray track
   or an edge-on galaxy.
 
-The mode is found on a kernel density of ln(size), optionally restricted
-to a window around a prior (the other frames' locus).
+The peak is found on a kernel density of ln(size): the smallest of the
+significant peaks, since everything else in the frame is the PSF convolved
+with something larger. It can be restricted to a window around a prior
+(the other frames' locus).
 """
 
 from __future__ import annotations

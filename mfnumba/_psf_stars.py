@@ -31,6 +31,11 @@ NEIGHBOUR_FLUX = 0.5       # ... brighter than this disqualify it; in between th
 MOMENT_RADIUS = 15         # px; box for the adaptive moments (sizes up to FWHM ≈ 11 px) ...
 MAX_MOMENT_RADIUS = 60     # ... grown up to this when the locus is near the box's limit
 PRIOR_WINDOW = math.log(1.3)   # with a prior, the locus lies within ×/÷ 1.3 of it
+FULL_FRAME = 2048 * 2048   # px; larger frames are searched in regions ...
+REGION = 768               # ... of this side ...
+REGION_GRID = 3            # ... on a 3 × 3 grid ...
+REGION_MARGIN = 48         # ... read with this margin (stamp and annulus of a 10 px FWHM)
+REGION_MIN_LOCUS = 30      # fewer sources on the locus there: search the whole frame
 
 
 @dataclass
@@ -61,13 +66,68 @@ def stamp_radius(fwhm: float, size: int | None) -> int:
     return max(psf_size_for_fwhm(1.3 * fwhm) // 2, (size or 0) // 2)
 
 
-def _candidates(raw, bad, sub, rms, saturation, objs):
+def _regions(shape, full: bool = False) -> list[tuple[slice, slice, tuple[int, int, int, int]]]:
+    """Where to look for stars: (rows, cols) read, and the (y0, y1, x0, x1) owned inside them.
+
+    A frame up to ``FULL_FRAME`` pixels is one region. A larger one is
+    sampled by a ``REGION_GRID`` × ``REGION_GRID`` grid of ``REGION`` px
+    squares spread over the field (centre, edges, corners), each read with
+    a ``REGION_MARGIN`` so that the stamps and neighbours of the stars it
+    owns are whole; the squares never touch, so no source is in two.
+    Detection costs what the pixels cost: a 4096² frame is read at a third.
+    """
+    h, w = shape
+    span = REGION + 2 * REGION_MARGIN
+    if full or h * w <= FULL_FRAME or min(h, w) < REGION_GRID * (span + REGION_MARGIN):
+        return [(slice(0, h), slice(0, w), (0, h, 0, w))]
+    out = []
+    for fy in (np.arange(REGION_GRID) + 0.5) / REGION_GRID:
+        for fx in (np.arange(REGION_GRID) + 0.5) / REGION_GRID:
+            y0 = int(np.clip(round(fy * h - REGION / 2), REGION_MARGIN, h - REGION - REGION_MARGIN))
+            x0 = int(np.clip(round(fx * w - REGION / 2), REGION_MARGIN, w - REGION - REGION_MARGIN))
+            out.append((slice(y0 - REGION_MARGIN, y0 + REGION + REGION_MARGIN),
+                        slice(x0 - REGION_MARGIN, x0 + REGION + REGION_MARGIN),
+                        (y0, y0 + REGION, x0, x0 + REGION)))
+    return out
+
+
+_POSITION_FIELDS = {"y": 0, "ymin": 0, "ymax": 0, "ypeak": 0, "ycpeak": 0,
+                    "x": 1, "xmin": 1, "xmax": 1, "xpeak": 1, "xcpeak": 1}
+
+
+def _detect(sub, bad, rms, regions):
+    """sep detections of the regions in frame coordinates, the frame's segmentation, and
+    which detections lie in a region's owned part."""
+    if len(regions) == 1 and regions[0][0] == slice(0, sub.shape[0]) \
+            and regions[0][1] == slice(0, sub.shape[1]):
+        objs, segmap = extract(sub, DETECT_SIGMA, err=rms, mask=bad, minarea=5,
+                               segmentation_map=True)
+        return objs, segmap, np.ones(len(objs), bool)
+    segmap = np.zeros(sub.shape, np.int32)
+    tables, owned = [], []
+    for rows, cols, (y0, y1, x0, x1) in regions:
+        part = np.ascontiguousarray(sub[rows, cols])
+        mask = None if bad is None else np.ascontiguousarray(bad[rows, cols])
+        objs, seg = extract(part, DETECT_SIGMA, err=rms, mask=mask, minarea=5,
+                            segmentation_map=True)
+        objs = objs.copy()
+        for name, axis in _POSITION_FIELDS.items():
+            if name in objs.dtype.names:
+                objs[name] += (rows.start, cols.start)[axis]
+        first = sum(len(t) for t in tables)
+        segmap[rows, cols] = np.where(seg > 0, seg + first, 0)
+        tables.append(objs)
+        owned.append((objs["y"] >= y0) & (objs["y"] < y1) & (objs["x"] >= x0) & (objs["x"] < x1))
+    return np.concatenate(tables), segmap, np.concatenate(owned)
+
+
+def _candidates(raw, bad, sub, rms, saturation, objs, owned):
     """Indices into ``objs`` of the bright, unsaturated, unmasked, untruncated sources.
 
     The brightest ``MAX_CANDIDATES`` by peak, brightest first; saturation is
     judged on the raw frame (sky included), as the camera clips it.
     """
-    ok = ((objs["flag"] & sep.OBJ_TRUNC) == 0) & (objs["flux"] > 0) & (objs["b"] > 0) \
+    ok = owned & ((objs["flag"] & sep.OBJ_TRUNC) == 0) & (objs["flux"] > 0) & (objs["b"] > 0) \
         & (objs["peak"] >= MIN_PEAK_SNR * rms)
     cand = np.flatnonzero(ok)
     if cand.size:
@@ -98,24 +158,26 @@ def _measure(sub, bad, objs, cand):
 def find_stars(raw, bad, sub, rms, saturation, max_stars, prior=None) -> Stars:
     """Good PSF stars on the frame's stellar locus, brightest first.
 
-    The locus (see :mod:`mfnumba._locus`) is the mode of the adaptive-moment
-    size among bright, unsaturated sources that a PSF could have made, so
-    neither galaxies nor cosmic rays can set it. Its members are then kept
-    when sep did not deblend them, they are no more elongated than the
-    locus allows, and no detection is close enough to blend with them or
-    bright enough to outshine them in their stamp (fainter ones are masked
-    there). ``prior`` (a locus size from the
-    other frames) restricts the locus to within ×/÷ 1.3 of it.
+    The locus (see :mod:`mfnumba._locus`) is the smallest significant peak
+    of the adaptive-moment size distribution among bright, unsaturated
+    sources that a PSF could have made, so neither galaxies nor cosmic rays
+    can set it. Its members are then kept when sep did not deblend them,
+    they are no more elongated than the locus allows, and no detection is
+    close enough to blend with them or bright enough to outshine them in
+    their stamp (fainter ones are masked there). ``prior`` (a locus size
+    from the other frames) restricts the locus to within ×/÷ 1.3 of it.
     """
-    objs, segmap = extract(sub, DETECT_SIGMA, err=rms, mask=bad, minarea=5,
-                           segmentation_map=True)
-    if len(objs) == 0:
-        return _NO_STARS
-    cand = _candidates(raw, bad, sub, rms, saturation, objs)
-    if cand.size == 0:
-        return _NO_STARS
-    size, mom, usable = _measure(sub, bad, objs, cand)
-    loc = find_locus(size, usable, prior=prior, window=PRIOR_WINDOW)
+    regions = _regions(sub.shape)
+    while True:
+        objs, segmap, owned = _detect(sub, bad, rms, regions)
+        cand = _candidates(raw, bad, sub, rms, saturation, objs, owned)
+        loc = None
+        if cand.size:
+            size, mom, usable = _measure(sub, bad, objs, cand)
+            loc = find_locus(size, usable, prior=prior, window=PRIOR_WINDOW)
+        if len(regions) == 1 or (loc is not None and loc.n >= REGION_MIN_LOCUS):
+            break
+        regions = _regions(sub.shape, full=True)   # too few stars in the regions: everywhere
     if loc is None:
         return _NO_STARS
     fwhm_guess = max(loc.size, MIN_FWHM)

@@ -99,12 +99,14 @@ def saturation_level(image, header=None) -> float:
     level = _header_saturation(header)
     if level is not None:
         return level
-    vals = np.asarray(image, dtype=np.float64)
-    vals = vals[np.isfinite(vals)]
-    if vals.size == 0 or not vals.max() > 0:
+    vals = np.asarray(image)
+    finite = np.isfinite(vals)
+    if not finite.any():
         return math.inf
-    top = float(vals.max())
-    n_top = int(np.count_nonzero(vals >= top * (1.0 - PLATEAU_TOLERANCE)))
+    top = float(np.max(vals, where=finite, initial=-np.inf))
+    if not top > 0:
+        return math.inf
+    n_top = int(np.count_nonzero(vals >= top * (1.0 - PLATEAU_TOLERANCE)))   # NaN compares False
     return top if n_top >= PLATEAU_PIXELS else math.inf
 
 

@@ -292,3 +292,38 @@ def test_sep_extract_deblending_overflow_and_other_errors():
         sep.set_sub_object_limit(old)
     with pytest.raises(ValueError):
         _sep.extract(np.zeros((8, 8, 2), np.float32), 3.0)   # not a sep limit: propagates
+
+
+# ----------------------------------------------------------------------------- large frames
+
+def test_large_frames_are_searched_in_regions(monkeypatch):
+    from mfnumba import _psf_stars
+
+    regions = _psf_stars._regions((4096, 4096))
+    assert len(regions) == 9
+    for rows, cols, (y0, y1, x0, x1) in regions:
+        assert 0 <= rows.start < y0 < y1 < rows.stop <= 4096
+        assert 0 <= cols.start < x0 < x1 < cols.stop <= 4096
+    boxes = [(r.start, r.stop, c.start, c.stop) for r, c, _ in regions]
+    for i, a in enumerate(boxes):      # read areas never touch: no source is in two
+        for b in boxes[i + 1:]:
+            assert a[1] <= b[0] or b[1] <= a[0] or a[3] <= b[2] or b[3] <= a[2]
+    assert len(_psf_stars._regions((2048, 2048))) == 1
+
+    # the same on a small frame, with the thresholds scaled down
+    monkeypatch.setattr(_psf_stars, "FULL_FRAME", 200 * 200)
+    monkeypatch.setattr(_psf_stars, "REGION", 96)
+    monkeypatch.setattr(_psf_stars, "REGION_MARGIN", 30)
+    scene = sparse_field(n_frames=2, shape=(600, 600), n_stars=400, seed=12, oversample=2)
+    seen = []
+    real = _psf_stars._detect
+    monkeypatch.setattr(_psf_stars, "_detect", lambda *a: seen.append(len(a[3])) or real(*a))
+    for i, frame in enumerate(scene.frames):
+        est, _ = measure_frame(frame)
+        assert abs(est.fwhm / scene.fwhms[i] - 1) < 0.05
+    assert seen[0] == 9
+    # too few stars in the regions: the whole frame is searched
+    few = sparse_field(n_frames=1, shape=(600, 600), n_stars=16, seed=13, oversample=2)
+    seen.clear()
+    est, _ = measure_frame(few.frames[0])
+    assert seen == [9, 1] and abs(est.fwhm / few.fwhms[0] - 1) < 0.05
