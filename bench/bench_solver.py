@@ -6,10 +6,11 @@ few seconds). One run prints, as Markdown:
 
 * machine and command;
 * ms per frame-iteration of the SciPy reference (:mod:`bench.scipy_reference`),
-  of mfnumba's ``Solver.step`` and of the FFT floor of DESIGN §2: per frame
-  one irfft2 of a half spectrum and two rfft2 of a grid, batched like the
-  solver and one plane per call, with scipy.fft (what the CPU backend
-  calls), with rocket-fft inside Numba, and with rocket-fft's low-level
+  of mfnumba's ``Solver.step`` and of the FFT floor (docs/architecture.md,
+  *The three-FFT floor*): per frame one irfft2 of a half spectrum and two
+  rfft2 of a grid, batched like the solver and one plane per call, with
+  scipy.fft (what the CPU backend calls), with rocket-fft inside Numba,
+  and with rocket-fft's low-level
   transforms into preallocated buffers (what a backend could reach);
 * the reference again inside ``scipy.fft.set_workers`` (same thread count);
 * the ratios reference/mfnumba (goal >= 5) and mfnumba/floor (goal <= 2);

@@ -488,7 +488,7 @@ def report(args, command, gen, over, overhead, streamed: RunStats, untiled: RunS
             f"{untiled.plan.removeprefix('memory plan: ')} |",
             f"| budget (`--mem-budget`) | {args.budget} = {_gib(budget)} GiB | "
             f"{args.ref_budget} = {_gib(parse_size(args.ref_budget))} GiB |",
-            f"| predicted peak (plan; the solve, with a 64 MiB allowance for the interpreter) | "
+            f"| predicted peak (plan; the solve, the process baseline measured) | "
             f"{_gib(streamed.predicted)} GiB | {_gib(untiled.predicted)} GiB |",
             f"| **measured peak RSS** (VmHWM, anonymous + file-backed) | "
             f"**{_gib(streamed.hwm)} GiB** | {_gib(untiled.hwm)} GiB |",

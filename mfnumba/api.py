@@ -3,7 +3,7 @@
 It turns user inputs (paths or arrays, PSF files or a FWHM) into a
 :class:`~mfnumba.solver.Problem`, picks the backend, runs the solver and
 returns a :class:`Result` with the image and a FITS header carrying the
-provenance (DESIGN §5). The CLI is a thin shell around it.
+provenance (docs/architecture.md, "Output"). The CLI is a thin shell around it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from astropy.io import fits
 
-from . import checkpoint, memory
+from . import checkpoint, memory, normalize
 from .backends.cpu import CPUBackend
 from .errors import Interrupted, OptionError, ShapeError
 from .options import Options
@@ -94,16 +94,32 @@ def _open(frames, layout: str = "auto"):
     return reader, reader.headers, reader.paths
 
 
-def _fits_in_memory(reader, channels: int, opt: Options) -> bool:
-    """Whether some plan holds frames and maps in memory (PSF radius taken at its largest)."""
+def _import_setup_modules(opt: Options, *, estimate_psfs: bool) -> None:
+    """Import, before the baseline is measured, the modules the setup will load.
+
+    The CLI imports them lazily (so that --help answers at once); a budget
+    planned from a baseline without them would be short by their ~25 MiB.
+    """
+    if estimate_psfs or opt.normalize != "none":
+        from . import psf_estimate  # noqa: F401  (scipy.spatial)
+
+
+def _plan_setup(reader, channels: int, opt: Options, psf_from_stars: bool) -> memory.Plan:
+    """The memory plan made before any pixel is read: where the frames live, the seed's tile.
+
+    A budget that no plan meets, setup included, is refused here, before the
+    heavy work. The PSF radius is not known yet: it is taken at its largest.
+    """
     h, w = reader.shape
-    try:
-        memory.plan(h=h, w=w, r=opt.sr, p=50 * opt.sr, channels=channels, n_frames=reader.n_frames,
-                    n_maps=int(opt.masks) + int(opt.variance), budget=opt.mem_budget,
-                    batch=opt.batch, low_mem=False, streaming=False)
-    except OptionError:
-        return False
-    return not opt.low_mem
+    streamable = isinstance(reader, StackReader)
+    plan = memory.plan(h=h, w=w, r=opt.sr, p=50 * opt.sr, channels=channels, n_frames=reader.n_frames,
+                       n_maps=int(opt.masks) + int(opt.variance), budget=opt.mem_budget,
+                       batch=opt.batch, low_mem=opt.low_mem,
+                       streaming=(True if opt.low_mem else None) if streamable else False,
+                       channels_in=reader.channels, setup=True, psf_from_stars=psf_from_stars,
+                       seed=opt.seed)
+    log.debug("%s", plan.describe("memory plan before the setup"))
+    return plan
 
 
 def _pedestal(seed: np.ndarray) -> float:
@@ -150,7 +166,9 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     h, w = reader.shape
     luma = opt.color == "luma" and reader.channels > 1
     work_c = 1 if luma else reader.channels
-    stream = isinstance(reader, StackReader) and not _fits_in_memory(reader, work_c, opt)
+    _import_setup_modules(opt, estimate_psfs=psf is None and fwhm is None)
+    setup = _plan_setup(reader, work_c, opt, psf is None and fwhm is None)
+    stream = isinstance(reader, StackReader) and not setup.in_memory
     if stream:
         log.info("the frames and maps do not fit the memory budget: streaming them from disk")
     scratch = Scratch(on_disk=stream)
@@ -160,10 +178,17 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         common_psf_stack(psfset.psfs, (h, w), psfset.sources)  # sizes against the frames
         fwhms = [measure_fwhm(p) for p in psfset.psfs]
         backend = get_backend(opt.backend, opt.threads)
-        seed = make_seed_streaming(opt.seed, base)
-        work = base.replace(luma=True) if luma else base
+        names = [Path(p).name for p in paths]
+        phot = normalize.estimate(base, fwhms, mode=opt.normalize, names=names, headers=headers,
+                                  psfs=psfset.per_channel or psfset.psfs,
+                                  reference=reference_index(opt.reference, paths))
+        norm = base if opt.normalize == "none" else base.replace(photometry=phot)
+        seed = make_seed_streaming(opt.seed, norm, tile=setup.seed_tile)
+        work = norm.replace(luma=True) if luma else norm
         work_seed = seed.mean(axis=0, keepdims=True) if luma else seed
-        maps = build_maps(work, headers, opt, scratch, reader.channels)
+        # the maps are measured on the raw frames; σ on the reference scale is σ / a_i
+        maps = build_maps(work.replace(photometry=None), headers, opt, scratch, reader.channels)
+        _rescale_variance(maps.var, phot, luma)
         chroma = _chroma(seed, opt.sr) if luma else (lambda img: img)
         ctl = control or RunControl()
         if ctl.checkpoint is not None and ctl.digests is None:
@@ -187,11 +212,39 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         reader.close()
     image = np.ascontiguousarray(chroma(image), dtype=np.float32)
     seconds = time.perf_counter() - t0
-    header = build_header(headers[0], reader.channels, paths, opt, iterations, early, backend.name,
-                          sol.conv, ped, fwhms, psfset.sources, lifts,
-                          [sol.plan.describe()] + maps.notes)
+    header = build_header(headers[phot.reference], reader.channels, paths, opt, iterations, early,
+                          backend.name, sol.conv, ped, fwhms, psfset.sources, lifts,
+                          [sol.plan.describe()] + phot.notes + maps.notes,
+                          reference=phot.reference)
     return Result(image, header, iterations, early, sol.history, fwhms, backend.name, sol.conv,
                   ped, seconds, seed=seed, plan=sol.plan)
+
+
+def reference_index(reference: str | None, paths) -> int | None:
+    """``--reference``: a frame index or a frame's file name (or path); None: the best frame."""
+    if reference is None:
+        return None
+    names = [str(p) for p in paths]
+    text = str(reference)
+    if text.isdigit() and int(text) < len(names):
+        return int(text)
+    for i, p in enumerate(paths):
+        if text in (str(p), Path(p).name):
+            return i
+    raise OptionError(f"--reference {text}: no such frame; give an index 0..{len(names) - 1} "
+                      f"or a frame's file name")
+
+
+def _rescale_variance(var, phot, luma: bool) -> None:
+    """Variance maps of raw frames onto the reference scale: var / a_i² (per channel)."""
+    if var is None or np.all(phot.scale == 1.0):
+        return
+    for i in range(var.shape[0]):
+        a = phot.scale[i]
+        a = np.array([a.mean()]) if (luma or var.shape[1] != a.size) else a
+        # a frame at a time: the maps may be a scratch stack on disk
+        frame = var.read_tile(frames=[i])[0] if hasattr(var, "read_tile") else var[i]
+        var[i] = frame / (a.astype(np.float32) ** 2)[:, None, None]
 
 
 def _chroma(seed: np.ndarray, r: int):
@@ -248,7 +301,7 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
         mem = memory.plan(h=work.shape[0], w=work.shape[1], r=opt.sr, p=kernel.shape[-1] // 2,
                           channels=work.channels, n_frames=work.n_frames, n_maps=n_maps,
                           budget=opt.mem_budget, batch=opt.batch, low_mem=opt.low_mem,
-                          streaming=stream)
+                          streaming=stream, channels_in=work.reader.channels, setup=False)
     log.info("%s", mem.describe())
 
     def after_iteration(rec):

@@ -29,7 +29,8 @@ FORMAT = 2  # version of the checkpoint layout
 # Options that change the solution; iters, early_stop, threads, the memory
 # budget and logging may differ on resume.
 MATH = ("rho", "huber_delta", "kappa", "relax", "noise", "seed", "color", "sr", "sr_sigma",
-        "sr_iters", "masks", "variance", "tol_upd", "tol_rel", "ema", "min_iters", "eps", "conv")
+        "sr_iters", "masks", "variance", "tol_upd", "tol_rel", "ema", "min_iters", "eps", "conv",
+        "normalize", "reference")
 _CHUNK = 16 << 20
 
 

@@ -12,14 +12,13 @@ import json
 import logging
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from .errors import Interrupted, MfnumbaError, OptionError, Terminated
+from .errors import Interrupted, MfnumbaError, OptionError
 
 # Heavy modules (numpy, numba, scipy, astropy) are imported inside the
 # commands, so that --help, --version and a bad option answer at once.
@@ -94,28 +93,6 @@ def _guard(fn):
 
 def _signal_name(signum) -> str:
     return "" if signum in (None, signal.SIGINT) else f" ({signal.Signals(signum).name})"
-
-
-@contextmanager
-def _unwind_on_signals():
-    """SIGTERM and SIGHUP unwind like Ctrl-C: checkpoint saved, scratch removed, lock released.
-
-    The first signal raises in the main thread; later ones are ignored so
-    that the checkpoint being saved is not interrupted in turn.
-    """
-    fired = []
-
-    def handler(signum, frame):
-        if not fired:
-            fired.append(signum)
-            raise Terminated(signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 class _Reporter:
@@ -202,12 +179,17 @@ def deconv(
                                  "--masks/--no-masks"),
     variance: Optional[bool] = _opt("Per-pixel variance maps (sky + shot noise).", "on",
                                     "--variance/--no-variance"),
+    normalize: Optional[str] = _opt("Put every frame on the reference's photometric scale: none, "
+                                    "scale (transparency) or scale+offset (and a sky plane).",
+                                    "scale+offset"),
+    reference: Optional[str] = _opt("Reference frame (index or file name): its photometric scale "
+                                    "and header.", "the best frame"),
     layout: str = typer.Option("auto", help="3-D frames: auto, chw or hwc."),
     backend: Optional[str] = _opt("auto, cpu or cuda.", "auto"),
     conv: Optional[str] = _opt("auto (both timed once), fft or direct.", "auto"),
     batch: Optional[int] = _opt("Frames per batch.", "planned"),
     mem_budget: Optional[str] = _opt("Memory budget of the whole process, e.g. 4GB.",
-                                     "60% of available"),
+                                     "current use + 60% of available"),
     low_mem: bool = typer.Option(False, "--low-mem", help="Smallest memory footprint."),
     threads: Optional[int] = _opt("CPU threads.", "all"),
     checkpoint: Optional[bool] = _opt("Save the state after every iteration.",
@@ -231,13 +213,16 @@ def deconv(
                    color=color, masks=masks, variance=variance, sr=sr,
                    mem_budget=None if mem_budget is None else memory.parse_size(mem_budget),
                    low_mem=low_mem or None, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend,
-                   conv=conv, batch=batch, threads=threads)
+                   conv=conv, batch=batch, threads=threads, normalize=normalize,
+                   reference=reference)
     if min_iters is not None and min_iters > opt.iters:
         raise OptionError(f"--min-iters {min_iters} is more than --iters {opt.iters}")
     keep = opt.iters > 5 if checkpoint is None else checkpoint
     files = RunFiles(output, json_log=json_log, overwrite=overwrite, resume=resume,
                      checkpoint=keep or resume)
-    with _unwind_on_signals():
+    from .interrupt import handle
+
+    with handle():  # SIGINT, SIGTERM, SIGHUP unwind like Ctrl-C: checkpoint, no debris
         _run(frames, psf, fwhm, layout, opt, files, save_every, quiet)
 
 

@@ -17,6 +17,7 @@ COLORS = ("luma", "rgb")
 BACKENDS = ("auto", "cpu", "cuda")
 CONV_METHODS = ("auto", "fft", "direct")
 SEEDS = ("median", "mean")
+NORMALIZE = ("none", "scale", "scale+offset")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class Options:
         seed; ``"rgb"`` deconvolves every channel.
     conv
         ``"fft"``, ``"direct"`` or ``"auto"`` (timed once per run).
+    normalize
+        Photometric normalisation of each frame onto the reference frame:
+        ``"none"``, ``"scale"`` (transparency a_i) or ``"scale+offset"``
+        (a_i and a sky plane b_i); see :mod:`mfnumba.normalize`.
+    reference
+        The reference frame (index or file name); None: the best frame.
     tol_upd, tol_rel, ema
         Early-stop tolerances on the EMA (weight ``ema`` on the newest value)
         of median|upd-1| and of median|x'-x| / median|x|.
@@ -69,11 +76,13 @@ class Options:
     backend: str = "auto"
     batch: int | None = None
     threads: int | None = None
-    mem_budget: int | None = None  # bytes; None: 60 % of available memory
+    mem_budget: int | None = None  # bytes of the whole process; None: what it holds + 60 % of available
     low_mem: bool = False
     conv: str = "auto"
     masks: bool = True
     variance: bool = True
+    normalize: str = "scale+offset"
+    reference: str | None = None
     tol_upd: float = 2e-3
     tol_rel: float = 5e-4
     ema: float = 0.5
@@ -92,6 +101,7 @@ class Options:
         _check(self.color in COLORS, "color", self.color, " or ".join(COLORS))
         _check(self.backend in BACKENDS, "backend", self.backend, " or ".join(BACKENDS))
         _check(self.conv in CONV_METHODS, "conv", self.conv, " or ".join(CONV_METHODS))
+        _check(self.normalize in NORMALIZE, "normalize", self.normalize, ", ".join(NORMALIZE))
         _check(isinstance(self.sr, int) and 1 <= self.sr <= 4, "sr", self.sr, "1, 2, 3 or 4")
         _check(self.sr_sigma > 0, "sr-sigma", self.sr_sigma, "> 0")
         _check(isinstance(self.sr_iters, int) and self.sr_iters >= 1, "sr-iters", self.sr_iters, ">= 1")

@@ -84,6 +84,9 @@ def check_run(frames, psf, *, options: Options, files: RunFiles, fwhm: float | N
         raise OptionError("no frames given")
     with StackReader(paths, layout=layout) as reader:  # headers only
         shape, channels = tuple(reader.shape), reader.channels
+    from .api import reference_index
+
+    reference_index(opt.reference, paths)
     inputs = list(paths) + _psf_inputs(psf, len(paths))
     if opt.seed not in _NAMED_SEEDS:
         from .seed import file_seed
@@ -98,7 +101,11 @@ def check_run(frames, psf, *, options: Options, files: RunFiles, fwhm: float | N
     pad = 2 * 50 * r  # the PSF radius is not known yet: a generous guess
     ckpt_bytes = 2 * work_c * (r * h + pad) * (r * w + pad) * 4  # new and old side by side
     parts = [None] if work_c == 1 or opt.color == "luma" else list(range(channels))
-    snaps = snapshot_names(files, start=0, iters=opt.iters, every=save_every, channels=parts)
+    start = 0
+    if files.resume:  # the snapshots up to the checkpoint's iteration are the earlier run's
+        done = [checkpoint.peek(ck)["iteration"] for ck in files.own_checkpoints()]
+        start = min(done) if done else 0
+    snaps = snapshot_names(files, start=start, iters=opt.iters, every=save_every, channels=parts)
     files.check(out_bytes=out_bytes * (1 + len(snaps) // max(1, len(parts))),
                 ckpt_bytes=ckpt_bytes, snapshots=snaps)
     digests = None

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputFileError
-from .io.tiles import drop_pages
 from .gain import header_gain
+from .io.scratch import open_scratch_map
 from .maps import border_mask, noise_variance, star_protection
 from .options import Options
 from .psf_setup import resolve_psfs
@@ -29,18 +29,102 @@ from .stack import header_fwhm
 log = logging.getLogger("mfnumba")
 
 
+class ScratchStack:
+    """An (N, ...) array in a scratch file whose reads and writes never stay mapped.
+
+    A memory map keeps every page it touched in the process's RSS until
+    they are released, and the kernel maps whole large folios around each
+    touched row: a batch of map tiles read through a plain memmap costs up
+    to the batch's whole frames. Here every write and every read copies
+    through the map one frame at a time and releases its pages at once, so
+    the RSS holds at most one frame's pages (docs/architecture.md, "Streaming and memory").
+
+    ``stack[i] = plane`` and ``stack[i, c] = plane`` write; ``stack[:, c0:c1]``
+    is a view of some channels; ``stack[i][rows, cols]`` and
+    :meth:`read_tile` read copies.
+    """
+
+    def __init__(self, mm: np.memmap, channels: slice = slice(None)):
+        self._mm = mm
+        self._channels = channels
+        n_ch = len(range(*channels.indices(mm.shape[1]))) if mm.ndim == 4 else None
+        self.shape = (mm.shape[0], n_ch, *mm.shape[2:]) if n_ch is not None else mm.shape
+        self.dtype = mm.dtype
+        self.ndim = mm.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _release(self) -> None:
+        self._mm.release_pages()
+
+    def __setitem__(self, key, value) -> None:
+        if self._channels != slice(None):
+            raise TypeError("write through the whole stack, not a channel view")
+        self._mm[key] = value
+        self._release()
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return _ScratchFrame(self, int(key))
+        if (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)
+                and isinstance(key[1], slice) and self.ndim == 4):
+            start, stop, step = key[1].indices(self.shape[1])
+            base = self._channels.indices(self._mm.shape[1])
+            if step != 1 or base[2] != 1:
+                raise TypeError("channel views take a contiguous range")
+            return ScratchStack(self._mm, slice(base[0] + start, base[0] + stop))
+        raise TypeError(f"scratch stacks are indexed by frame or [:, channels], not {key!r}")
+
+    def _frame(self, i: int, rows=slice(None), cols=slice(None), out=None) -> np.ndarray:
+        frame = self._mm[i]
+        src = frame[self._channels, rows, cols] if self.ndim == 4 else frame[rows, cols]
+        if out is None:
+            out = np.empty(src.shape, self.dtype)
+        np.copyto(out, src)
+        self._release()
+        return out
+
+    def read_tile(self, rows: slice = slice(None), cols: slice = slice(None), frames=None):
+        """Copies of frames' (rows, cols), (n, C, r, c): the solver's batch read."""
+        idx = range(self.shape[0]) if frames is None else list(frames)
+        h, w = self.shape[-2:]
+        shape = self.shape[1:-2] + (len(range(*rows.indices(h))), len(range(*cols.indices(w))))
+        out = np.empty((len(idx),) + shape, self.dtype)
+        for k, i in enumerate(idx):
+            self._frame(i, rows, cols, out=out[k])
+        return out
+
+
+class _ScratchFrame:
+    """Frame i of a :class:`ScratchStack`; indexing it reads (a copy of) that region only."""
+
+    def __init__(self, stack: ScratchStack, i: int):
+        self._stack, self._i = stack, i
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if self._stack.ndim == 4:
+            raise TypeError("read 4-D scratch stacks with read_tile")
+        rows, cols = (tuple(key) + (slice(None), slice(None)))[:2]
+        return self._stack._frame(self._i, rows, cols)
+
+    def __array__(self, dtype=None, copy=None):
+        got = self._stack._frame(self._i)
+        return got if dtype is None else got.astype(dtype, copy=False)
+
+
 class Scratch:
-    """Arrays in memory, or in memory-mapped scratch files when streaming."""
+    """Arrays in memory, or :class:`ScratchStack` files when streaming."""
 
     def __init__(self, on_disk: bool):
         self.on_disk = on_disk
         self._dir = tempfile.TemporaryDirectory(prefix="mfnumba-") if on_disk else None
 
-    def empty(self, name: str, shape, dtype=np.float32) -> np.ndarray:
+    def empty(self, name: str, shape, dtype=np.float32):
         if not self.on_disk:
             return np.empty(shape, dtype=dtype)
-        path = Path(self._dir.name) / f"{name}.npy"
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+        return ScratchStack(open_scratch_map(Path(self._dir.name) / f"{name}.npy", shape, dtype))
 
     def close(self) -> None:
         if self._dir is not None:
@@ -65,11 +149,11 @@ def border_masks(reader, scratch: Scratch) -> np.ndarray | None:
         if not keep.all():
             if masks is None:
                 masks = scratch.empty("borders", (n,) + tuple(reader.shape), np.uint8)
-                masks[:i] = 1
+                for k in range(i):  # frame by frame: a scratch file maps one frame at a time
+                    masks[k] = 1
             total += int((~keep).sum() - np.isnan(frame).all(axis=0)[~keep].sum())
         if masks is not None:
             masks[i] = keep
-            drop_pages(masks)
     if total:
         log.info("masked %d border pixels (NaN or exact-zero registration edges)", total)
     return masks
@@ -170,11 +254,9 @@ def build_maps(work: WorkSource, headers, opt: Options, scratch: Scratch,
         if opt.masks:
             lum = np.nanmean(frame, axis=0) if c > 1 else frame[0]
             maps.protect[i] = star_protection(lum, mask=np.isfinite(lum))
-            drop_pages(maps.protect)  # written pages stay in the page cache, not in our RSS
         if opt.variance:
             maps.notes.append(f"frame {i}: " + _variance_maps(maps.var, i, frame, headers[i],
                                                               lum_factor))
-            drop_pages(maps.var)
         if n >= 10 and (i + 1) % step == 0 and i + 1 < n:
             log.info("%s: %d/%d frames (%d %%), %.0f s", what, i + 1, n, round(100 * (i + 1) / n),
                      time.monotonic() - t0)

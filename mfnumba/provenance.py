@@ -62,8 +62,9 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 def build_header(first: fits.Header, channels: int, paths, opt: Options, iterations: int,
                  early: bool, backend: str, conv: str, pedestal: float, fwhms: Sequence[float],
                  sources: Sequence[str], lifts: Sequence[LiftedPSF] = (),
-                 notes: Sequence[str] = (), argv: Sequence[str] | None = None) -> fits.Header:
-    """The reference frame's header plus the MF_* keys and HISTORY lines."""
+                 notes: Sequence[str] = (), argv: Sequence[str] | None = None,
+                 reference: int = 0) -> fits.Header:
+    """The reference frame's header (``first``) plus the MF_* keys and HISTORY lines."""
     import numba
     import scipy
 
@@ -96,6 +97,8 @@ def build_header(first: fits.Header, channels: int, paths, opt: Options, iterati
         ("MF_NFRM", len(paths), "frames combined"),
         ("NCOMBINE", len(paths), "frames combined"),
         ("MF_PED", float(pedestal), "pedestal added during the solve"),
+        ("MF_NORM", opt.normalize, "photometric normalisation of the frames"),
+        ("MF_REF", reference, "reference frame (photometric scale, header)"),
     ]
     for key, value, comment in cards:
         hdr[key] = (value, comment)

@@ -1,8 +1,9 @@
 """Starting estimates of the sky: per-pixel median, mean or σ-clipped mean of the frames.
 
 Two forms. In memory, on an ``(N, C, h, w)`` stack: :func:`median_seed`,
-:func:`mean_seed`, :func:`make_seed`. Streaming (DESIGN §4), on a
-:class:`~mfnumba.io.tiles.StackReader` that reads the frames tile by tile:
+:func:`mean_seed`, :func:`make_seed`. Streaming (docs/architecture.md,
+*Streaming and memory*), on a :class:`~mfnumba.io.tiles.StackReader` that
+reads the frames tile by tile:
 :func:`tiled_median`, :func:`bootstrap_seed`, :func:`tiled_mean`,
 :func:`make_seed_streaming`; the in-memory seeds and the streaming ones give
 the same values for the same frames.

@@ -1,7 +1,8 @@
 """The multiplicative majorize-minimize loop, written once against Backend.
 
-One iteration (DESIGN §1), with the adjoint accumulated in the Fourier
-domain so that a frame costs three real half-FFTs::
+One iteration (docs/architecture.md, *One iteration*), with the adjoint
+accumulated in the Fourier domain so that a frame costs three real
+half-FFTs (*The three-FFT floor*)::
 
     X = rfft2(x)
     ŷ_i = D(irfft2(X · OTF_i))               per frame
@@ -30,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
-from .io.tiles import drop_pages
+from . import interrupt
 from .options import Options
 
 log = logging.getLogger("mfnumba")
@@ -50,7 +51,8 @@ class Problem:
     ``mask``, keep-weights in [0, 1]; ``var``, the noise variance σ² of every
     pixel (data units²; replaces the per-frame MAD σ); ``protect``, in
     [0, 1], a lower bound on the Huber factor (bright-star cores are never
-    outliers).
+    outliers). A map may live in a scratch file (``release_pages()``, see
+    :meth:`release_maps`); the solver touches no file itself.
     """
 
     frames: object
@@ -77,6 +79,19 @@ class Problem:
     @property
     def radius(self) -> int:
         return self.psfs.shape[-1] // 2
+
+    def release_maps(self) -> None:
+        """Let the maps drop the pages the last read brought in, where they can.
+
+        A map held in a memory-mapped scratch file offers ``release_pages()``
+        (its owner, :mod:`mfnumba.io.scratch`, knows how); an array in
+        memory has nothing to release. The solver calls this once a batch's
+        blocks of the maps are no longer used.
+        """
+        for arr in (self.mask, self.var, self.protect):
+            release = getattr(arr, "release_pages", None)
+            if release is not None:
+                release()
 
 
 def read_block(src, frames: range, rows: tuple[int, int], cols: tuple[int, int]):
@@ -176,10 +191,11 @@ class Solver:
         self.otfs = None
         P = pr.n_frames * pr.channels
         self.sigma, self.delta = np.ones(P), np.full(P, abs(self.opt.huber_delta))
-        self.conv = conv or self._choose_conv()
-        if self.conv == "fft" and self.cache_otfs:
-            self.otfs = self._otf_cache(range(pr.n_frames))
-        self._sweep(accumulate=False)  # noise scales of the seed's residuals
+        with interrupt.deferred():
+            self.conv = conv or self._choose_conv()
+            if self.conv == "fft" and self.cache_otfs:
+                self.otfs = self._otf_cache(range(pr.n_frames))
+            self._sweep(accumulate=False)  # noise scales of the seed's residuals
         self._set_scales()
         self.den_floor = 1e-6 * self._den_ref
         log.debug("solver: grid %s, %d tile(s), radius %d, batch %d, conv %s", self.grid,
@@ -272,6 +288,7 @@ class Solver:
         own_r = (tile.own_rows[0] - tile.rows[0], tile.own_rows[1] - tile.rows[0])
         own_c = (tile.own_cols[0] - tile.cols[0], tile.own_cols[1] - tile.cols[0])
         for idx in ([frames] if frames is not None else self._batches()):
+            interrupt.check()  # a signal during the kernels is raised here, between batches
             nb, planes = len(idx), slice(idx.start * C, idx.stop * C)
             otf = self._otf(idx) if self.conv == "fft" else None
             yhat = self._predict(tile, idx, otf).reshape(nb * C, *self.grid)
@@ -292,15 +309,13 @@ class Solver:
                     self._zs[planes.start + k].append(zk)
                     self._qs[planes.start + k].append(qk)
             if not accumulate:
-                for a in (pr.mask, pr.var, pr.protect):
-                    drop_pages(a)
+                pr.release_maps()
                 continue
             out = self._wbuf[:, : nb * C]
             be.robust_weights(y, yhat, py, self.sigma[planes], self.delta[planes],
                               self.opt.rho == "huber", self.noise, self.poisson_floor, out,
                               p_out=g.p, r=g.r, **maps)
-            for a in (pr.mask, pr.var, pr.protect):  # scratch maps on disk: let go of the pages
-                drop_pages(a)
+            pr.release_maps()  # maps in scratch files: their pages leave our resident memory
             if self.conv == "fft":
                 S = be.rfft2(out, out=self._S[:, : nb * C]).reshape((2, nb, C) + self._X.shape[-2:])
                 be.spectral_accumulate(self._acc, otf, S)
@@ -361,7 +376,8 @@ class Solver:
         """One iteration: num and den over all frames and tiles, then the update."""
         t0 = time.perf_counter()
         o = self.opt
-        su, sd, sx = self._sweep(accumulate=True)
+        with interrupt.deferred():
+            su, sd, sx = self._sweep(accumulate=True)
         delta, sigma = float(np.median(self.delta)), float(np.median(self._scale))
         self._set_scales()  # for the next iteration, from this pass's residuals
         mx = float(np.median(sx))

@@ -2,8 +2,9 @@
 
 A :class:`WorkSource` wraps a reader (frames on disk, or in memory) and
 applies, on every read, what the preparation decided once: registration
-borders become NaN, a colour stack becomes its luminance or one channel, and
-the pedestal is added. It offers the reader interface (``read``,
+borders become NaN, each frame is put on the reference frame's photometric
+scale (:mod:`mfnumba.normalize`), a colour stack becomes its luminance or one
+channel, and the pedestal is added. It offers the reader interface (``read``,
 ``read_tile``, ``n_frames``, ``channels``, ``shape``), so seeds, maps and the
 solver can stream from it, or :meth:`materialize` it when it fits in memory.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .io.tiles import drop_pages
+from .io.scratch import release_pages
 
 
 def _frames_range(frames, n: int) -> range:
@@ -35,6 +36,7 @@ class WorkSource:
     luma: bool = False
     channel: int | None = None
     pedestal: float = 0.0
+    photometry: object = None  # normalize.Photometry: y' = (y - b_i) / a_i, per channel
 
     @property
     def n_frames(self) -> int:
@@ -59,8 +61,14 @@ class WorkSource:
         """(n, C, r, c) raw block -> working block."""
         if self.borders is not None:
             keep = np.stack([self.borders[i][rows, cols] for i in frames])
-            drop_pages(self.borders)
+            release_pages(self.borders)
             block[np.broadcast_to((keep == 0)[:, None], block.shape)] = np.nan
+        if self.photometry is not None:
+            ph = self.photometry
+            for k, i in enumerate(frames):
+                off = ph.plane(i, rows, cols, self.shape).astype(np.float32)
+                block[k] -= off
+                block[k] /= ph.scale[i].astype(np.float32)[:, None, None]
         if self.luma:
             block = np.nanmean(block, axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
         elif self.channel is not None:

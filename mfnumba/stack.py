@@ -1,9 +1,10 @@
-"""Frame discovery, channel layout and the common crop of a registered stack.
+"""Frame discovery and the common crop of a registered stack.
 
 A stack is held as one ``(N, C, h, w)`` float32 array: N frames of C
 channels. Registered frames share pixel (0, 0), so frames of different sizes
 are cropped to their common top-left region, which keeps the reference
-frame's WCS valid.
+frame's WCS valid. How a file's array becomes ``(C, h, w)`` is decided in
+:mod:`mfnumba.io.layout`, which the tile readers share.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,16 +20,13 @@ import numpy as np
 from astropy.io import fits
 
 from .errors import InputFileError, OptionError, ShapeError
-from .io.fits import is_fits_name, positive_number, read_image
+from .io.fits import image_shape, is_fits_name, positive_number, read_image
+from .io.layout import XISF_SUFFIXES, check_layout, chw_shape, is_xisf, to_chw
 from .io.xisf import read_xisf, xisf_shape
 from .runfiles import is_product_header, is_product_name
 
 log = logging.getLogger("mfnumba")
 
-XISF_SUFFIXES = (".xisf",)
-LAYOUTS = ("auto", "chw", "hwc")
-# Channel counts the "auto" layout recognises: grey and RGB.
-_CHANNEL_COUNTS = (1, 3)
 # Keys describing the data array of the file read, not the sky.
 _SHAPE_KEYS = ("SIMPLE", "XTENSION", "BITPIX", "NAXIS", "EXTEND", "PCOUNT", "GCOUNT",
                "BZERO", "BSCALE", "BLANK", "CHECKSUM", "DATASUM")
@@ -129,88 +126,6 @@ def _is_our_product(path: Path) -> bool:
     return is_product_header(header)
 
 
-def _check_layout(layout: str) -> str:
-    if not isinstance(layout, str) or layout.lower() not in LAYOUTS:
-        raise OptionError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    return layout.lower()
-
-
-def _resolve_layout(shape: tuple[int, ...], layout: str, path) -> str:
-    """Return "chw" or "hwc" for a 3-D ``shape``, or raise ShapeError."""
-    if layout != "auto":
-        return layout
-    first, last = shape[0] in _CHANNEL_COUNTS, shape[2] in _CHANNEL_COUNTS
-    if first and not last:
-        return "chw"
-    if last and not first:
-        return "hwc"
-    why = "is ambiguous" if first else "has no channel axis of length 1 or 3"
-    raise ShapeError(f"3-D image of shape {tuple(shape)} {why}; "
-                     f"pass --layout chw or --layout hwc", path=path)
-
-
-def _chw_shape(shape: tuple[int, ...], layout: str, path) -> tuple[int, int, int]:
-    if len(shape) == 2:
-        return (1, *shape)
-    if len(shape) != 3:
-        raise ShapeError(f"expected a 2-D or 3-D image, found {len(shape)}-D {tuple(shape)}", path=path)
-    if _resolve_layout(shape, layout, path) == "hwc":
-        return (shape[2], shape[0], shape[1])
-    return tuple(shape)
-
-
-def check_layout(layout: str) -> str:
-    """Return ``layout`` lower-cased, or raise OptionError when it is not in LAYOUTS."""
-    return _check_layout(layout)
-
-
-def fits_layout(shape: tuple[int, ...], *, path, layout: str = "auto") -> str:
-    """How :func:`to_chw` reads a FITS data array of numpy ``shape``: "chw" or "hwc".
-
-    For readers that slice the file's array themselves (``io.tiles``). A 2-D
-    shape is one channel, "chw". Raises OptionError or ShapeError as
-    :func:`load_stack` does (bad layout; not 2-D or 3-D; ambiguous channels).
-    """
-    layout = _check_layout(layout)
-    _chw_shape(tuple(shape), layout, path)  # raises for bad dimensions
-    return "chw" if len(shape) == 2 else _resolve_layout(tuple(shape), layout, path)
-
-
-def to_chw(data: np.ndarray, *, path, layout: str = "auto") -> np.ndarray:
-    """Return an image as C-contiguous float32 ``(C, h, w)``.
-
-    Parameters
-    ----------
-    data : ndarray
-        ``(h, w)``, ``(C, h, w)`` or ``(h, w, C)``.
-    path : str or path-like
-        The file the image came from, named in errors.
-    layout : {"auto", "chw", "hwc"}
-        How to read a 3-D image. "auto" accepts 1 or 3 channels on exactly
-        one of the first and last axes.
-
-    Returns
-    -------
-    ndarray
-        A view when ``data`` is already float32, C-contiguous and not HWC.
-
-    Examples
-    --------
-    >>> to_chw(np.zeros((50, 60, 3)), path="rgb.fits").shape
-    (3, 50, 60)
-    """
-    layout = _check_layout(layout)
-    data = np.asarray(data)
-    if data.ndim == 2:
-        data = data[None]
-    elif data.ndim == 3:
-        if _resolve_layout(data.shape, layout, path) == "hwc":
-            data = data.transpose(2, 0, 1)
-    else:
-        raise ShapeError(f"expected a 2-D or 3-D image, found {data.ndim}-D {data.shape}", path=path)
-    return np.ascontiguousarray(data, dtype=np.float32)
-
-
 @dataclass
 class Stack:
     """Registered frames on a common grid.
@@ -246,41 +161,11 @@ class Stack:
         return self.data.shape[2], self.data.shape[3]
 
 
-def _is_xisf(path) -> bool:
-    return str(path).lower().endswith(XISF_SUFFIXES)
-
-
-def _file_shape(path: Path) -> tuple[int, ...]:
-    """Numpy shape of the image :func:`read_image` would return, from headers only.
-
-    FITS only: an XISF file declares its channel layout, so its shape comes
-    from :func:`_frame_shape`, never through the layout guess.
-    """
-    if _is_xisf(path):
-        raise ValueError(f"{path}: XISF shapes come from _frame_shape")  # internal misuse
-    if not path.is_file():
-        raise InputFileError("file not found" if not path.exists() else "not a regular file", path=path)
-    try:
-        with fits.open(path) as hdul:  # headers only: no data is read here
-            for hdu in hdul:
-                # Same rule as read_image: the first image HDU with data.
-                if not getattr(hdu, "is_image", False):
-                    continue
-                hdr = hdu.header
-                shape = tuple(int(hdr.get(f"NAXIS{k}", 0)) for k in range(int(hdr.get("NAXIS", 0)), 0, -1))
-                if shape and all(n > 0 for n in shape):
-                    return shape
-    except (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError, KeyError) as exc:
-        reason = " ".join(str(exc).split())
-        raise InputFileError(f"not a readable FITS file ({reason})", path=path) from None
-    raise InputFileError("no image data in any HDU", path=path)
-
-
 def _frame_shape(path: Path, layout: str) -> tuple[int, int, int]:
     """``(C, h, w)`` of a FITS or XISF frame, from headers only."""
-    if _is_xisf(path):
+    if is_xisf(path):
         return xisf_shape(path)  # layout is in the file: never guessed, never ambiguous
-    return _chw_shape(_file_shape(path), layout, path)
+    return chw_shape(image_shape(path), layout, path)
 
 
 def read_frame(path: str | os.PathLike, *, layout: str = "auto") -> tuple[np.ndarray, fits.Header]:
@@ -298,9 +183,9 @@ def read_frame(path: str | os.PathLike, *, layout: str = "auto") -> tuple[np.nda
     --------
     >>> data, header = read_frame("light_001.xisf")  # doctest: +SKIP
     """
-    layout = _check_layout(layout)
+    layout = check_layout(layout)
     path = Path(path)
-    if _is_xisf(path):
+    if is_xisf(path):
         return read_xisf(path)
     img, header = read_image(path)
     return to_chw(img, path=path, layout=layout), header
@@ -329,7 +214,7 @@ def load_stack(paths: Sequence[Path], *, layout: str = "auto") -> Stack:
     InputFileError
         A file is unreadable or has no finite pixel.
     """
-    layout = _check_layout(layout)
+    layout = check_layout(layout)
     paths = [Path(p) for p in paths]
     if not paths:
         raise OptionError("no frames given")

@@ -205,7 +205,9 @@ def test_write_png_failure_is_one_error_and_leaves_no_debris(tmp_path, monkeypat
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(preview.os, "replace", full)
+    import mfnumba.io.atomic as atomic
+
+    monkeypatch.setattr(atomic.os, "replace", full)
     with pytest.raises(OutputError, match="No space left"):
         write_png(tmp_path / "p.png", np.zeros((4, 4), np.uint8))
     assert list(tmp_path.iterdir()) == []

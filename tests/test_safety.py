@@ -403,3 +403,52 @@ def test_bad_options_are_refused_before_any_heavy_work(stack, tmp_path, monkeypa
         base = [a for a in base if a not in ("-o", "o.fits")]
     res = runner.invoke(app, base + args)
     _one_line_error(res, needle)
+
+
+def test_resume_keeps_the_earlier_runs_snapshots(stack, tmp_path):
+    """Snapshots written before the interruption are ours and are not in the way of --resume."""
+    out = tmp_path / "o.fits"
+    frames = sorted((stack / "frames").iterdir())
+
+    def progress(rec):
+        if rec.iteration == 4:
+            raise KeyboardInterrupt
+
+    from mfnumba.runfiles import RunFiles as RF
+
+    files = RF(out)
+
+    def snap(it, ch, img):
+        hdr = fits.Header({"MFSNAP": True})
+        fits.writeto(files.snapshot_path(it, ch), img, hdr)
+
+    with pytest.raises(Interrupted):
+        deconvolve(frames, stack / "psfs", options=Options(iters=6, early_stop=False),
+                   progress=progress, control=RunControl(checkpoint=out, save_every=2,
+                                                         snapshot=snap))
+    first = (tmp_path / "o.iter0002.fits").read_bytes()
+    res = _deconv(stack, out, "--resume", "--save-every", "2")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o.iter0002.fits").read_bytes() == first
+    assert (tmp_path / "o.iter0006.fits").exists()
+
+
+def test_a_signal_inside_the_kernels_is_raised_between_batches():
+    """A signal while the solver is in its numeric loop waits for the next batch boundary."""
+    import signal as sg
+
+    from mfnumba import interrupt
+    from mfnumba.errors import Terminated
+
+    with interrupt.handle():
+        with pytest.raises(Terminated) as err:
+            with interrupt.deferred():
+                os.kill(os.getpid(), sg.SIGTERM)
+                time.sleep(0.05)  # the handler has run: it only recorded the signal
+                reached = True
+        assert reached and err.value.signum == sg.SIGTERM
+        os.kill(os.getpid(), sg.SIGTERM)  # the first signal counts, later ones are ignored
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt.handle():
+            os.kill(os.getpid(), sg.SIGINT)
+            time.sleep(0.05)

@@ -9,8 +9,8 @@ import pytest
 from astropy.io import fits
 
 from mfnumba.errors import InputFileError, OptionError, ShapeError
-from mfnumba.stack import (Stack, discover_frames, header_fwhm, load_stack,
-                           reference_header, to_chw)
+from mfnumba.io.layout import to_chw
+from mfnumba.stack import Stack, discover_frames, header_fwhm, load_stack, reference_header
 
 
 def _write(path, data, **cards):

@@ -24,12 +24,16 @@ def test_streamed_tiled_run_equals_in_memory_run(ondisk, monkeypatch, sr):
     whole = deconvolve([d / "frames"], d / "psfs", options=opt)
     assert whole.plan.in_memory and whole.plan.tile is None
     # small tiles so that this small stack is really cut up
-    monkeypatch.setattr(memory, "TILES", (None, 64, 48, 32))
-    k = sr * 15 + (1 - (sr * 15) % 2)  # the (lifted) PSF size
-    kw = dict(h=90, w=84, r=sr, p=k // 2, channels=1, n_frames=5, n_maps=2, tile=32, batch=1,
+    monkeypatch.setattr(memory, "TILES", (64, 48, 32))
+    # the budget is the whole process's: one of 256 MiB whose code is loaded
+    base = 256 << 20
+    monkeypatch.setattr(memory, "measure_baseline", lambda: base)
+    monkeypatch.setattr(memory, "code_reserve", lambda: 0)
+    # before the setup the PSF radius is taken at its largest, 50 r
+    kw = dict(h=90, w=84, r=sr, p=50 * sr, channels=1, n_frames=5, n_maps=2, tile=32, batch=1,
               cache_otfs=False)
-    need = memory.estimate(in_memory=False, **kw) + 50_000
-    assert memory.estimate(in_memory=True, **kw) > need  # frames and maps cannot stay in RAM
+    need = base + memory.estimate(in_memory=False, **kw) + 50_000
+    assert base + memory.estimate(in_memory=True, **kw) > need  # frames and maps cannot stay in RAM
     streamed = deconvolve([d / "frames"], d / "psfs", options=opt.replace(mem_budget=need))
     assert not streamed.plan.in_memory and streamed.plan.tile is not None
     assert streamed.plan.predicted <= need

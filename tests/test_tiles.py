@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from astropy.io import fits
 from xisf import XISF
 
+import mfnumba.io.raw as raw
 from mfnumba.errors import InputFileError, OptionError, ShapeError
 from mfnumba.io.tiles import ArrayReader, FrameReader, StackReader
 from mfnumba.stack import load_stack, read_frame
@@ -191,6 +194,27 @@ def test_tiles_equal_read_frame(tmp_path, rng, make):
         assert fr.header.get("OBJECT") == header.get("OBJECT")
     if make is _fits_int32_blank:
         assert np.isnan(full[0, 3, 4]) and np.isnan(full[0, 10, 20])  # BLANK really was applied
+
+
+# (preadv available, widest gap gathered in one call, bytes per band): each
+# way RawSamples can fetch rows, forced by its module constants.
+_STRATEGIES = {"gather": (True, 1 << 30, 1 << 18), "gather-short-bands": (True, 1 << 30, 200),
+               "row-by-row": (True, 0, 1 << 18), "no-preadv": (False, 1 << 14, 200)}
+
+
+@pytest.mark.parametrize("strategy", list(_STRATEGIES))
+def test_every_read_strategy_gives_the_same_values(tmp_path, rng, monkeypatch, strategy):
+    makers = [_fits_float, _fits_int16_scaled, _fits_int32_blank, _fits_chw, _fits_hwc,
+              _xisf_planar, _xisf_normal, _xisf_big_endian_alpha]
+    frames = [(path, read_frame(path)[0]) for path in (make(tmp_path, rng) for make in makers)]
+    preadv, gap, band = _STRATEGIES[strategy]
+    monkeypatch.setattr(raw, "_HAS_PREADV", preadv)
+    monkeypatch.setattr(raw, "_GAP_BYTES", gap)
+    monkeypatch.setattr(raw, "_BAND_BYTES", band)
+    for path, full in frames:
+        with FrameReader(path) as fr:
+            for rows, cols in _random_tiles(rng, fr.shape, n=6):
+                np.testing.assert_array_equal(fr.read(rows, cols), full[:, rows, cols], err_msg=path.name)
 
 
 def test_crop_and_out(tmp_path, rng):
@@ -401,3 +425,50 @@ def test_bad_files_name_the_file(tmp_path, rng):
         StackReader([])
     with pytest.raises(OptionError):
         StackReader([good], layout="xyz")
+
+
+# --- a file that changes under the reader ----------------------------------
+
+# Run in a child process: were a tile read ever to touch a memory map of the
+# shrunken file again, SIGBUS would kill the child, not the test session.
+_SHRINK = """
+import os, sys
+from mfnumba.errors import InputFileError
+from mfnumba.io.tiles import FrameReader
+for path in sys.argv[1:]:
+    reader = FrameReader(path)
+    reader.read(slice(0, 4), slice(2, 9))  # the file is open from here on
+    os.truncate(path, os.path.getsize(path) // 2)
+    for rows, cols in ((slice(30, 40), slice(2, 9)), (slice(None), slice(None))):
+        try:
+            reader.read(rows, cols)
+            print("read without error")
+        except InputFileError as exc:
+            print(exc)
+    reader.close()
+"""
+
+
+def test_a_frame_that_shrinks_while_open_is_an_error_not_sigbus(tmp_path, rng):
+    img = rng.normal(100, 10, (3, 40, 64)).astype(np.float32)
+    paths = [_fits(tmp_path / "mono.fits", img[0]), _fits(tmp_path / "hwc.fits", img.transpose(1, 2, 0)),
+             _xisf(tmp_path / "rgb.xisf", img)]
+    sizes = [p.stat().st_size for p in paths]
+    run = subprocess.run([sys.executable, "-c", _SHRINK, *map(str, paths)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]  # -7 would be SIGBUS
+    lines = run.stdout.splitlines()
+    assert lines == [f"{p}: changed size while being read (was {n} bytes, now {n // 2})"
+                     for p, n in zip(paths, sizes) for _ in range(2)]
+
+
+def test_a_frame_that_shrinks_before_the_first_read_is_an_error(tmp_path, rng):
+    path = _fits(tmp_path / "f.fits", rng.random((40, 64)).astype(np.float32))
+    reader = FrameReader(path)  # headers only
+    size = path.stat().st_size
+    os.truncate(path, size - 2880 * 2)
+    with pytest.raises(InputFileError) as err:
+        reader.read(slice(0, 2), slice(0, 2))  # even a tile the file still holds
+    assert str(err.value).startswith(f"{path}: changed size since it was opened")
+    assert f"the file now has {size - 2880 * 2} bytes" in str(err.value)
+    assert not reader.is_open

@@ -14,7 +14,8 @@ from xisf import XISF
 from mfnumba.errors import InputFileError, ShapeError
 from mfnumba.io.fits import read_image
 from mfnumba.io.xisf import read_xisf, xisf_shape
-from mfnumba.stack import discover_frames, header_fwhm, load_stack, read_frame, to_chw
+from mfnumba.io.layout import to_chw
+from mfnumba.stack import discover_frames, header_fwhm, load_stack, read_frame
 
 _NS = "http://www.pixinsight.com/xisf"
 _DATA_AT = 4096  # attachment position of hand-made files; the header must fit before it
@@ -221,28 +222,29 @@ def test_fits_keywords_in_header(tmp_path, rng):
     hdr.tostring()  # every card kept is a valid FITS card
 
 
-# --- memory map --------------------------------------------------------------
+# --- reading an attachment ------------------------------------------------------
 
-def test_uncompressed_attachment_read_through_memmap(tmp_path, rng, monkeypatch):
-    chw = _planes(rng, c=3)
+def test_uncompressed_attachment_is_read_in_bands(tmp_path, rng, monkeypatch):
+    import mfnumba.io.raw as raw
+
+    chw = _planes(rng, c=3, h=40, w=11)
     _write_xisf(tmp_path / "m.xisf", chw)
-    calls = []
-    real = np.memmap
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(np, "memmap", spy)
+    band = 11 * 4 * 3 * 5  # five rows of the three planes
+    monkeypatch.setattr(raw, "_BAND_BYTES", band)
+    reads, closes = [], []
+    real_read, real_close = raw.RawSamples._read_exact, raw.RawSamples.close
+    monkeypatch.setattr(raw.RawSamples, "_read_exact",
+                        lambda self, view, pos: reads.append(len(view)) or real_read(self, view, pos))
+    monkeypatch.setattr(raw.RawSamples, "close",
+                        lambda self: closes.append(self.is_open) or real_close(self))
     data, _ = read_xisf(tmp_path / "m.xisf")
     np.testing.assert_array_equal(data, chw)
-    assert len(calls) == 1 and calls[0]["mode"] == "r" and calls[0]["offset"] >= 16
-    assert calls[0]["shape"] == (chw.size,)  # exactly the frame, not the file
-    assert not isinstance(data, real) and data.base is None  # an in-memory copy, file closed
-    calls.clear()
+    assert sum(reads) == chw.nbytes and max(reads) <= band // 3  # never the whole block at once
+    assert closes == [True]  # opened once, closed before returning
+    reads.clear()
     _write_xisf(tmp_path / "z.xisf", _smooth(1, 8, 8, np.float32), codec="zlib")
     read_xisf(tmp_path / "z.xisf")
-    assert not calls  # compressed blocks are decoded per frame instead
+    assert not reads  # compressed blocks are decoded per frame instead
 
 
 # --- stacks ------------------------------------------------------------------
@@ -354,6 +356,71 @@ def test_unsupported_features_refused(tmp_path, change, words):
             call(path)
         msg = str(err.value)
         assert "bad frame.xisf" in msg and words in msg and "\n" not in msg
+
+
+def _xisf_at(path, position_of, payload):
+    """An XISF file with ``payload`` right after its header, but located at ``position_of(header_end)``.
+
+    The position is written with a fixed number of digits, so the header's
+    length does not depend on it.
+    """
+    def xml_for(pos):
+        image = (f'<Image geometry="4:3:1" sampleFormat="Float32" colorSpace="Gray" '
+                 f'location="attachment:{pos:06d}:{len(payload)}"/>')
+        return f'<?xml version="1.0" encoding="UTF-8"?><xisf version="1.0" xmlns="{_NS}">{image}</xisf>'.encode()
+
+    header_end = 16 + len(xml_for(0))
+    pos = position_of(header_end)
+    blob = b"XISF0100" + len(xml_for(pos)).to_bytes(4, "little") + b"\0" * 4 + xml_for(pos)
+    path.write_bytes(blob + payload)
+    return path, header_end
+
+
+def test_a_block_inside_the_header_is_refused(tmp_path, rng):
+    payload = rng.random((3, 4)).astype(np.float32)
+    path, end = _xisf_at(tmp_path / "right after.xisf", lambda end: end, payload.tobytes())
+    np.testing.assert_array_equal(read_xisf(path)[0][0], payload)  # a block may start where the header ends
+    for name, where in [("one byte early.xisf", lambda end: end - 1), ("in the xml.xisf", lambda end: 40),
+                        ("in the preamble.xisf", lambda end: 4)]:
+        path, end = _xisf_at(tmp_path / name, where, payload.tobytes())
+        for call in (xisf_shape, read_xisf, lambda p: load_stack([p])):
+            with pytest.raises(InputFileError) as err:
+                call(path)
+            msg = str(err.value)
+            assert msg.startswith(f"{path}: corrupt XISF file: the image block") and "\n" not in msg
+            assert f"starts inside the file header (signature and XML), which ends at byte {end}" in msg
+
+
+@pytest.mark.parametrize("other, where, refused", [
+    ('<Property id="Notes" type="String" location="attachment:{0}:16"/>', "inside", True),
+    ('<Property id="Notes" type="String" location="attachment:{0}:16"/>', "after", False),
+    ('<ICCProfile location="attachment:{0}:16"/>', "before", True),
+    ('<Thumbnail geometry="2:2:1" sampleFormat="UInt8" location="attachment:{0}:4"/>', "inside", True),
+])
+def test_a_block_overlapping_another_is_refused(tmp_path, other, where, refused):
+    at = {"inside": _DATA_AT + 20, "after": _DATA_AT + 48, "before": _DATA_AT - 8}[where]
+    data = np.arange(12, dtype=np.float32)
+    path = _raw_xisf(tmp_path / "blocks.xisf", data.tobytes() + b"\0" * 16, children=other.format(at),
+                     location=f"attachment:{_DATA_AT}:48", **_GRAY)
+    if not refused:
+        np.testing.assert_array_equal(read_xisf(path)[0].ravel(), data)  # adjacent blocks are fine
+        return
+    with pytest.raises(InputFileError) as err:
+        read_xisf(path)
+    msg = str(err.value)
+    tag = other[1:other.index(" ")]
+    assert msg.startswith(f"{path}: corrupt XISF file: the image block (48 bytes at byte {_DATA_AT}) "
+                          f"overlaps the data block of <{tag}") and "\n" not in msg
+    assert f"bytes at byte {at})" in msg
+
+
+def test_an_image_block_overlapping_a_second_image_is_refused(tmp_path):
+    images = "".join(f'<Image geometry="4:3:1" sampleFormat="Float32" location="attachment:{p}:48"/>'
+                     for p in (_DATA_AT, _DATA_AT + 24))
+    path = _raw_xisf(tmp_path / "two.xisf", b"\0" * 72, root_children=images)
+    with pytest.raises(InputFileError, match=r"two\.xisf: corrupt XISF file: .* overlaps the data block "
+                                             r"of <Image> \(48 bytes at byte 4120\)"):
+        xisf_shape(path)
 
 
 def test_supported_list_in_message(tmp_path):

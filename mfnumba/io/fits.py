@@ -38,11 +38,46 @@ def positive_number(header, key: str) -> float | None:
     return number if np.isfinite(number) and number > 0 else None
 
 
-def _first_image_hdu(hdul, path):
-    for hdu in hdul:
-        if getattr(hdu, "is_image", False) and hdu.data is not None and hdu.data.size:
-            return hdu
+# What astropy raises on files that are not FITS, truncated or corrupt
+# (zlib.error and EOFError come from broken .gz files).
+FITS_ERRORS = (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError, KeyError)
+
+
+def fits_reason(exc: BaseException) -> str:
+    """An astropy error as one line: the CLI's message must stay on one line."""
+    return " ".join(str(exc).split())
+
+
+def first_image_hdu(hdul, *, path) -> tuple[int, tuple[int, ...]]:
+    """Index and numpy shape of the image a FITS file holds: the first image HDU with data.
+
+    The one rule every reader uses to pick the image (the primary HDU, an
+    IMAGE extension or a tile-compressed one; tables are skipped). It looks
+    at headers only (NAXISn all positive), so picking costs no pixel read and
+    a reader by sections and a reader of the whole file can never disagree.
+    Raises :class:`InputFileError` naming ``path`` when no HDU qualifies.
+    """
+    for index, hdu in enumerate(hdul):
+        if not getattr(hdu, "is_image", False):
+            continue
+        hdr = hdu.header
+        naxis = int(hdr.get("NAXIS", 0))
+        shape = tuple(int(hdr.get(f"NAXIS{k}", 0)) for k in range(naxis, 0, -1))
+        if shape and all(n > 0 for n in shape):
+            return index, shape
     raise InputFileError("no image data in any HDU", path=path)
+
+
+def image_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """Numpy shape of the image :func:`read_image` returns, from headers only."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError("file not found" if not path.exists() else "not a regular file", path=path)
+    try:
+        with fits.open(path) as hdul:  # lazy: only headers are read
+            return first_image_hdu(hdul, path=path)[1]
+    except FITS_ERRORS as exc:
+        raise InputFileError(f"not a readable FITS file ({fits_reason(exc)})", path=path) from None
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, fits.Header]:
@@ -60,15 +95,13 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, fits.Header]:
         raise InputFileError("is a directory, expected a FITS file", path=path)
     try:
         with fits.open(path, memmap=False) as hdul:
-            hdu = _first_image_hdu(hdul, path)
+            hdu = hdul[first_image_hdu(hdul, path=path)[0]]
             data = np.asarray(hdu.data)
             header = hdu.header.copy()
     except InputFileError:
         raise
-    # zlib.error and EOFError come from corrupt or truncated .gz files.
-    except (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError) as exc:
-        reason = " ".join(str(exc).split())  # the CLI message must stay on one line
-        raise InputFileError(f"not a readable FITS file ({reason})", path=path) from None
+    except FITS_ERRORS as exc:
+        raise InputFileError(f"not a readable FITS file ({fits_reason(exc)})", path=path) from None
     if data.ndim not in (2, 3):
         raise InputFileError(f"expected a 2-D or 3-D image, found {data.ndim}-D {data.shape}", path=path)
     out = np.array(data, dtype=np.float32, order="C")  # copy: native order, float32

@@ -9,15 +9,17 @@ C-contiguous, ``+/-inf`` as NaN, equal to the same slice of
 
 How each kind of file is read:
 
-- plain FITS: the data unit is mapped (``np.memmap``) and sliced, so a tile
-  costs its own pages; BZERO, BSCALE and BLANK are applied per tile with
+- plain FITS: the tile's rows are read from the data unit by positioned
+  reads (:mod:`mfnumba.io.raw`, not a memory map: a file that shrinks while
+  it is read is an :class:`InputFileError`, never a SIGBUS), so a tile costs
+  its own bytes; BZERO, BSCALE and BLANK are applied per tile with
   astropy's rules (pseudo-unsigned integers, float32 for 8/16-bit and
   float64 for 32/64-bit integers), so values equal astropy's exactly.
 - tile-compressed FITS (CompImageHDU, ``.fits.fz``): astropy's ``section``,
   which decompresses the compression tiles a read overlaps, on every read.
 - gzipped FITS (or any FITS file that is not plain on disk): cannot be
-  mapped; decoded whole on the first read and kept in the reader.
-- XISF, uncompressed attachment: the data block is mapped and sliced.
+  read by sections; decoded whole on the first read and kept in the reader.
+- XISF, uncompressed attachment: read by positioned reads as plain FITS.
 - XISF, compressed, inline or embedded: decoded whole on the first read
   and kept in the reader.
 
@@ -27,7 +29,6 @@ Readers are not thread-safe.
 from __future__ import annotations
 
 import logging
-import mmap
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -36,31 +37,15 @@ import numpy as np
 from astropy.io import fits
 
 from ..errors import InputFileError, OptionError, ShapeError
-from ..stack import XISF_SUFFIXES, check_layout, fits_layout, to_chw
-from .fits import read_image
+from .fits import FITS_ERRORS, first_image_hdu, fits_reason, read_image
+from .layout import check_layout, fits_layout, is_xisf, to_chw
+from .raw import RawSamples
 from .xisf import xisf_block
 
 log = logging.getLogger("mfnumba")
 
 _FITS_MAGIC = b"SIMPLE  ="  # a plain (not gzipped) FITS file starts with this card
 _BITPIX_DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
-# Errors astropy raises on unreadable FITS files (as stack._file_shape catches them).
-_FITS_ERRORS = (OSError, EOFError, ValueError, TypeError, IndexError, KeyError)
-
-
-def drop_pages(arr) -> None:
-    """Unmap the pages of a memory-mapped array from this process after a read.
-
-    They stay in the OS page cache (a re-read is a cheap minor fault), but no
-    longer count in the process's resident memory: streaming a 4 GB stack
-    through a memmap must not grow the RSS to 4 GB.
-    """
-    mm = getattr(arr, "_mmap", None)
-    if mm is not None and hasattr(mm, "madvise"):
-        try:
-            mm.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):  # closed, or not supported here
-            pass
 
 
 def _span(s, n: int, what: str) -> tuple[slice, int]:
@@ -108,7 +93,7 @@ class FrameReader:
     path : str or path-like
         A FITS file (first image HDU) or an XISF file (first image).
     layout : {"auto", "chw", "hwc"}
-        Channel layout of a 3-D FITS image, see :func:`mfnumba.stack.to_chw`.
+        Channel layout of a 3-D FITS image, see :func:`mfnumba.io.layout.to_chw`.
     shape : (int, int), optional
         Crop ``(h, w)`` anchored at pixel (0, 0); the whole frame by default.
 
@@ -129,7 +114,7 @@ class FrameReader:
 
     Notes
     -----
-    The constructor reads headers only. The file is mapped or opened on the
+    The constructor reads headers only. The file is opened on the
     first read and stays so until :meth:`release` or :meth:`close`; both may
     be followed by more reads, which open it again.
 
@@ -145,8 +130,8 @@ class FrameReader:
         self.path = Path(path)
         layout = check_layout(layout)
         self._cache: np.ndarray | None = None  # a whole frame, cropped
-        self._handle = None  # np.memmap or an open HDUList
-        if self.path.name.lower().endswith(XISF_SUFFIXES):
+        self._handle = None  # an open RawSamples or HDUList
+        if is_xisf(self.path):
             self._init_xisf()
         else:
             self._init_fits(layout)
@@ -175,25 +160,14 @@ class FrameReader:
         try:
             with open(path, "rb") as f:
                 plain = f.read(len(_FITS_MAGIC)) == _FITS_MAGIC
-            found = None
             with fits.open(path, memmap=False) as hdul:  # headers only
-                for index, hdu in enumerate(hdul):
-                    # Same rule as read_image: the first image HDU with data.
-                    if not getattr(hdu, "is_image", False):
-                        continue
-                    hdr = hdu.header
-                    naxis = int(hdr.get("NAXIS", 0))
-                    raw_shape = tuple(int(hdr.get(f"NAXIS{k}", 0)) for k in range(naxis, 0, -1))
-                    if raw_shape and all(n > 0 for n in raw_shape):
-                        found = (index, raw_shape, hdr.copy(), isinstance(hdu, fits.CompImageHDU),
-                                 hdul.fileinfo(index)["datLoc"])
-                        break
-        except _FITS_ERRORS as exc:
-            reason = " ".join(str(exc).split())
-            raise InputFileError(f"not a readable FITS file ({reason})", path=path) from None
-        if found is None:
-            raise InputFileError("no image data in any HDU", path=path)
-        self._hdu_index, raw_shape, self.header, compressed, offset = found
+                index, raw_shape = first_image_hdu(hdul, path=path)  # the rule read_image uses
+                hdu = hdul[index]
+                header, compressed = hdu.header.copy(), isinstance(hdu, fits.CompImageHDU)
+                offset = hdul.fileinfo(index)["datLoc"]
+        except FITS_ERRORS as exc:
+            raise InputFileError(f"not a readable FITS file ({fits_reason(exc)})", path=path) from None
+        self._hdu_index, self.header = index, header
         self._layout = fits_layout(raw_shape, path=path, layout=layout)
         self._raw_shape = raw_shape
         self._layout_name = layout
@@ -207,7 +181,7 @@ class FrameReader:
         if compressed:
             self._kind = "fits-section"
         elif not plain:
-            self._kind = "whole"  # gzip and the like: a stream, not mappable
+            self._kind = "whole"  # gzip and the like: a stream, no sections
         else:
             self._kind = "fits"
             hdr = self.header
@@ -218,13 +192,17 @@ class FrameReader:
             if not isinstance(blank, (int, np.integer)) or bitpix < 0:
                 blank = None  # astropy ignores a BLANK that is not an integer, or on float data
             self._scale = (bitpix, hdr.get("BZERO", 0), hdr.get("BSCALE", 1), blank)
-            self._dtype = np.dtype(_BITPIX_DTYPES[bitpix])
-            self._offset = int(offset)
-            need = self._offset + int(np.prod(raw_shape)) * self._dtype.itemsize
+            if len(raw_shape) == 2:
+                stored = (1, *raw_shape, 1)
+            elif self._layout == "hwc":
+                stored = (1, *raw_shape)
+            else:
+                stored = (*raw_shape, 1)
+            self._raw = RawSamples(path, offset=offset, dtype=_BITPIX_DTYPES[bitpix], shape=stored)
             size = path.stat().st_size
-            if size < need:
-                raise InputFileError(f"truncated FITS file: the image data end at byte {need}, "
-                                     f"the file has {size}", path=path)
+            if size < self._raw.end:
+                raise InputFileError(f"truncated FITS file: the image data end at byte "
+                                     f"{self._raw.end}, the file has {size}", path=path)
 
     @property
     def whole(self) -> bool:
@@ -241,26 +219,24 @@ class FrameReader:
 
     def _open(self):
         if self._kind == "fits":
-            try:
-                self._handle = np.memmap(self.path, dtype=self._dtype, mode="r",
-                                         offset=self._offset, shape=self._raw_shape)
-            except (OSError, ValueError) as exc:
-                raise InputFileError(f"cannot map FITS image data ({' '.join(str(exc).split())})",
-                                     path=self.path) from None
+            self._raw.open()
+            self._handle = self._raw
         elif self._kind == "xisf":
-            self._handle = self._xisf.memmap()
+            raw = self._xisf.samples()
+            raw.open()
+            self._handle = raw
         elif self._kind == "fits-section":
             try:
                 self._handle = fits.open(self.path, memmap=False)
-            except _FITS_ERRORS as exc:
-                raise InputFileError(f"not a readable FITS file ({' '.join(str(exc).split())})",
+            except FITS_ERRORS as exc:
+                raise InputFileError(f"not a readable FITS file ({fits_reason(exc)})",
                                      path=self.path) from None
         else:
             self._cache = self._decode()
 
     def _decode(self) -> np.ndarray:
         log.debug("%s: no section reads for this file; decoding it whole", self.path)
-        if self.path.name.lower().endswith(XISF_SUFFIXES):
+        if is_xisf(self.path):
             full = self._xisf.decode()
         else:
             img, _ = read_image(self.path)
@@ -276,15 +252,14 @@ class FrameReader:
 
     @property
     def is_open(self) -> bool:
-        """True while the file is mapped or open (it then holds a file descriptor)."""
+        """True while the file is open (it then holds a file descriptor)."""
         return self._handle is not None
 
     def release(self) -> None:
-        """Unmap or close the file; a decoded whole frame is kept."""
+        """Close the file; a decoded whole frame is kept."""
         handle, self._handle = self._handle, None
-        if isinstance(handle, fits.HDUList):
+        if handle is not None:
             handle.close()
-        # A memmap closes its file descriptor when its last reference goes.
 
     def close(self) -> None:
         """Release the file and drop a decoded whole frame."""
@@ -319,32 +294,39 @@ class FrameReader:
             np.copyto(out, self._cache[:, rs, cs])
             return out
         if self._kind == "xisf":
-            mm, c = self._handle, self.channels
-            src = mm[:c, rs, cs] if self._xisf.planar else mm[rs, cs, :c].transpose(2, 0, 1)
+            parts = self._xisf.sections(self._handle, rs, cs)
+        elif self._kind == "fits":
+            parts = self._fits_bands(rs, cs)
         else:
-            src = self._fits_section(rs, cs)
-        np.copyto(out, src, casting="unsafe")  # also swaps a big-endian byte order
-        if src.dtype.kind == "f":
-            out[np.isinf(out)] = np.nan
-        drop_pages(self._handle)
+            parts = [(0, self._compressed_section(rs, cs))]
+        for first, src in parts:  # band by band: each is converted while it is in the cache
+            dest = out[:, first:first + src.shape[1]]
+            np.copyto(dest, src, casting="unsafe")  # also swaps a big-endian byte order
+            if src.dtype.kind == "f":
+                dest[np.isinf(dest)] = np.nan
         return out
 
-    def _fits_section(self, rs: slice, cs: slice) -> np.ndarray:
-        """The section as (C, r, c) in the file's or astropy's dtype, scaled."""
+    def _fits_bands(self, rs: slice, cs: slice):
+        """Bands ``(first row, (C, n, ncols))`` of a plain FITS section, scaled."""
+        raw = self._handle
+        hwc = self._layout == "hwc"
+        for first, block in raw.bands(rs, cs, range(1) if hwc else range(raw.shape[0])):
+            src = block[0].transpose(2, 0, 1) if hwc else block[..., 0]
+            yield first, _fits_scaled(src, *self._scale)
+
+    def _compressed_section(self, rs: slice, cs: slice) -> np.ndarray:
+        """A tile-compressed FITS section as (C, r, c) in astropy's dtype, scaled."""
         if self._layout == "hwc":
             key = (rs, cs, slice(None))
         elif len(self._raw_shape) == 3:
             key = (slice(None), rs, cs)
         else:
             key = (rs, cs)
-        if self._kind == "fits":
-            src = _fits_scaled(self._handle[key], *self._scale)
-        else:  # compressed: astropy decompresses the tiles the section overlaps
-            try:
-                src = np.asarray(self._handle[self._hdu_index].section[key])
-            except _FITS_ERRORS as exc:
-                raise InputFileError(f"not a readable FITS file ({' '.join(str(exc).split())})",
-                                     path=self.path) from None
+        try:  # compressed: astropy decompresses the tiles the section overlaps
+            src = np.asarray(self._handle[self._hdu_index].section[key])
+        except FITS_ERRORS as exc:
+            raise InputFileError(f"not a readable FITS file ({fits_reason(exc)})",
+                                 path=self.path) from None
         if src.ndim == 2:
             return src[None]
         return src.transpose(2, 0, 1) if self._layout == "hwc" else src
@@ -358,9 +340,9 @@ class StackReader:
     paths : sequence of path-like
         Frame files, e.g. from :func:`mfnumba.stack.discover_frames`.
     layout : {"auto", "chw", "hwc"}
-        Channel layout of 3-D FITS frames, see :func:`mfnumba.stack.to_chw`.
+        Channel layout of 3-D FITS frames, see :func:`mfnumba.io.layout.to_chw`.
     max_open : int, optional
-        At most this many files are mapped or open at once (least recently
+        At most this many files are open at once (least recently
         read ones are released first), so a stack of hundreds of frames
         stays within the file descriptor limit.
 
@@ -389,7 +371,7 @@ class StackReader:
         if max_open < 1:
             raise ValueError(f"max_open must be >= 1, got {max_open}")
         self._max_open = int(max_open)
-        self._mapped: OrderedDict[int, None] = OrderedDict()  # mapped readers, least recent first
+        self._open_frames: OrderedDict[int, None] = OrderedDict()  # open readers, least recent first
         self._readers = [FrameReader(p, layout=layout) for p in self.paths]
         first = self._readers[0]
         self.channels = first.channels
@@ -430,13 +412,13 @@ class StackReader:
     def _reader(self, i: int) -> FrameReader:
         i = range(self.n_frames)[i]  # negative indices, IndexError when out of range
         reader = self._readers[i]
-        if i in self._mapped:
-            self._mapped.move_to_end(i)
+        if i in self._open_frames:
+            self._open_frames.move_to_end(i)
         elif not reader.whole:
-            while len(self._mapped) >= self._max_open:
-                old, _ = self._mapped.popitem(last=False)
+            while len(self._open_frames) >= self._max_open:
+                old, _ = self._open_frames.popitem(last=False)
                 self._readers[old].release()
-            self._mapped[i] = None
+            self._open_frames[i] = None
         return reader
 
     def read(self, i: int, rows: slice = slice(None), cols: slice = slice(None), *,
@@ -466,7 +448,7 @@ class StackReader:
         """Release every file and drop decoded whole frames."""
         for r in self._readers:
             r.close()
-        self._mapped.clear()
+        self._open_frames.clear()
 
     def __enter__(self):
         return self

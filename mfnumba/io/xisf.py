@@ -2,8 +2,9 @@
 
 Only what a registered light frame needs: the first image of a monolithic
 XISF 1.0 file, 2-D, Gray or RGB, UInt8/16/32 or Float32/64 samples, Planar
-or Normal pixel storage, stored as an attachment (read through ``np.memmap``
-so no more than the one frame is ever copied), inline or embedded, and
+or Normal pixel storage, stored as an attachment (read by positioned reads
+in bands of rows, see :mod:`mfnumba.io.raw`, so the file's samples are never
+all in memory beside the result), inline or embedded, and
 optionally compressed (zlib, lz4, lz4hc, zstd, each with or without byte
 shuffling, in one or several subblocks). Sample values are returned raw, as
 the FITS reader does: a UInt16 1234 reads as 1234.0, not 1234/65535.
@@ -36,6 +37,7 @@ import zstandard
 from astropy.io import fits
 
 from ..errors import InputFileError
+from .raw import RawSamples
 
 log = logging.getLogger("mfnumba")
 
@@ -93,8 +95,8 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def _read_header(path: Path) -> tuple[ET.Element, int]:
-    """Parse the XML header; returns the root element and the file size."""
+def _read_header(path: Path) -> tuple[ET.Element, int, int]:
+    """Parse the XML header; returns the root element, the file size and where the header ends."""
     if not path.exists():
         _fail(path, "file not found")
     if not path.is_file():
@@ -123,7 +125,7 @@ def _read_header(path: Path) -> tuple[ET.Element, int]:
         root = parser.close()
     except ET.ParseError as exc:
         _fail(path, f"corrupt XISF header ({exc})")
-    return root, size
+    return root, size, _PREAMBLE + length
 
 
 def _parse_compression(path, el: ET.Element, stored: int) -> tuple[str | None, int, tuple]:
@@ -171,7 +173,7 @@ def _parse_location(path, image: ET.Element, file_size: int):
             position, size = int(pos), int(n)
         except ValueError:
             _fail(path, f"malformed XISF location {loc!r}")
-        if position < _PREAMBLE or size < 1:
+        if position < 0 or size < 1:
             _fail(path, f"malformed XISF location {loc!r}")
         if position + size > file_size:
             _fail(path, f"truncated XISF file: the image block ends at byte {position + size}, "
@@ -193,9 +195,41 @@ def _parse_location(path, image: ET.Element, file_size: int):
     return kind, position, size, encoding, encoded
 
 
+def _attachment(location: str) -> tuple[int, int] | None:
+    """``(position, size)`` of an ``attachment:POS:SIZE`` location; None for any other, or an empty one."""
+    parts = location.split(":")
+    if len(parts) != 3 or parts[0].strip() != "attachment":
+        return None
+    try:
+        position, size = int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+    return (position, size) if size > 0 else None
+
+
+def _check_block(path, root: ET.Element, image: ET.Element, position: int, size: int,
+                 header_end: int) -> None:
+    """Refuse an image block inside the file header or overlapping another data block.
+
+    No sound writer produces either, and reading such a block would return
+    header text or another block's bytes (a thumbnail, an ICC profile, a
+    property) as pixels, silently.
+    """
+    here = f"the image block ({size} bytes at byte {position})"
+    if position < header_end:
+        _fail(path, f"corrupt XISF file: {here} starts inside the file header "
+                    f"(signature and XML), which ends at byte {header_end}")
+    for el in root.iter():
+        other = None if el is image else _attachment(el.get("location", ""))
+        if other is not None and other[0] < position + size and position < other[0] + other[1]:
+            name = _local(el.tag) + (f" id={el.get('id')!r}" if el.get("id") else "")
+            _fail(path, f"corrupt XISF file: {here} overlaps the data block of <{name}> "
+                        f"({other[1]} bytes at byte {other[0]})")
+
+
 def _describe(path: Path) -> _Image:
     """Validate the first image's header; every refusal happens here."""
-    root, file_size = _read_header(path)
+    root, file_size, header_end = _read_header(path)
     image = next((el for el in root if _local(el.tag) == "Image"), None)
     if image is None:
         _fail(path, "XISF file holds no Image element (no image data)")
@@ -231,6 +265,8 @@ def _describe(path: Path) -> _Image:
         _fail(path, f"unsupported XISF pixel storage {storage!r}; {_SUPPORTED}")
 
     kind, position, size, encoding, encoded = _parse_location(path, image, file_size)
+    if kind == "attachment":
+        _check_block(path, root, image, position, size, header_end)
     stored_bytes = width * height * stored * dtype.itemsize
     codec, shuffle, blocks = _parse_compression(path, image, stored_bytes)
     if codec is None and kind == "attachment" and size < stored_bytes:
@@ -323,18 +359,36 @@ def _to_chw(img: _Image, flat: np.ndarray) -> np.ndarray:
     return out
 
 
+def _samples(img: _Image) -> RawSamples:
+    """The uncompressed attachment as (planes, h, w, per pixel) samples."""
+    shape = ((img.stored_channels, img.height, img.width, 1) if img.planar
+             else (1, img.height, img.width, img.stored_channels))
+    return RawSamples(img.path, offset=img.position, dtype=img.dtype, shape=shape)
+
+
+def _sections(img: _Image, raw: RawSamples, rows: slice, cols: slice):
+    """Yield ``(first row, (C, n, ncols))`` bands of the nominal channels in the file's dtype.
+
+    Alpha channels are not returned. Each band is a view that the next one
+    overwrites (see :meth:`RawSamples.bands`).
+    """
+    c = img.channels
+    for first, block in raw.bands(rows, cols, range(c) if img.planar else range(1)):
+        yield first, (block[..., 0] if img.planar else block[0, :, :, :c].transpose(2, 0, 1))
+
+
 def _read_pixels(img: _Image) -> np.ndarray:
     count = img.nbytes // img.dtype.itemsize
     if img.location == "attachment" and img.codec is None:
-        # memmap: only the pages of this frame are read, and only once.
+        # By bands of rows: the file's samples are never all in memory beside the result.
+        out = np.empty((img.channels, img.height, img.width), dtype=np.float32)
+        raw = _samples(img)
         try:
-            mm = np.memmap(img.path, dtype=img.dtype, mode="r", offset=img.position, shape=(count,))
-        except (OSError, ValueError) as exc:
-            _fail(img.path, f"cannot map XISF image data ({' '.join(str(exc).split())})")
-        try:
-            return _to_chw(img, mm)
+            for first, src in _sections(img, raw, slice(None), slice(None)):
+                np.copyto(out[:, first:first + src.shape[1]], src, casting="unsafe")
         finally:
-            del mm
+            raw.close()
+        return out
     if img.location == "attachment":
         try:
             with open(img.path, "rb") as f:
@@ -418,8 +472,9 @@ class XisfBlock:
     """The first image of an XISF file, described for reading by sections.
 
     From :func:`xisf_block`. ``offset`` is the byte position of an
-    uncompressed attachment, which :meth:`memmap` maps; it is None for
-    compressed, inline or embedded data, which only :meth:`decode` reads.
+    uncompressed attachment, which :meth:`samples` reads by sections; it is
+    None for compressed, inline or embedded data, which only :meth:`decode`
+    reads.
     """
 
     path: Path
@@ -433,20 +488,21 @@ class XisfBlock:
     header: fits.Header = field(repr=False, compare=False)
     _image: _Image = field(repr=False, compare=False)
 
-    def memmap(self) -> np.memmap:
-        """Read-only map of the samples in stored order and type, alpha included.
+    def samples(self) -> RawSamples:
+        """The uncompressed attachment (``offset`` set) for reads by sections, alpha included.
 
-        ``(stored_channels, h, w)`` when planar, ``(h, w, stored_channels)``
-        when normal. Only for an uncompressed attachment (``offset`` set).
+        Read it with :meth:`sections`; close it when done.
         """
         if self.offset is None:
             raise ValueError(f"{self.path}: XISF data is not an uncompressed attachment")
-        shape = ((self.stored_channels, self.height, self.width) if self.planar
-                 else (self.height, self.width, self.stored_channels))
-        try:
-            return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=shape)
-        except (OSError, ValueError) as exc:
-            _fail(self.path, f"cannot map XISF image data ({' '.join(str(exc).split())})")
+        return _samples(self._image)
+
+    def sections(self, raw: RawSamples, rows: slice, cols: slice):
+        """Bands ``(first row, (C, n, ncols))`` of :meth:`samples`, in the file's dtype.
+
+        Each band is a view that the next one overwrites: convert it first.
+        """
+        return _sections(self._image, raw, rows, cols)
 
     def decode(self) -> np.ndarray:
         """The whole image as :func:`read_xisf` returns it, without its warnings."""

@@ -1,0 +1,89 @@
+"""Frames of different transparency and sky end on the reference frame's photometric scale."""
+
+import numpy as np
+import pytest
+
+from mfnumba.api import deconvolve
+from mfnumba.io.tiles import ArrayReader
+from mfnumba.metrics import aperture_flux
+from mfnumba import normalize
+from mfnumba.options import Options
+from mfnumba.simulate import SimConfig, simulate_stack
+from mfnumba.sources import WorkSource
+
+# transparency a_i (cloud down to 10 %), sky factor (moon up to 2x) and a gradient (ADU/px)
+TRANSPARENCY = (1.0, 0.9, 0.5, 0.25, 0.1, 1.0)
+SKY = (1.0, 1.2, 1.5, 1.0, 2.0, 1.8)
+GRADIENT = (0.0, 0.0, 0.3, 0.0, 0.0, 0.6)
+
+
+@pytest.fixture(scope="module")
+def night():
+    """A clear stack turned into a night: cloud, moonlight and a gradient, with matching noise."""
+    cfg = SimConfig(n_frames=len(TRANSPARENCY), shape=(160, 160), n_stars=45, n_galaxies=2,
+                    trail_frames=(), cosmic_rays=0, fwhm_range=(2.6, 3.4), seed=11)
+    sim = simulate_stack(cfg)
+    rng = np.random.default_rng(4)
+    h, w = cfg.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = np.empty_like(sim.frames)
+    for i, (a, s, g) in enumerate(zip(TRANSPARENCY, SKY, GRADIENT)):
+        sky = cfg.sky * s + g * (xx - w / 2)
+        signal = a * (sim.frames[i] - cfg.sky)
+        # the clear frame's noise scaled by a, topped up to the new sky's Poisson noise
+        extra = np.sqrt(np.maximum(sky + cfg.read_noise ** 2 - a * a * (cfg.sky + cfg.read_noise ** 2), 0))
+        frames[i] = signal + sky + rng.normal(0, 1, (h, w)) * extra
+    return sim, frames.astype(np.float32)
+
+
+def test_transparency_and_sky_are_measured(night):
+    sim, frames = night
+    src = WorkSource(ArrayReader(frames[:, None]))
+    phot = normalize.estimate(src, sim.fwhms, reference=0)
+    a = phot.scale[:, 0]
+    np.testing.assert_allclose(a, TRANSPARENCY, rtol=0.03)
+    b = phot.offset[:, 0]
+    for i, (t, s, g) in enumerate(zip(TRANSPARENCY, SKY, GRADIENT)):
+        # y_i = a_i (y_0 - 0) + b_i: sky_i - a_i sky_0
+        assert abs(b[i, 0] - (100 * s - t * 100)) < 2.0, (i, b[i])
+        assert abs(b[i, 2] - g) < 0.02, (i, b[i])
+
+
+def test_the_best_frame_is_the_default_reference(night):
+    sim, frames = night
+    phot = normalize.estimate(WorkSource(ArrayReader(frames[:, None])), sim.fwhms)
+    assert TRANSPARENCY[phot.reference] == 1.0  # a clear frame, not a cloudy one
+
+
+def _star_flux_ratio(image, sim, scale):
+    bright = np.argsort(sim.star_flux)[-15:]
+    yx = sim.stars_yx[bright]
+    got = aperture_flux(image[0], yx, radius=8.0, annulus=(12.0, 18.0))
+    return np.median(got / (scale * sim.star_flux[bright]))
+
+
+def test_fluxes_on_the_reference_scale_and_cloudy_frames_weigh_less(night):
+    sim, frames = night
+    opt = Options(iters=30, early_stop=False, conv="fft", reference="0")
+    res = deconvolve(frames, list(sim.psfs), options=opt)
+    assert abs(_star_flux_ratio(res.image, sim, 1.0) - 1.0) < 0.03
+    raw = deconvolve(frames, list(sim.psfs), options=opt.replace(normalize="none"))
+    assert abs(_star_flux_ratio(raw.image, sim, 1.0) - 1.0) > 0.05  # what normalisation fixes
+    clear = deconvolve(sim.frames[[0, 5]], [sim.psfs[0], sim.psfs[5]], options=opt)
+    rmse = lambda img: float(np.sqrt(np.mean((img[0] - np.squeeze(sim.truth)) ** 2)))  # noqa: E731
+    # six frames, two of them clear: better than the two clear frames alone
+    assert rmse(res.image) < rmse(clear.image) * 1.05
+    assert rmse(res.image) < rmse(raw.image)
+    notes = [v for v in res.header["HISTORY"]]
+    assert any("photometry reference" in v for v in notes)
+    assert res.header["MF_REF"] == 0
+
+
+def test_a_reference_by_name_that_is_not_a_frame_is_refused(night):
+    from mfnumba.api import reference_index
+    from mfnumba.errors import OptionError
+
+    assert reference_index("light_2.fits", ["a/light_1.fits", "a/light_2.fits"]) == 1
+    assert reference_index("0", ["x.fits"]) == 0
+    with pytest.raises(OptionError, match="--reference"):
+        reference_index("nope.fits", ["x.fits"])
