@@ -4,50 +4,85 @@ The numerical core of :mod:`mfnumba.psf_estimate`: each PSF pixel is fitted
 across the stars as a quadratic in the star's sub-pixel offset and read at
 offset 0 (with enough stars), or the stamps are Fourier-shifted to a common
 centre and averaged; a per-pixel σ-clipped weighted mean either way.
+Neighbours (other detections) inside a stamp are masked rather than
+disqualifying the star: in a galaxy-rich or crowded field almost every star
+has one, and a masked pixel simply gets no weight.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
+from scipy import ndimage
 
 from .psf import normalize_psf
 
 REGRESSION_STARS = 12      # stars needed to fit each pixel against sub-pixel phase
 CLIP_SIGMA = 4.0           # per-pixel clipping when combining stamps
+_GROW = ndimage.generate_binary_structure(2, 1)
 
 
-def cut_stamps(sub: np.ndarray, bad, yx: np.ndarray, radius: int):
-    """Integer-centred stamps of side ``2 radius + 1``, each summing to 1.
+def _nanmedian(a: np.ndarray, axis: int) -> np.ndarray:
+    """np.nanmedian without the warning for an all-NaN slice (it is NaN, as wanted)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(a, axis=axis)
+
+
+def _others(segmap, seg_id: int, box, grow: int) -> np.ndarray:
+    """Pixels of other detections in ``box``, grown by ``grow`` px (4-connected steps)."""
+    seg = segmap[box]
+    other = (seg != 0) & (seg != seg_id)
+    if grow and other.any():
+        other = ndimage.binary_dilation(other, structure=_GROW, iterations=int(grow))
+    return other
+
+
+def cut_stamps(sub: np.ndarray, bad, yx: np.ndarray, radius: int, *, segmap=None, ids=None,
+               grow: int = 0, core: float | None = None):
+    """Integer-centred stamps of side ``2 radius + 1``, normalised, neighbours NaN.
 
     Returns the stamps, each star's sub-pixel phase ``(dy, dx)`` (centre
     minus stamp middle, in [-0.5, 0.5]) and its noise. A stamp's residual
     background is the median of an annulus [radius + 3, radius + 8] around
     the star, far enough out that the star's own wing there is negligible;
-    the noise is the annulus robust σ over the star's flux, the stamp's
-    per-pixel error in normalised units. Stars whose box leaves the frame,
-    holds NaN or has no positive flux are skipped.
+    with ``segmap`` (sep's segmentation, ``ids`` the stars' own labels)
+    every detection's pixels, grown by ``grow``, are left out of it, and the
+    other detections' pixels are NaN in the stamp. A stamp is normalised by
+    its flux inside the radius ``core`` (default: the whole stamp), which a
+    neighbour must not touch; the noise is the annulus robust σ over that
+    flux. Stars whose box leaves the frame, holds a bad pixel or has no
+    positive flux are skipped.
     """
     h, w = sub.shape
     a_in, a_out = radius + 3, radius + 8
     oy, ox = np.mgrid[-a_out:a_out + 1, -a_out:a_out + 1]
     ring_r = np.hypot(oy, ox)
     ring_sel = (ring_r >= a_in) & (ring_r <= a_out)
+    sy, sx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    in_core = np.hypot(sy, sx) <= (core if core is not None else np.inf)
     stamps, phases, noise = [], [], []
-    for yc, xc in yx:
+    for k, (yc, xc) in enumerate(yx):
         iy, ix = int(round(yc)), int(round(xc))
         if iy - radius < 0 or ix - radius < 0 or iy + radius >= h or ix + radius >= w:
             continue
         box = (slice(iy - radius, iy + radius + 1), slice(ix - radius, ix + radius + 1))
         if bad is not None and bad[box].any():
             continue
-        # The annulus, clipped to the frame, NaN pixels left out.
+        # The annulus, clipped to the frame, bad and source pixels left out.
         y0, y1 = max(iy - a_out, 0), min(iy + a_out + 1, h)
         x0, x1 = max(ix - a_out, 0), min(ix + a_out + 1, w)
         sel = ring_sel[y0 - iy + a_out:y1 - iy + a_out, x0 - ix + a_out:x1 - ix + a_out]
         if bad is not None:
             sel = sel & ~bad[y0:y1, x0:x1]
+        others = None
+        if segmap is not None:
+            sel = sel & ~_others(segmap, 0, (slice(y0, y1), slice(x0, x1)), grow)
+            others = _others(segmap, int(ids[k]), box, grow)
+            if (others & in_core).any():
+                continue
         ring = sub[y0:y1, x0:x1][sel].astype(np.float64)
         if ring.size >= 20:
             sky = float(np.median(ring))
@@ -55,7 +90,9 @@ def cut_stamps(sub: np.ndarray, bad, yx: np.ndarray, radius: int):
         else:
             sky, sig = 0.0, math.nan
         cut = sub[box].astype(np.float64) - sky
-        flux = cut.sum()
+        if others is not None:
+            cut[others] = np.nan
+        flux = float(np.nansum(cut[in_core]))
         if not flux > 0:
             continue
         stamps.append(cut / flux)
@@ -87,40 +124,50 @@ def combine_stamps(stamps: np.ndarray, phases: np.ndarray, noise: np.ndarray) ->
     the stars, as a quadratic in the star's sub-pixel phase, and the PSF is
     the fit at phase 0: nothing is interpolated, so an undersampled PSF is
     not broadened (a spline shift of each stamp widens a 1.5 px FWHM by
-    ~13 %). With fewer stars each stamp is Fourier-shifted to phase 0 and
-    averaged. Either way each pixel is σ-clipped
+    ~13 %). With fewer stars each stamp is Fourier-shifted to phase 0 (its
+    NaN pixels filled with the other stamps' median first) and averaged.
+    Either way NaN pixels get no weight, each pixel is σ-clipped
     (``|r| > CLIP_SIGMA · sqrt(MAD² + σ_k²)``) and a star weighs
     ``1 / max(σ_k, σ_20%)²``: the brightest fifth share equal weight, so no
-    single star dominates.
+    single star dominates. A pixel no star covers is 0.
     """
     k, n, _ = stamps.shape
     finite = np.isfinite(noise)
     sig = np.where(finite, noise, noise[finite].max() if finite.any() else 1.0)
     floor = max(float(np.quantile(sig, 0.2)), 1e-12)
     wk = 1.0 / np.maximum(sig, floor) ** 2
+    valid = np.isfinite(stamps).reshape(k, -1)
     if k >= REGRESSION_STARS:
         a = phase_terms(phases)                                   # (K, T)
-        values = stamps.reshape(k, -1)                             # (K, P)
+        values = np.where(valid, stamps.reshape(k, -1), 0.0)      # (K, P)
         # A small ridge on the phase terms keeps the fit defined when all
         # stars share one phase; it is then a plain weighted mean.
         ridge = np.diag([0.0] + [1e-4] * (a.shape[1] - 1))
     else:
+        if not valid.all():
+            fill = np.nan_to_num(_nanmedian(stamps, axis=0))
+            stamps = np.where(np.isfinite(stamps), stamps, fill[None])
         values = np.stack([fourier_shift(s, -dy, -dx) for s, (dy, dx) in zip(stamps, phases)])
         values = values.reshape(k, -1)
         a = np.ones((k, 1))
         ridge = np.zeros((1, 1))
+    tiny = 1e-12 * float(wk.max())   # keeps a pixel no star covers solvable (it reads 0)
 
     def fit(weights):                                              # (K, P) -> (P, T)
         normal = np.einsum("kp,ki,kj->pij", weights, a, a) + ridge * weights.sum(0)[:, None, None]
+        normal += tiny * np.eye(a.shape[1])
         rhs = np.einsum("kp,ki,kp->pi", weights, a, values)
         return np.linalg.solve(normal, rhs[..., None])[..., 0]
 
-    w = np.broadcast_to(wk[:, None], values.shape)
+    w = wk[:, None] * valid
     coef = fit(w)
     if k >= 3:
-        resid = values - a @ coef.T
-        mad = 1.4826 * np.median(np.abs(resid - np.median(resid, axis=0)), axis=0)
-        keep = np.abs(resid) <= CLIP_SIGMA * np.sqrt(mad[None] ** 2 + sig[:, None] ** 2)
+        resid = np.where(valid, values - a @ coef.T, np.nan)
+        centre = _nanmedian(resid, axis=0)
+        mad = 1.4826 * _nanmedian(np.abs(resid - centre), axis=0)
+        mad = np.nan_to_num(mad)
+        keep = valid & (np.abs(np.nan_to_num(resid)) <= CLIP_SIGMA * np.sqrt(
+            mad[None] ** 2 + sig[:, None] ** 2))
         # A pixel keeps every star unless enough remain to fit its terms.
         enough = keep.sum(axis=0) > a.shape[1]
         w = np.where(enough[None], w * keep, w)

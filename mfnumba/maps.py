@@ -6,8 +6,9 @@
   cores, feathered to 0. The solver uses ``max(ψ(z)/z, m_protect)`` so the
   robust loss never rejects a star core whose early residual is large only
   because the model is still blurred.
-* :func:`variance_map` — ``σ²`` in ADU²: sep background RMS² (sky + read
-  noise) plus the shot noise of the signal, ``max(y − B, 0) / g``.
+* :func:`variance_map` — ``σ²`` in ADU²: the sky's noise (sep's background
+  RMS² scaled to the pixel-to-pixel noise, :mod:`mfnumba.gain`) plus the
+  shot noise of the signal, ``max(y − B, 0) / g``.
 
 All maps are (h, w) float32; reductions run in float64. sep is handed
 C-contiguous native-order float32 with NaN replaced and flagged in its mask.
@@ -22,12 +23,12 @@ import numpy as np
 import sep
 from scipy import ndimage
 
-from .io.fits import positive_number
+from ._sep import background, extract, sep_image
 from .errors import OptionError, ShapeError
+from .gain import GAIN_KEYS, header_gain, sky_noise
 
 log = logging.getLogger("mfnumba")
 
-GAIN_KEYS = ("EGAIN", "GAIN")
 MAX_ELONGATION = 4.0   # a/b above this is a trail or streak, not a star
 MIN_COMPACTNESS = 0.4  # area/ln(contrast) below this × the median: a cosmic ray
 _FWHM_STARS = 100      # brightest stars whose half-light radius sets the feather width
@@ -94,57 +95,12 @@ def border_mask(frame: np.ndarray, *, grow: int = 1) -> np.ndarray:
     return (~bad).astype(np.float32)
 
 
-# --------------------------------------------------------------------------- sep helpers
-
-def _sep_input(image: np.ndarray, mask: np.ndarray | None, what: str):
-    """(data, bad) for sep: float32, C-contiguous, native order, NaN → 0.
-
-    ``bad`` is True where the pixel is non-finite or ``mask`` is <= 0; None
-    when no pixel is bad (sep is faster without a mask).
-    """
-    img = np.asarray(image)
-    if img.ndim != 2:
-        raise ShapeError(f"{what} needs a 2-D image, got shape {img.shape}")
-    data = np.ascontiguousarray(img, dtype=np.float32)  # also fixes a big-endian FITS array
-    bad = ~np.isfinite(data)
-    if mask is not None:
-        m = np.asarray(mask)
-        if m.shape != data.shape:
-            raise ShapeError(f"{what}: mask shape {m.shape} differs from image shape {data.shape}")
-        bad |= ~(m > 0)
-    if not bad.any():
-        return data, None
-    data = np.where(bad, np.float32(0.0), data)
-    return data, bad
-
-
-def _background(data: np.ndarray, bad: np.ndarray | None) -> sep.Background:
-    return sep.Background(data, mask=bad)
-
-
-def _extract(data, thresh, **kw):
-    """sep.extract, retried once past sep's internal limits.
-
-    A full pixel stack is enlarged; a deblending overflow (a huge or very
-    crowded object) is retried without deblending.
-    """
-    try:
-        return sep.extract(data, thresh, **kw)
-    except Exception as exc:  # sep raises a bare Exception for its internal limits
-        message = str(exc)
-        if "buffer full" in message:
-            sep.set_extract_pixstack(max(sep.get_extract_pixstack() * 10, data.size))
-        elif "deblend" in message:
-            kw = {**kw, "deblend_cont": 1.0}
-        else:
-            raise
-        log.debug("sep: %s; retrying", message)
-        return sep.extract(data, thresh, **kw)
-
+# --------------------------------------------------------------------------- helpers
 
 def _median(values) -> float:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
+    v = np.asarray(values).ravel()
+    v = v[::max(1, v.size // 1_000_000)]   # a median of a million is plenty
+    v = v[np.isfinite(v)].astype(np.float64)
     return float(np.median(v)) if v.size else float("nan")
 
 
@@ -250,15 +206,15 @@ def star_protection(image: np.ndarray, *, thresh: float = 20.0, feather: float =
         raise OptionError(f"star protection threshold must be > 0, got {thresh}")
     if not feather >= 0:
         raise OptionError(f"star protection feather must be >= 0, got {feather}")
-    data, bad = _sep_input(image, mask, "star_protection")
+    data, bad = sep_image(image, mask=mask, what="star_protection")
     out = np.zeros(data.shape, np.float32)
     if int(max_stars) <= 0 or bad is not None and bad.all():
         return out
-    bkg = _background(data, bad)
+    bkg = background(data, bad)
     sub = data - bkg.back()
     if bad is not None:
         sub[bad] = 0.0
-    objs = _extract(sub, float(thresh), err=bkg.rms(), mask=bad, filter_kernel=None)
+    objs = extract(sub, float(thresh), err=bkg.rms(), mask=bad, filter_kernel=None)
     stars = objs[_star_objects(objs)] if len(objs) else objs
     if len(stars) == 0:
         log.debug("star protection: no star above %.1f sigma", thresh)
@@ -293,33 +249,19 @@ def frame_gain(header) -> float | None:
     A key whose value is not a positive finite number (text, a FITS bool,
     0, NaN) is skipped, so a junk ``EGAIN`` falls through to ``GAIN``.
     """
-    for key in GAIN_KEYS:
-        gain = positive_number(header, key)
-        if gain is not None:
-            return gain
-    return None
-
-
-def _sky_gain(level: float, rms2: float) -> float:
-    """Gain from a Poisson sky: var = B/g (+ RN²/g²) ⇒ g ≈ B / var.
-
-    Ignoring read noise biases g low by S/(S + RN²) (S: sky in e-), i.e.
-    it overstates the shot noise; fine when the sky dominates. A sky level
-    below its own RMS cannot be told from 0 (sky-subtracted or pedestal-free
-    data): then there is no calibration, and inf (no shot-noise term) is
-    returned rather than an invented gain.
-    """
-    if rms2 > 0 and level > math.sqrt(rms2):
-        return level / rms2
-    return math.inf
+    found = header_gain(header)
+    return None if found is None else found[0]
 
 
 def variance_map(image: np.ndarray, *, gain: float | None = None, floor: float | None = None,
                  mask: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Per-pixel noise variance in ADU²: sky + read noise + shot noise of the signal.
 
-    ``var = rms_B² + max(y − B, 0) / g``, with ``B`` and ``rms_B`` sep's
-    background and background-RMS maps, floored at ``floor``.
+    ``var = s · rms_B² + max(y − B, 0) / g``, with ``B`` and ``rms_B`` sep's
+    background and background-RMS maps, floored at ``floor``. ``rms_B`` is
+    the spread of the sky pixels, which faint extended light (galaxies,
+    cirrus) inflates; ``s`` rescales it so that its median is the sky's
+    pixel-to-pixel noise, measured on source-free sky (:mod:`mfnumba.gain`).
 
     Parameters
     ----------
@@ -327,12 +269,13 @@ def variance_map(image: np.ndarray, *, gain: float | None = None, floor: float |
         2-D frame in ADU, sky included; NaN pixels allowed.
     gain : float, optional
         e-/ADU (see :func:`frame_gain`). Without it the gain is estimated
-        from the sky as median(B) / median(rms_B²), which assumes a Poisson
-        sky above any read noise and no pedestal. When the sky level is
-        below its own RMS (sky-subtracted data) that is impossible and no
-        shot-noise term is added: the returned gain is then ``inf``.
+        as sky level over pixel-to-pixel sky noise
+        (:func:`mfnumba.gain.sky_noise`), which assumes a Poisson sky above
+        any read noise and no pedestal. When the sky level is below its own
+        noise (sky-subtracted data) that is impossible and no shot-noise
+        term is added: the returned gain is then ``inf``.
     floor : float, optional
-        Smallest variance; default 1e-3 × median(rms_B²).
+        Smallest variance; default 1e-3 × the sky's noise variance.
     mask : numpy.ndarray, optional
         (h, w) weights; pixels where it is <= 0 are left out of the
         background and, like NaN pixels, get the floor.
@@ -351,23 +294,40 @@ def variance_map(image: np.ndarray, *, gain: float | None = None, floor: float |
     >>> round(g), bool(abs(np.median(var) / 100.0 - 1.0) < 0.1)   # true: 2 e-/ADU, 100 ADU²
     (2, True)
     """
+    var, gain, _ = noise_variance(image, gain=gain, floor=floor, mask=mask)
+    return var, gain
+
+
+def noise_variance(image: np.ndarray, *, gain: float | None = None, floor: float | None = None,
+                   mask: np.ndarray | None = None) -> tuple[np.ndarray, float, str]:
+    """:func:`variance_map`, plus one line on how the gain was obtained (for HISTORY)."""
     if gain is not None and not (math.isfinite(gain) and gain > 0):
         raise OptionError(f"gain must be a positive finite number of e-/ADU, got {gain}")
     if floor is not None and not (math.isfinite(floor) and floor > 0):
         raise OptionError(f"variance floor must be a positive finite number, got {floor}")
-    data, bad = _sep_input(image, mask, "variance_map")
+    data, bad = sep_image(image, mask=mask, what="variance_map")
     if bad is not None and bad.all():
-        return np.full(data.shape, floor or 1.0, np.float32), float(gain or math.inf)
-    bkg = _background(data, bad)
+        g = float(gain or math.inf)
+        return np.full(data.shape, floor or 1.0, np.float32), g, "no valid pixels"
+    bkg = background(data, bad)
     back = bkg.back()
     var = bkg.rms()
     np.square(var, out=var)
     good = slice(None) if bad is None else ~bad
     rms2 = _median(var[good])
+    noise = sky_noise(data, bad, back)
+    if math.isfinite(noise.var) and noise.var > 0 and rms2 > 0:
+        var *= np.float32(noise.var / rms2)   # sep's sky spread -> the sky's noise
+        rms2 = noise.var
+    how = "given"
     if gain is None:
-        gain = _sky_gain(_median(back[good]), rms2)
-        log.debug("variance map: gain %.4g e-/ADU estimated from the sky%s", gain,
-                  "" if math.isfinite(gain) else " (sky at 0: no shot-noise term)")
+        gain = noise.gain
+        how = (f"estimated from the sky: level {noise.level:.4g} ADU over pixel-to-pixel noise "
+               f"{noise.var:.4g} ADU² on {noise.tiles} tile(s), {100 * noise.masked:.0f} % "
+               "masked as sources")
+        if not math.isfinite(gain):
+            how = "sky at 0 (sky-subtracted?): no shot-noise term"
+        log.debug("variance map: gain %.4g e-/ADU %s", gain, how)
     if math.isfinite(gain):
         signal = data - back
         np.maximum(signal, 0.0, out=signal)
@@ -378,7 +338,7 @@ def variance_map(image: np.ndarray, *, gain: float | None = None, floor: float |
     np.maximum(var, np.float32(floor), out=var)
     if bad is not None:
         var[bad] = floor
-    return var, float(gain)
+    return var, float(gain), how
 
 
 def _fallback_floor(data: np.ndarray, good) -> float:

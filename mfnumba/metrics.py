@@ -12,6 +12,7 @@ import numpy as np
 import sep
 from scipy.special import erf
 
+from ._sep import extract
 from .errors import ShapeError
 
 GAUSS_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -217,13 +218,7 @@ def find_stars(image, *, thresh: float = 10.0, max_stars: int = 200) -> np.ndarr
     bkg = sep.Background(data, mask=mask)
     sub = data - bkg.back()
     rms = bkg.globalrms if bkg.globalrms > 0 else 1.0
-    try:
-        objs = sep.extract(sub, float(thresh), err=rms, mask=mask)
-    except Exception as exc:  # sep raises bare Exception for internal buffer limits
-        if "buffer full" not in str(exc):
-            raise
-        sep.set_extract_pixstack(max(sep.get_extract_pixstack() * 10, 3_000_000))
-        objs = sep.extract(sub, float(thresh), err=rms, mask=mask)
+    objs = extract(sub, float(thresh), err=rms, mask=mask)   # past sep's buffer limits
     if len(objs) == 0:
         return np.zeros((0, 2))
     margin = 8.0  # a default 15-px star_fwhm box fits

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputFileError
+from .gain import header_gain
 from .io.scratch import open_scratch_map
-from .maps import border_mask, frame_gain, star_protection, variance_map
+from .maps import border_mask, noise_variance, star_protection
 from .options import Options
 from .psf_setup import resolve_psfs
 from .sources import WorkSource
@@ -159,46 +161,62 @@ def border_masks(reader, scratch: Scratch) -> np.ndarray | None:
 
 @dataclass
 class PSFSet:
-    """PSFs per frame; ``per_channel[c]`` holds channel c's when they differ."""
+    """PSFs per frame; ``per_channel[c]`` holds channel c's when they differ.
+
+    With per-channel PSFs, ``psfs[i]`` is frame i's widest channel PSF (what
+    the kernel size must hold) and ``sources[i]`` lists every channel's.
+    """
 
     psfs: list[np.ndarray]
     sources: list[str]
     per_channel: list[list[np.ndarray]] = field(default_factory=list)
 
 
-def _estimated(src: WorkSource, headers, channel: int | None) -> list:
-    from .psf_estimate import estimate_psfs  # lazy: scipy.spatial, only without PSF files
+def _estimated(src: WorkSource, headers, planes, *, required: bool = True):
+    """Each frame's PSF per plane (None: luminance), from one read of each frame."""
+    from .psf_frames import estimate_stack  # lazy: scipy.spatial, only without PSF files
 
-    out = []
-    for i in range(src.n_frames):
-        name = _name(src.paths, i)
-        out.append(estimate_psfs(src.read(i)[None], [headers[i]], [name],
-                                 fallback_fwhm=header_fwhm(headers[i]), channel=channel)[0])
-    return out
+    names = [_name(src.paths, i) for i in range(src.n_frames)]
+    return estimate_stack(src.read, src.n_frames, names=names, headers=headers, planes=planes,
+                          fallback_fwhms=[header_fwhm(h) for h in headers], required=required)
 
 
 def stack_psfs(psf, src: WorkSource, headers, fwhm: float | None, opt: Options) -> PSFSet:
     """PSFs from ``--psf`` or ``--fwhm``; without either, from each frame's stars.
 
-    With ``--color rgb`` every channel gets its own estimated PSFs when all of
-    them could be measured from stars, else all channels share the
-    luminance's.
+    See :mod:`mfnumba.psf_frames`: frames without stars borrow, outliers are
+    checked against the stack, and only a stack without stars anywhere is
+    an error. With ``--color rgb`` every channel gets its own PSFs when each
+    channel has usable stars in at least half of the frames (seeing is
+    chromatic); else all channels share the luminance's. Warnings come once
+    per frame, naming the channel.
     """
+    from .psf_frames import emit_warnings, plane_label
+
     if psf is not None or fwhm is not None:
         psfs, sources = resolve_psfs(psf, src.n_frames, fwhm)
         return PSFSet(psfs, sources)
-    est = _estimated(src, headers, None)
-    for i, e in enumerate(est):
-        log.info("%s: PSF %s", Path(_name(src.paths, i)).name, e.note)
-    out = PSFSet([e.psf for e in est], [e.note for e in est])
+    n = src.n_frames
+    names = [_name(src.paths, i) for i in range(n)]
     if opt.color == "rgb" and src.channels > 1:
-        per = [_estimated(src, headers, c) for c in range(src.channels)]
-        if all(e.method == "empirical" for ch in per for e in ch):
-            out.per_channel = [[e.psf for e in ch] for ch in per]
+        chans = list(range(src.channels))
+        per = _estimated(src, headers, chans, required=False)
+        weak = [plane_label(c, src.channels) for c, own in zip(chans, per.own) if 2 * own < n]
+        if not weak:
+            emit_warnings(per, names)
+            out = PSFSet([], [], [[e.psf for e in ests] for ests in per.estimates])
+            for i in range(n):
+                ests = [per.estimates[c][i] for c in chans]
+                out.psfs.append(max((e.psf for e in ests), key=lambda p: p.shape[0]))
+                out.sources.append("; ".join(f"{plane_label(c, src.channels)}: {e.note}"
+                                             for c, e in zip(chans, ests)))
             log.info("rgb: each channel uses its own PSFs")
-        else:
-            log.info("rgb: some channel PSFs could not be measured; channels share the luminance PSFs")
-    return out
+            return out
+        log.warning("rgb: channel(s) %s have usable stars in fewer than half of the frames; "
+                    "all channels share the luminance PSFs", ", ".join(weak))
+    lum = _estimated(src, headers, [None])
+    emit_warnings(lum, names)
+    return PSFSet([e.psf for e in lum.estimates[0]], [e.note for e in lum.estimates[0]])
 
 
 @dataclass
@@ -213,8 +231,10 @@ def build_maps(work: WorkSource, headers, opt: Options, scratch: Scratch,
     """Star protection (``--masks``) and variance maps (``--variance``) for ``work``.
 
     Protection is found on each frame's luminance and shared by its channels;
-    variance is per channel, with the gain from EGAIN/GAIN or estimated from
-    the sky (the luminance of C channels has C times the gain).
+    variance is per channel, with the gain from EGAIN/GAIN (the luminance of
+    C channels has C times the gain) or estimated from the sky's
+    pixel-to-pixel noise (:mod:`mfnumba.gain`). How each frame's gain was
+    obtained goes to ``notes`` (HISTORY).
     """
     maps = Maps()
     n, c = work.n_frames, work.channels
@@ -226,16 +246,38 @@ def build_maps(work: WorkSource, headers, opt: Options, scratch: Scratch,
     if not (opt.masks or opt.variance):
         return maps
     lum_factor = channels_in if (work.luma and channels_in > 1) else 1
+    what = " and ".join(w for w, on in (("star masks", opt.masks), ("variance maps", opt.variance))
+                        if on)
+    step, t0 = max(1, -(-n // 10)), time.monotonic()
     for i in range(n):
         frame = work.read(i)
         if opt.masks:
             lum = np.nanmean(frame, axis=0) if c > 1 else frame[0]
             maps.protect[i] = star_protection(lum, mask=np.isfinite(lum))
         if opt.variance:
-            g = frame_gain(headers[i])
-            g = None if g is None else g * lum_factor
-            for ch in range(c):
-                maps.var[i, ch], used = variance_map(frame[ch], gain=g, mask=np.isfinite(frame[ch]))
-            how = "header" if g is not None else "estimated"
-            maps.notes.append(f"frame {i}: variance map, gain {used:.4g} e-/ADU ({how})")
+            maps.notes.append(f"frame {i}: " + _variance_maps(maps.var, i, frame, headers[i],
+                                                              lum_factor))
+        if n >= 10 and (i + 1) % step == 0 and i + 1 < n:
+            log.info("%s: %d/%d frames (%d %%), %.0f s", what, i + 1, n, round(100 * (i + 1) / n),
+                     time.monotonic() - t0)
     return maps
+
+
+def _variance_maps(out, i: int, frame: np.ndarray, header, lum_factor: int) -> str:
+    """Fill ``out[i]`` channel by channel; returns the HISTORY note on the gain."""
+    found = header_gain(header)
+    g = None if found is None else found[0] * lum_factor
+    gains, hows = [], []
+    for ch in range(frame.shape[0]):
+        out[i, ch], used, how = noise_variance(frame[ch], gain=g, mask=np.isfinite(frame[ch]))
+        gains.append(used)
+        hows.append(how)
+    value = "/".join(f"{x:.4g}" for x in gains) + " e-/ADU"
+    if found is not None:
+        scale = f" x {lum_factor} for the luminance of {lum_factor} channels" if lum_factor > 1 else ""
+        return f"variance map, gain {value} (header {found[1]}{scale})"
+    if not all(np.isfinite(gains)):
+        return f"variance map, gain {value} ({hows[int(np.argmax(~np.isfinite(gains)))]})"
+    log.debug("frame %d: gain %s", i, "; ".join(hows))
+    return (f"variance map, gain {value} (estimated: sky level over its pixel-to-pixel noise, "
+            "sources masked)")

@@ -1,10 +1,15 @@
 """Per-frame PSF estimation from the frame's own stars.
 
-For stacks without PSF files: detect stars with sep, keep the isolated,
-unsaturated, round, bright ones, cut integer-centred stamps and combine them
+For stacks without PSF files: the frame's point sources are found on its
+stellar locus (:mod:`mfnumba._psf_stars`: bright, unsaturated detections
+whose size sits on the tight, flux-independent sequence of smallest size,
+so neither galaxies nor cosmic rays are taken for stars); integer-centred
+stamps of the isolated ones (fainter neighbours masked) are combined
 robustly into an empirical PSF centred at sub-pixel phase 0. With too few
 good stars the PSF is a Moffat fitted to the stars there are, else a Moffat
-of a given FWHM. Coordinates are (y, x) with the centre of pixel (0, 0) at 0.0.
+of a given FWHM. A whole stack's PSFs, checked against each other, come
+from :mod:`mfnumba.psf_frames`. Coordinates are (y, x) with the centre of
+pixel (0, 0) at 0.0.
 """
 
 from __future__ import annotations
@@ -12,31 +17,23 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
-import sep
-from scipy.spatial import cKDTree
 
-from .errors import InputFileError, OptionError, ShapeError
+from ._locus import MIN_FWHM   # px; a sharper "PSF" is made of cosmic rays or hot pixels
 from ._psf_stamps import combine_stamps, cut_stamps, finish_psf
-from .psf import GAUSS_FWHM_PER_SIGMA, measure_fwhm, moffat_psf, psf_size_for_fwhm
+from ._psf_stars import Stars, find_stars, stamp_radius
+from ._sep import sep_image, subtracted
+from .errors import InputFileError, OptionError, ShapeError
+from .psf import measure_fwhm, moffat_psf, psf_size_for_fwhm
 
 log = logging.getLogger("mfnumba")
 
 MIN_STARS = 5              # fewer good stars: a fitted Moffat instead of an empirical PSF
-DETECT_SIGMA = 5.0         # sep threshold, × global background RMS
-MIN_PEAK_SNR = 10.0        # peak / RMS of a star worth a stamp
-SATURATION_FRACTION = 0.8  # a star peaking above this × saturation is not used
 PLATEAU_TOLERANCE = 0.02   # pixels within 2 % of the frame maximum ...
 PLATEAU_PIXELS = 5         # ... this many of them: a clipped plateau
-MIN_ROUNDNESS = 0.65       # b/a relative to the typical star: drops blends and galaxies
-RHALF_RANGE = (0.7, 1.4)   # half-light radius relative to the typical star
-MIN_RHALF = 0.55           # px; a one-pixel hit has ~0.45, a star of FWHM 1.2 px ~0.8
-NEIGHBOUR_FLUX = 0.02      # a neighbour this bright (× the star) must stay out of the stamp
 FALLBACK_BETA = 4.765      # Moffat β of Kolmogorov seeing
-MIN_FWHM = 1.0             # px; a sharper "PSF" is made of cosmic rays or hot pixels
-# Half-light radius → FWHM: 2.0 for a Gaussian, 1.69 for a β = 4.765 Moffat.
-FWHM_PER_RHALF = 1.8
 
 
 @dataclass(frozen=True)
@@ -47,6 +44,9 @@ class PSFEstimate:
     centred on its middle pixel; ``fwhm`` is ``measure_fwhm(psf)`` in pixels;
     ``method`` is "empirical", "moffat" or "fwhm"; ``n_stars`` the number of
     stars used (0 for "fwhm"); ``note`` one line for a log or HISTORY card.
+    ``locus`` is the size (adaptive-moment FWHM, px) of the frame's stellar
+    locus, ``n_locus`` the number of sources on it and ``spread`` their
+    scatter in ln(size): the evidence behind the PSF (NaN / 0 without one).
     """
 
     psf: np.ndarray
@@ -54,30 +54,9 @@ class PSFEstimate:
     method: str
     n_stars: int
     note: str
-
-
-@dataclass
-class _Stars:
-    """Good stars of one frame, brightest first."""
-
-    yx: np.ndarray          # (K, 2) windowed centroids
-    fwhm_guess: float       # from the typical half-light radius, px
-
-
-_NO_STARS = _Stars(np.zeros((0, 2)), math.nan)
-
-
-def _sep_ready(image, what: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Native float32 C-ordered copy with NaN set to 0, and the NaN mask (None if none)."""
-    arr = np.asarray(image)
-    if arr.ndim != 2:
-        raise ShapeError(f"PSF estimation needs a 2-D {what}, got shape {arr.shape}")
-    data = np.array(arr, dtype=np.float32, order="C")   # a copy, native byte order
-    bad = ~np.isfinite(data)
-    if not bad.any():
-        return data, None
-    data[bad] = 0.0
-    return data, bad
+    locus: float = math.nan
+    n_locus: int = 0
+    spread: float = math.nan
 
 
 def _header_saturation(header) -> float | None:
@@ -120,124 +99,15 @@ def saturation_level(image, header=None) -> float:
     level = _header_saturation(header)
     if level is not None:
         return level
-    vals = np.asarray(image, dtype=np.float64)
-    vals = vals[np.isfinite(vals)]
-    if vals.size == 0 or not vals.max() > 0:
+    vals = np.asarray(image)
+    finite = np.isfinite(vals)
+    if not finite.any():
         return math.inf
-    top = float(vals.max())
-    n_top = int(np.count_nonzero(vals >= top * (1.0 - PLATEAU_TOLERANCE)))
+    top = float(np.max(vals, where=finite, initial=-np.inf))
+    if not top > 0:
+        return math.inf
+    n_top = int(np.count_nonzero(vals >= top * (1.0 - PLATEAU_TOLERANCE)))   # NaN compares False
     return top if n_top >= PLATEAU_PIXELS else math.inf
-
-
-def _extract(sub: np.ndarray, rms: float, mask):
-    try:
-        return sep.extract(sub, DETECT_SIGMA, err=rms, mask=mask, minarea=5)
-    except Exception as exc:  # sep raises bare Exception for its internal buffer limits
-        if "buffer full" in str(exc):
-            sep.set_extract_pixstack(max(sep.get_extract_pixstack() * 10, 3_000_000))
-        elif "deblending overflow" in str(exc):
-            sep.set_sub_object_limit(max(sep.get_sub_object_limit() * 4, 4096))
-        else:
-            raise
-        return sep.extract(sub, DETECT_SIGMA, err=rms, mask=mask, minarea=5)
-
-
-def _box_max(img: np.ndarray, objs) -> np.ndarray:
-    """Maximum of ``img`` over each object's isophotal bounding box."""
-    out = np.empty(len(objs))
-    for k, o in enumerate(objs):
-        out[k] = img[o["ymin"]:o["ymax"] + 1, o["xmin"]:o["xmax"] + 1].max()
-    return out
-
-
-def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
-    order = np.argsort(values, kind="stable")
-    cum = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
-
-
-def _stamp_radius(fwhm: float, size: int | None) -> int:
-    # A little wider than the kernel the FWHM asks for, so the FWHM measured
-    # on the stamps can still grow the final kernel.
-    return max(psf_size_for_fwhm(1.3 * fwhm) // 2, (size or 0) // 2)
-
-
-def _find_stars(raw, bad, sub, rms, saturation, max_stars) -> _Stars:
-    """Good PSF stars, brightest first.
-
-    Good: not deblended or truncated by sep, peak S/N ≥ ``MIN_PEAK_SNR``,
-    raw peak below ``SATURATION_FRACTION`` × saturation, no NaN in its
-    footprint, half-light radius and b/a close to the typical star's (no
-    galaxies, blends, cosmic rays or trails), no detection close enough to
-    blend and no bright one inside the stamp. Saturated stars are left out
-    by their peak only: a centre/peak ratio would also reject good,
-    well-sampled stars.
-    """
-    objs = _extract(sub, rms, bad)
-    if len(objs) == 0:
-        return _NO_STARS
-    ok = ((objs["flag"] & (sep.OBJ_MERGED | sep.OBJ_TRUNC)) == 0) & (objs["flux"] > 0) \
-        & (objs["peak"] >= MIN_PEAK_SNR * rms) & (objs["b"] > 0)
-    cand = np.flatnonzero(ok)
-    if cand.size:
-        # Saturation is judged on the raw frame (sky included), as the camera clips it.
-        keep = _box_max(raw, objs[cand]) < SATURATION_FRACTION * saturation
-        if bad is not None:
-            keep &= _box_max(bad, objs[cand]) == 0
-        cand = cand[keep]
-    if cand.size == 0:
-        return _NO_STARS
-    # Only the brightest can end up used; a margin for the shape cuts below.
-    cand = cand[np.argsort(-objs["flux"][cand], kind="stable")[:4 * int(max_stars)]]
-    c = objs[cand]
-
-    # Half-light radius does not grow with brightness, unlike sep's isophotal a, b.
-    rmax = float(np.clip(6.0 * np.median(c["a"]), 5.0, 40.0))
-    rhalf, rflag = sep.flux_radius(sub, c["x"], c["y"], np.full(len(c), rmax), 0.5,
-                                   mask=bad, subpix=5)
-    good = (rflag == 0) & np.isfinite(rhalf) & (rhalf >= MIN_RHALF)
-    if not good.any():
-        return _NO_STARS
-    # Typical star: flux-weighted, so cosmic rays (many, faint, sharp) do not
-    # set it; weights capped so one large galaxy does not either.
-    weight = np.minimum(c["flux"], np.quantile(c["flux"][good], 0.8))
-    r_typ = _weighted_median(rhalf[good], weight[good])
-    ratio = c["b"] / c["a"]
-    q_typ = _weighted_median(ratio[good], weight[good])
-    good &= (rhalf >= RHALF_RANGE[0] * r_typ) & (rhalf <= RHALF_RANGE[1] * r_typ)
-    good &= ratio >= MIN_ROUNDNESS * q_typ
-    if good.sum() >= 3:   # the typical size again, on the star-like set
-        r_typ = _weighted_median(rhalf[good], weight[good])
-    fwhm_guess = max(FWHM_PER_RHALF * r_typ, 1.0)
-    cand, c = cand[good], c[good]
-    if cand.size == 0:
-        return _NO_STARS
-
-    # Isolation against every detection, star or not.
-    all_yx = np.column_stack([objs["y"], objs["x"]])
-    yx = np.column_stack([c["y"], c["x"]])
-    tree = cKDTree(all_yx)
-    near_blend = 2.0 * fwhm_guess
-    near_stamp = _stamp_radius(fwhm_guess, None) + 3 + fwhm_guess
-    keep = np.ones(len(c), bool)
-    for k, (pt, idx) in enumerate(zip(yx, cand)):
-        for j in tree.query_ball_point(pt, near_stamp):
-            if j == idx:
-                continue
-            if (math.hypot(*(all_yx[j] - pt)) < near_blend
-                    or objs["flux"][j] > NEIGHBOUR_FLUX * c["flux"][k]):
-                keep[k] = False
-                break
-    c = c[keep][:int(max_stars)]     # still brightest first
-
-    # Windowed centroids; a large jump means the window wandered off.
-    xw, yw, wflag = sep.winpos(sub, c["x"], c["y"],
-                               np.full(len(c), fwhm_guess / GAUSS_FWHM_PER_SIGMA),
-                               mask=bad, subpix=5)
-    moved = np.hypot(xw - c["x"], yw - c["y"])
-    use_w = (wflag == 0) & np.isfinite(xw) & np.isfinite(yw) & (moved < 1.5)
-    yx = np.column_stack([np.where(use_w, yw, c["y"]), np.where(use_w, xw, c["x"])])
-    return _Stars(yx, fwhm_guess)
 
 
 def _moffat_estimate(fwhm: float, size: int | None, method: str, n_stars: int,
@@ -246,82 +116,118 @@ def _moffat_estimate(fwhm: float, size: int | None, method: str, n_stars: int,
     return PSFEstimate(psf, measure_fwhm(psf), method, n_stars, note)
 
 
-def _from_stars(sub, bad, stars: _Stars, size: int | None, name: str) -> PSFEstimate | None:
-    """Empirical PSF from ≥ ``MIN_STARS`` stamps, a fitted Moffat from fewer.
+def _from_stars(sub, bad, stars: Stars, size: int | None, name: str):
+    """(estimate, reason): empirical PSF from ≥ ``MIN_STARS`` stamps, a fitted Moffat from fewer.
 
-    None when no stamp could be cut, or when the stamps are sharper than
-    ``MIN_FWHM`` (cosmic rays or hot pixels, not stars).
+    The estimate is None (and ``reason`` says why) when no stamp could be
+    cut, or when the stamps are sharper than ``MIN_FWHM`` (cosmic rays or
+    hot pixels, not stars).
     """
     if len(stars.yx) == 0:
-        return None
-    radius = _stamp_radius(stars.fwhm_guess, size)
-    stamps, phases, noise = cut_stamps(sub, bad, stars.yx, radius)
-    if len(stamps) < MIN_STARS and radius > _stamp_radius(stars.fwhm_guess, None):
+        if stars.locus is None:
+            return None, "no point sources"
+        return None, f"no isolated star among the {stars.locus.n} point source(s)"
+    masks = dict(segmap=stars.segmap, ids=stars.ids, grow=int(math.ceil(0.5 * stars.fwhm_guess)),
+                 core=max(2.0, 1.5 * stars.fwhm_guess))
+
+    def cut(r):
+        return cut_stamps(sub, bad, stars.yx, r, **masks)
+
+    radius = stamp_radius(stars.fwhm_guess, size)
+    stamps, phases, noise = cut(radius)
+    if len(stamps) < MIN_STARS and radius > stamp_radius(stars.fwhm_guess, None):
         # A large requested size leaves stars' boxes off the frame: cut them
         # to the FWHM's size and let finish_psf zero-pad.
-        radius = _stamp_radius(stars.fwhm_guess, None)
-        stamps, phases, noise = cut_stamps(sub, bad, stars.yx, radius)
+        radius = stamp_radius(stars.fwhm_guess, None)
+        stamps, phases, noise = cut(radius)
     n = len(stamps)
     if n == 0:
-        return None
+        return None, "no star far enough from the edges and masked pixels"
     psf = combine_stamps(stamps, phases, noise)
     fwhm = measure_fwhm(psf)
+    if not 0.5 <= fwhm / stars.fwhm_guess <= 2.0:
+        # Wings the stamps could not clean (light of a galaxy under the
+        # stars) can make the Moffat fit degenerate; the tapered kernel's core
+        # is measurable.
+        fwhm = measure_fwhm(finish_psf(psf, min(psf_size_for_fwhm(stars.fwhm_guess),
+                                                psf.shape[0]), name))
     if fwhm < MIN_FWHM:
         # Sharper than any seeing disk: what was found are cosmic rays or hot pixels.
-        log.warning("%s: the %d source(s) found are sharper than a PSF (FWHM %.2f px); "
-                    "not used", name, n, fwhm)
-        return None
+        return None, f"the {n} source(s) found are sharper than a PSF (FWHM {fwhm:.2f} px)"
+    loc = stars.locus
+    evidence = dict(locus=loc.size, n_locus=loc.n, spread=loc.spread) if loc is not None else {}
     if n < MIN_STARS:
-        return _moffat_estimate(fwhm, size, "moffat", n,
-                                f"Moffat fitted to {n} star(s), FWHM {fwhm:.2f} px")
+        est = _moffat_estimate(fwhm, size, "moffat", n,
+                               f"Moffat fitted to {n} star(s), FWHM {fwhm:.2f} px")
+        return PSFEstimate(est.psf, est.fwhm, est.method, n, est.note, **evidence), ""
     final = size or psf_size_for_fwhm(fwhm)
     if final // 2 > radius:
         # The stars are wider than their first guess: cut wider stamps, unless
         # too few of those fit in the frame (then the wings are zero-padded).
-        wide = cut_stamps(sub, bad, stars.yx, final // 2)
+        wide = cut(final // 2)
         if len(wide[0]) >= MIN_STARS:
             n = len(wide[0])
             psf = combine_stamps(*wide)
     psf = finish_psf(psf, final, name)
     fwhm = measure_fwhm(psf)
-    return PSFEstimate(psf, fwhm, "empirical", n, f"empirical from {n} stars, FWHM {fwhm:.2f} px")
+    return PSFEstimate(psf, fwhm, "empirical", n, f"empirical from {n} stars, FWHM {fwhm:.2f} px",
+                       **evidence), ""
 
 
-def _estimate(image, peak_image, *, header, name, fallback_fwhm, size, max_stars) -> PSFEstimate:
-    """:func:`estimate_psf`, judging saturation on ``peak_image`` (None: on ``image``)."""
+def _check_options(size, max_stars, fallback_fwhm) -> int | None:
     if size is not None and (int(size) != size or size < 1 or size % 2 == 0):
         raise OptionError(f"PSF size must be a positive odd number, got {size}")
     if int(max_stars) < 1:
         raise OptionError(f"max_stars must be >= 1, got {max_stars}")
     if fallback_fwhm is not None and not (math.isfinite(fallback_fwhm) and fallback_fwhm > 0):
         raise OptionError(f"fallback FWHM must be a positive number of pixels, got {fallback_fwhm}")
-    size = None if size is None else int(size)
-    data, bad = _sep_ready(image, "frame")
-    raw = data if peak_image is None else _sep_ready(peak_image, "peak image")[0]
+    return None if size is None else int(size)
+
+
+def measure_frame(image, peak_image=None, *, header=None, name: str = "frame",
+                  size: int | None = None, max_stars: int = 60,
+                  prior: float | None = None) -> tuple[PSFEstimate | None, str]:
+    """One frame's PSF from its own stars, or None and the reason there is none.
+
+    The building block of :func:`estimate_psf` and of the stack's estimate
+    (:mod:`mfnumba.psf_frames`), which decide what a frame without stars
+    gets. Saturation is judged on ``peak_image`` (default ``image``);
+    ``prior`` restricts the stellar locus to within ×/÷ 1.3 of that size
+    (an adaptive-moment FWHM, as in :attr:`PSFEstimate.locus`).
+    """
+    size = _check_options(size, max_stars, None)
+    data, bad = sep_image(image, what="PSF estimation")
+    raw = data if peak_image is None else sep_image(peak_image, what="PSF estimation")[0]
     if raw.shape != data.shape:
         raise ShapeError(f"{name}: peak image {raw.shape} does not match frame {data.shape}")
-    est = None
-    if bad is None or not bad.all():
-        bkg = sep.Background(data, mask=bad)
-        sub = data - bkg.back(dtype=np.float32)
-        rms = float(bkg.globalrms) if bkg.globalrms > 0 else 1.0
-        sat = saturation_level(raw if bad is None else np.where(bad, np.nan, raw), header)
-        stars = _find_stars(raw, bad, sub, rms, sat, max_stars)
-        est = _from_stars(sub, bad, stars, size, name)
+    if bad is not None and bad.all():
+        return None, "no valid pixels"
+    sub, bkg = subtracted(data, bad)
+    rms = float(bkg.globalrms) if bkg.globalrms > 0 else 1.0
+    sat = saturation_level(raw if bad is None else np.where(bad, np.nan, raw), header)
+    stars = find_stars(raw, bad, sub, rms, sat, max_stars, prior=prior)
+    return _from_stars(sub, bad, stars, size, name)
 
+
+def _estimate(image, peak_image, *, header, name, fallback_fwhm, size, max_stars,
+              warn: Callable[[str], None] = log.warning) -> PSFEstimate:
+    """:func:`estimate_psf`, judging saturation on ``peak_image`` (None: on ``image``)."""
+    size = _check_options(size, max_stars, fallback_fwhm)
+    est, reason = measure_frame(image, peak_image, header=header, name=name, size=size,
+                                max_stars=max_stars)
     if est is not None:
         if est.method == "moffat":
-            log.warning("%s: only %d usable star(s) for the PSF; using a Moffat of FWHM "
-                        "%.2f px fitted to them", name, est.n_stars, est.fwhm)
+            warn(f"{name}: only {est.n_stars} usable star(s) for the PSF; using a Moffat of "
+                 f"FWHM {est.fwhm:.2f} px fitted to them")
         return est
     if fallback_fwhm is not None:
         fwhm = float(fallback_fwhm)
-        log.warning("%s: no usable stars for the PSF; using a Moffat of the given FWHM "
-                    "%.2f px", name, fwhm)
+        warn(f"{name}: no usable stars for the PSF ({reason}); using a Moffat of the given "
+             f"FWHM {fwhm:.2f} px")
         return _moffat_estimate(fwhm, size, "fwhm", 0,
-                                f"Moffat of the given FWHM {fwhm:.2f} px (no usable stars)")
-    raise InputFileError("no usable stars found to estimate the PSF; pass --fwhm or --psf",
-                         path=name)
+                                f"Moffat of the given FWHM {fwhm:.2f} px (no usable stars: {reason})")
+    raise InputFileError(f"no usable stars found to estimate the PSF ({reason}); "
+                         "pass --fwhm or --psf", path=name)
 
 
 def estimate_psf(image: np.ndarray, *, header=None, name: str = "frame",
@@ -375,7 +281,12 @@ def estimate_psf(image: np.ndarray, *, header=None, name: str = "frame",
 def estimate_psfs(data: np.ndarray, headers=None, names=None, *,
                   fallback_fwhm: float | None = None, size: int | None = None,
                   channel: int | None = None) -> list[PSFEstimate]:
-    """Estimate each frame's PSF (see :func:`estimate_psf`).
+    """Estimate each frame's PSF, checked against the other frames.
+
+    Each frame as :func:`estimate_psf` does, then as a stack (see
+    :mod:`mfnumba.psf_frames`): an outlier without strong evidence is
+    measured again near the stack's stellar locus, and a frame without
+    stars gets ``fallback_fwhm`` or its neighbours' FWHM, with a warning.
 
     Parameters
     ----------
@@ -383,6 +294,8 @@ def estimate_psfs(data: np.ndarray, headers=None, names=None, *,
         ``(N, C, h, w)`` stack.
     headers, names : sequence, optional
         Per-frame headers (or None) and names; names default to "frame i".
+    fallback_fwhm : float, optional
+        FWHM (px) for frames without usable stars (before neighbours).
     channel : int, optional
         Channel whose stars are used; None: the luminance (channel mean).
         Saturation is judged on the brightest channel of each pixel, so a
@@ -392,7 +305,14 @@ def estimate_psfs(data: np.ndarray, headers=None, names=None, *,
     -------
     list of PSFEstimate
         One per frame.
+
+    Raises
+    ------
+    InputFileError
+        No frame has usable stars and there is no ``fallback_fwhm``.
     """
+    from .psf_frames import emit_warnings, estimate_stack   # it builds on this module
+
     arr = np.asarray(data)
     if arr.ndim != 4:
         raise ShapeError(f"expected an (N, C, h, w) stack, got shape {arr.shape}")
@@ -403,15 +323,9 @@ def estimate_psfs(data: np.ndarray, headers=None, names=None, *,
         raise ShapeError(f"{n_frames} frames but {len(headers)} headers and {len(names)} names")
     if channel is not None and not 0 <= int(channel) < n_chan:
         raise OptionError(f"channel {channel} out of range for {n_chan} channel(s)")
-    out = []
-    for i in range(n_frames):
-        if channel is not None:
-            img, peak = arr[i, int(channel)], None
-        elif n_chan == 1:
-            img, peak = arr[i, 0], None
-        else:
-            img = arr[i].mean(axis=0, dtype=np.float32)
-            peak = arr[i].max(axis=0)
-        out.append(_estimate(img, peak, header=headers[i], name=names[i],
-                             fallback_fwhm=fallback_fwhm, size=size, max_stars=60))
-    return out
+    size = _check_options(size, 1, fallback_fwhm)
+    stack = estimate_stack(lambda i: arr[i], n_frames, names=names, headers=headers,
+                           planes=[None if channel is None else int(channel)], size=size,
+                           fallback_fwhms=[fallback_fwhm] * n_frames)
+    emit_warnings(stack, names)
+    return stack.estimates[0]
