@@ -9,6 +9,7 @@ provenance (docs/architecture.md, "Output"). The CLI is a thin shell around it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ def _import_setup_modules(opt: Options, *, estimate_psfs: bool) -> None:
     planned from a baseline without them would be short by their ~25 MiB.
     """
     if estimate_psfs or opt.normalize != "none":
-        from . import psf_estimate  # noqa: F401  (scipy.spatial)
+        importlib.import_module("mfnumba.psf_estimate")  # scipy.spatial
 
 
 def _plan_setup(reader, channels: int, opt: Options, psf_from_stars: bool) -> memory.Plan:

@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from ._sep import background, extract, sep_image
 from .errors import OptionError, ShapeError
-from .gain import GAIN_KEYS, header_gain, sky_noise
+from .gain import header_gain, sky_noise
 
 log = logging.getLogger("mfnumba")
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import sep
 
+from ._sep import background, extract, sep_image
+
 log = logging.getLogger("mfnumba")
 
 MODES = ("none", "scale", "scale+offset")
@@ -61,10 +63,9 @@ class Photometry:
 
 
 def _background(img: np.ndarray):
-    bad = ~np.isfinite(img)
-    data = np.where(bad, np.float32(0), img).astype(np.float32)
-    bkg = sep.Background(data, mask=bad if bad.any() else None)
-    return data, bad, bkg
+    """(data, bad or None, sep background) of one plane, through the shared sep helper."""
+    data, bad = sep_image(img, what="photometry")
+    return data, bad, background(data, bad)
 
 
 def _source_mask(sub: np.ndarray, rms: float, bad, grow: float) -> np.ndarray:
@@ -75,11 +76,7 @@ def _source_mask(sub: np.ndarray, rms: float, bad, grow: float) -> np.ndarray:
     """
     from scipy import ndimage
 
-    try:
-        _, seg = sep.extract(sub, 2.0, err=rms, mask=bad if bad.any() else None, minarea=5,
-                             segmentation_map=True)
-    except Exception:  # sep's buffers on a crowded frame: a plain threshold
-        seg = sub > 2.0 * rms
+    _, seg = extract(sub, 2.0, err=rms, mask=bad, minarea=5, segmentation_map=True)
     r = max(1, int(np.ceil(grow)))
     disk = np.hypot(*np.mgrid[-r:r + 1, -r:r + 1]) <= r
     return ndimage.binary_dilation(seg > 0, structure=disk)
@@ -90,12 +87,7 @@ def _positions(img: np.ndarray, radius: float):
     data, bad, bkg = _background(img)
     sub = data - bkg.back()
     masked = _source_mask(sub, bkg.globalrms, bad, radius / APERTURE_FWHM)
-    try:
-        objs = sep.extract(sub, DETECT_SIGMA, err=bkg.globalrms, mask=bad if bad.any() else None,
-                           minarea=5)
-    except Exception:  # sep's internal buffers: a crowded frame; fewer, brighter sources
-        objs = sep.extract(sub, 3 * DETECT_SIGMA, err=bkg.globalrms,
-                           mask=bad if bad.any() else None, minarea=5)
+    objs = extract(sub, DETECT_SIGMA, err=bkg.globalrms, mask=bad, minarea=5)
     if len(objs) == 0:
         return np.empty(0), np.empty(0), masked
     h, w = img.shape
@@ -140,8 +132,8 @@ def _measure(img: np.ndarray, y, x, radius: float, saturation: float, sources: n
     back = bkg.back()
     sub = data - back
     if len(x):
-        flux, err, flag = sep.sum_circle(sub, x, y, radius, err=bkg.globalrms,
-                                         mask=bad if bad.any() else None, subpix=1)
+        flux, err, flag = sep.sum_circle(sub, x, y, radius, err=bkg.globalrms, mask=bad,
+                                         subpix=1)
         clipped = _peaks(img, y, x) >= 0.8 * saturation
         flux = np.where((flag == 0) & np.isfinite(flux) & ~clipped, flux, np.nan)
     else:
