@@ -5,10 +5,12 @@ sky (moon, twilight, gradients). Each frame is modelled as
 
     y_i ≈ a_i · y_ref + b_i          (b_i a plane: b0 + by·v + bx·u)
 
-with ``a_i`` from the fluxes of the same stars in apertures of 2 FWHM of each
-frame, divided by the fraction of its PSF that such an aperture holds (so
-the frames' different seeing cancels; a larger aperture would take in
-neighbours' wings, which also vary with the seeing), and ``b_i`` from the
+with ``a_i`` from the fluxes of the same stars in one aperture (2 × the
+largest FWHM) in every frame, each divided by the fraction of that frame's
+PSF the aperture holds, so the frames' different seeing cancels (a larger
+aperture would take in more of the neighbours' wings, which also vary with
+the seeing; one scaled to each frame's FWHM would take in more galaxy light
+in the blurred frames), and ``b_i`` from the
 σ-clipped mode of the sky in blocks, fitted by a plane. The solver then sees ``y'_i = (y_i − b_i) / a_i``
 (see :class:`mfnumba.sources.WorkSource`), whose noise is ``σ_i / a_i``: a
 frame that kept 8 % of its light is 12 times noisier on the reference scale
@@ -33,8 +35,9 @@ MODES = ("none", "scale", "scale+offset")
 DETECT_SIGMA = 10.0     # stars for the flux ratios: well above the noise
 MAX_STARS = 200
 MIN_STARS = 3           # fewer matched stars: the frame's transparency is unknown
-APERTURE_FWHM = 2.0     # aperture radius in units of each frame's FWHM
+APERTURE_FWHM = 2.0     # aperture radius in units of the largest FWHM
 MIN_SNR = 20.0          # reference flux S/N of a star used in a ratio
+MIN_SCALE = 1e-3        # a frame keeping less light than this carries no weight anyway
 _GRID = 32              # px: blocks whose medians sample the sky for the plane fit
 
 
@@ -239,8 +242,10 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
     fw = np.asarray(fwhms, dtype=np.float64)
     # a wildly wrong FWHM (a failed frame) may not set a huge aperture
     fw = np.clip(fw, 0.5, 2.0 * np.nanmedian(fw))
-    radii = APERTURE_FWHM * fw
-    radius = float(radii.max())  # the margin to the frame's edges
+    # one aperture for every frame: the light of galaxies and neighbours inside it is then
+    # the same in every frame but for what the seeing moves across its edge
+    radius = APERTURE_FWHM * float(fw.max())
+    radii = np.full(n, radius)
     shape = tuple(src.shape)
 
     # the anchor: the frame with the most clean bright sources (a clear one)
@@ -284,7 +289,7 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
             sel = good[ch]
             counts.append(int(sel.sum()))
             if sel.sum() >= MIN_STARS and i != anchor:
-                A[i, ch] = _slope(flux[anchor, ch, sel], flux[i, ch, sel])
+                A[i, ch] = max(_slope(flux[anchor, ch, sel], flux[i, ch, sel]), MIN_SCALE)
         used[i] = min(counts)
         if used[i] < MIN_STARS and i != anchor:
             unknown.append(i)

@@ -87,3 +87,30 @@ def test_a_reference_by_name_that_is_not_a_frame_is_refused(night):
     assert reference_index("0", ["x.fits"]) == 0
     with pytest.raises(OptionError, match="--reference"):
         reference_index("nope.fits", ["x.fits"])
+
+
+def test_a_night_on_a_real_deep_field_through_the_cli(tmp_path):
+    """The Hubble Deep Field as sky, PSFs from the frames' own stars, cosmic rays, a cloud
+    frame keeping 2 % of the light, moonlight up to 2x: fluxes on the reference's scale."""
+    from astropy.io import fits
+    from typer.testing import CliRunner
+
+    from mfnumba.cli import app
+    from tests.scenes import deep_field, write_frames
+
+    transparency = [1.0, 0.6, 0.3, 0.02, 1.0, 0.9, 0.8, 0.5]
+    sc = deep_field(n_frames=8, shape=(256, 256), n_stars=40, transparency=transparency,
+                    sky_scale=[1, 1.3, 1, 2, 1, 1.5, 1, 1.2], cosmic_rays=100, seed=3)
+    write_frames(sc, tmp_path / "frames")
+    bright = np.argsort(sc.star_flux)[-20:]
+    ratios = {}
+    for norm in ("scale+offset", "none"):
+        out = tmp_path / f"{norm}.fits"
+        res = CliRunner().invoke(app, ["deconv", str(tmp_path / "frames"), "-o", str(out),
+                                       "--iters", "30", "--normalize", norm, "-q"])
+        assert res.exit_code == 0, res.output
+        ref = fits.getheader(out)["MF_REF"]
+        got = aperture_flux(fits.getdata(out), sc.stars_yx[bright], radius=10, annulus=(14, 20))
+        ratios[norm] = np.nanmedian(got / (sc.star_flux[bright] * sc.transparency[ref] / sc.gain))
+    assert abs(ratios["scale+offset"] - 1.0) < 0.03, ratios
+    assert abs(ratios["none"] - 1.0) > 0.2, ratios  # what the normalisation fixes
