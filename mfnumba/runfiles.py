@@ -12,7 +12,10 @@ A run writes only
 Every file is written to a temporary name in its own folder and renamed, no
 output may be an input (frames, PSFs, seed; symlinks and hard links
 resolved), and a second run on the same output is refused while the first
-holds its lock. :func:`is_product` lets frame discovery skip our own files.
+holds its lock. :func:`is_product_header` and :func:`is_product_name` let
+frame discovery skip our own files: results and snapshots by their header
+key (a user's frame that happens to be named ``x.iter0001.fits`` is still a
+frame), temporary files by their name.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +34,13 @@ from .errors import OutputError
 from .io.atomic import atomic_path, one_line
 
 OUTPUT_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")
-_FITS = r"\.(?:fits|fit|fts)(?:\.gz)?"
-_SNAPSHOT = re.compile(rf".+?(?:\.c\d+)?\.iter\d{{4,}}{_FITS}", re.IGNORECASE)
 _TEMP = re.compile(r"\..+\.[0-9a-f]{8}\.part(?:\.gz)?")
 PRODUCT_KEYS = ("MFDECONV", "MFSNAP")  # header keys of a result and of a snapshot
 
 
 def is_product_name(name: str) -> bool:
-    """True for the name of a snapshot or a temporary file of mfnumba's."""
-    return bool(_SNAPSHOT.fullmatch(name) or _TEMP.fullmatch(name))
+    """True for the name of one of mfnumba's temporary files (``.NAME.XXXXXXXX.part``)."""
+    return bool(_TEMP.fullmatch(name))
 
 
 def is_product_header(header) -> bool:
@@ -81,20 +83,13 @@ def write_atomic(path: Path, data: bytes, *, what: str = "file") -> Path:
 
 def check_writable(folder: Path, path: Path, what: str) -> None:
     """Create and remove a file in ``folder``: the only reliable writability test."""
-    with atomic_path(folder / f"{path.name}.probe", what=what) as tmp:
-        os.unlink(tmp)
-        raise _Probed
-
-
-class _Probed(Exception):
-    """Ends a writability probe without renaming anything."""
-
-
-def _probe(folder: Path, path: Path, what: str) -> None:
+    probe = folder / f".{path.name}.{secrets.token_hex(4)}.probe"
     try:
-        check_writable(folder, path, what)
-    except _Probed:
-        pass
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write the {what} in {folder} ({one_line(exc)})",
+                          path=path) from None
 
 
 def _is_our_log(path: Path) -> bool:
@@ -183,7 +178,7 @@ class RunFiles:
         self._not_an_input(out, "output")
         if out.exists() and not self.overwrite:
             raise OutputError("exists; pass --overwrite to replace it", path=out)
-        _probe(folder, out, "output")
+        check_writable(folder, out, "output")
         if self.checkpoint:
             for ck in [self.checkpoint_path()] + self.own_checkpoints():
                 self._not_an_input(ck, "checkpoint")
@@ -225,7 +220,7 @@ class RunFiles:
             if not (self.overwrite or self.resume):
                 raise OutputError("exists; pass --overwrite to replace it (or --resume to "
                                   "append to it)", path=log)
-        _probe(folder, log, "log")
+        check_writable(folder, log, "log")
 
     # the log ----------------------------------------------------------------
     def open_log(self, first_line: str):
