@@ -92,6 +92,16 @@ def check_writable(folder: Path, path: Path, what: str) -> None:
                           path=path) from None
 
 
+def _is_a_lock(path: Path) -> bool:
+    """An mfnumba lock holds a pid and a newline, or nothing (being written or released)."""
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(64)
+    except OSError:
+        return False
+    return re.fullmatch(rb"\d*\n?", text) is not None
+
+
 def _is_our_log(path: Path) -> bool:
     try:
         with open(path, "r", encoding="utf-8") as fh:
@@ -192,6 +202,9 @@ class RunFiles:
                 raise OutputError("exists; pass --overwrite to replace mfnumba's own snapshots "
                                   "(other files are never replaced)", path=snap)
         self._not_an_input(self.lock_path, "lock file")
+        if self.lock_path.exists() and not _is_a_lock(self.lock_path):
+            raise OutputError("exists and is not an mfnumba lock file; mfnumba never replaces a "
+                              "file it did not make", path=self.lock_path)
         self._check_log()
         need = out_bytes + (ckpt_bytes if self.checkpoint else 0)
         free = _free_bytes(folder)

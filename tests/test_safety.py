@@ -452,3 +452,11 @@ def test_a_signal_inside_the_kernels_is_raised_between_batches():
         with interrupt.handle():
             os.kill(os.getpid(), sg.SIGINT)
             time.sleep(0.05)
+
+
+def test_a_file_that_only_looks_like_our_lock_is_never_touched(stack, tmp_path):
+    lock = tmp_path / "o.fits.lock"
+    lock.write_text("my notes about the lock of the observatory door\n")
+    before = _tree(tmp_path)
+    _one_line_error(_deconv(stack, tmp_path / "o.fits"), "o.fits.lock", "not an mfnumba lock")
+    _unchanged(tmp_path, before)
