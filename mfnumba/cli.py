@@ -57,16 +57,26 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def one_line(text: str) -> str:
+    """Control characters (a new line in a file name, say) escaped: a message stays one line."""
+    return "".join(ch if ch >= " " and ch != "\x7f" else f"\\x{ord(ch):02x}" for ch in str(text))
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record) -> str:
+        return one_line(super().format(record))
+
+
 def _setup_logging(quiet: bool) -> None:
     log.handlers.clear()
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.setFormatter(_OneLineFormatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.ERROR if quiet else logging.INFO)
 
 
 def _say(text: str) -> None:
-    err_console.print(text, markup=False, emoji=False, soft_wrap=True)
+    err_console.print(one_line(text), markup=False, emoji=False, soft_wrap=True)
 
 
 def _guard(fn):
