@@ -64,7 +64,7 @@ def _expand(root, fname: str, seen: set[str]) -> str:
         if m and root.joinpath(m.group(1)).is_file():
             if m.group(1) not in seen:
                 seen.add(m.group(1))
-                out.append(_expand(root, m.group(1), seen))
+                out.append(_expand(root, m.group(1), seen).rstrip("\n"))
             out.append(f'#line {n + 1} "{PREFIX}/{fname}"')
         else:
             out.append("" if _ONCE.match(line) else line)
