@@ -340,3 +340,14 @@ def test_gpu_housekeeping_and_real_oom(backends):
     with pytest.raises(DeviceOOM):
         g.zeros((int(total),), np.float64)  # 8x the device
     assert g.mem_info()[0] > 0
+
+
+def test_pyproject_ships_every_package_and_the_kernels():
+    """packages is an explicit list (kernels/ is mapped in): it must name every package."""
+    tomllib = pytest.importorskip("tomllib")
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mfnumba").rglob("__init__.py")
+             if "__pycache__" not in p.parts}
+    assert found | {"mfnumba.kernels"} == set(conf["packages"])
+    assert conf["package-dir"]["mfnumba.kernels"] == "kernels"
+    assert set(conf["package-data"]["mfnumba.kernels"]) >= {"*.cu", "*.cuh"}
