@@ -354,3 +354,19 @@ def test_pyproject_ships_every_package_and_the_kernels():
     assert found | {"mfnumba.kernels"} == set(conf["packages"])
     assert conf["package-dir"]["mfnumba.kernels"] == "kernels"
     assert set(conf["package-data"]["mfnumba.kernels"]) >= {"*.cu", "*.cuh"}
+
+
+def test_bench_cuda_runs_and_reports_each_backend(capsys):
+    """The benchmark scaffold still runs (figures are not asserted: they belong in bench/)."""
+    from bench import bench_cuda
+
+    rep = bench_cuda.main(["--size", "48", "--frames", "2", "--psf", "9", "--reps", "1"])
+    names = ["cpu"] + (["cuda"] if AVAILABLE else [])
+    assert list(rep["ms"]) == names
+    for n in names:
+        ms = rep["ms"][n]
+        assert {"3-half-FFT floor per frame", "solver frame-iteration", "robust_weights"} <= set(ms)
+        assert all(v > 0 for v in ms.values())
+    out = capsys.readouterr().out
+    assert "| solver / floor |" in out
+    assert ("CUDA: unavailable" in out) == (not AVAILABLE)
