@@ -10,7 +10,8 @@ extern "C" MF_GLOBAL void mf_block_sum(
     float* out, mf_i64 o_sp, mf_i64 o_sr, mf_i64 h, mf_i64 w)
 {
     MF_FOR_EACH(idx, n) {
-        mf_i64 k = idx / (h * w), i = (idx / w) % h, j = idx % w;
+        mf_i64 row = mf_div(idx, w), j = idx - row * w;
+        mf_i64 k = mf_div(row, h), i = row - k * h;
         const float* s = a + k * a_sp + (off + r * i) * a_sr + off + r * j;
         float acc = 0.0f;
         for (mf_i64 u = 0; u < r; ++u)
@@ -26,7 +27,9 @@ extern "C" MF_GLOBAL void mf_replicate(
 {
     MF_FOR_EACH(idx, n) {
         mf_i64 H = h * r, W = w * r;
-        mf_i64 k = idx / (H * W), fi = (idx / W) % H, fj = idx % W;
-        out[k * o_sp + (off + fi) * o_sr + off + fj] = u[k * u_sp + (fi / r) * u_sr + fj / r];
+        mf_i64 row = mf_div(idx, W), fj = idx - row * W;
+        mf_i64 k = mf_div(row, H), fi = row - k * H;
+        out[k * o_sp + (off + fi) * o_sr + off + fj] =
+            u[k * u_sp + mf_div(fi, r) * u_sr + mf_div(fj, r)];
     }
 }

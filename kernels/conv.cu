@@ -11,8 +11,9 @@ extern "C" MF_GLOBAL void mf_conv_forward(
     float* out, mf_i64 o_sb, mf_i64 o_sc, mf_i64 o_sr, mf_i64 p, mf_i64 C, mf_i64 h, mf_i64 w)
 {
     MF_FOR_EACH(idx, n) {
-        mf_i64 b = idx / (C * h * w), c = (idx / (h * w)) % C;
-        mf_i64 i = (idx / w) % h, j = idx % w;
+        mf_i64 row = mf_div(idx, w), j = idx - row * w;
+        mf_i64 pl = mf_div(row, h), i = row - pl * h;
+        mf_i64 b = mf_div(pl, C), c = pl - b * C;
         const float* ps = psfs + b * K * K;
         const float* xc = x + c * x_sc;
         float acc = 0.0f;
@@ -32,8 +33,9 @@ extern "C" MF_GLOBAL void mf_conv_adjoint(
     mf_i64 p, mf_i64 B, mf_i64 C, mf_i64 g0, mf_i64 g1, mf_i64 e0, mf_i64 e1)
 {
     MF_FOR_EACH(idx, n) {
-        mf_i64 k = idx / (C * e0 * e1), c = (idx / (e0 * e1)) % C;
-        mf_i64 m = (idx / e1) % e0, q = idx % e1;
+        mf_i64 row = mf_div(idx, e1), q = idx - row * e1;
+        mf_i64 pl = mf_div(row, e0), m = row - pl * e0;
+        mf_i64 k = mf_div(pl, C), c = pl - k * C;
         // taps whose source row / column lies on the grid
         mf_i64 u0 = p - m > 0 ? p - m : 0, u1 = g0 + p - m < K ? g0 + p - m : K;
         mf_i64 v0 = p - q > 0 ? p - q : 0, v1 = g1 + p - q < K ? g1 + p - q : K;

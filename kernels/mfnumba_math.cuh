@@ -61,6 +61,14 @@ MF_HD mf_cf mf_cmulconj(mf_cf a, mf_cf b) {
     return o;
 }
 
+// Index arithmetic on non-negative values. 64-bit division is emulated on
+// the GPU (tens of instructions, more than a memory-bound kernel's budget),
+// so operands that fit in 32 bits divide in 32 bits: same quotient.
+MF_HD mf_i64 mf_div(mf_i64 a, mf_i64 b) {
+    return ((unsigned long long)(a | b) >> 32) == 0 ? (mf_i64)((unsigned)a / (unsigned)b) : a / b;
+}
+MF_HD mf_i64 mf_mod(mf_i64 a, mf_i64 b) { return a - mf_div(a, b) * b; }
+
 // Python's (a % m) for m > 0 (non-negative result)
 MF_HD mf_i64 mf_pymod(mf_i64 a, mf_i64 m) {
     mf_i64 r = a % m;

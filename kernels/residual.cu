@@ -12,8 +12,9 @@ extern "C" MF_GLOBAL void mf_residual_samples(
     double* z, double* q, unsigned char* valid)
 {
     MF_FOR_EACH(idx, n) {
-        mf_i64 k = idx / nper, s = idx % nper;
-        mf_i64 i = fi + (s / nj) * step, j = fj + (s % nj) * step;
+        mf_i64 k = mf_div(idx, nper), s = idx - k * nper;
+        mf_i64 a = mf_div(s, nj);
+        mf_i64 i = fi + a * step, j = fj + (s - a * nj) * step;
         float v = y[k * y_sp + i * y_sr + j];
         float e = yhat[k * e_sp + (i + p) * e_sr + j + p];
         float varv = vmode == MF_V_MAP ? var[k * v_sp + i * v_sr + j] : 1.0f;

@@ -9,7 +9,8 @@ extern "C" MF_GLOBAL void mf_spectral_multiply(
     mf_cf* out, mf_i64 o_sb, mf_i64 o_sc, mf_i64 C, mf_i64 m)
 {
     MF_FOR_EACH(idx, n) {
-        mf_i64 b = idx / (C * m), c = (idx / m) % C, e = idx % m;
+        mf_i64 pl = mf_div(idx, m), e = idx - pl * m;
+        mf_i64 b = mf_div(pl, C), c = pl - b * C;
         out[b * o_sb + c * o_sc + e] = mf_cmul(X[c * x_sc + e], otf[b * t_sb + e]);
     }
 }
@@ -20,7 +21,8 @@ extern "C" MF_GLOBAL void mf_spectral_accumulate(
     const mf_cf* S, mf_i64 s_sk, mf_i64 s_sb, mf_i64 s_sc, mf_i64 B, mf_i64 C, mf_i64 m)
 {
     MF_FOR_EACH(idx, n) {
-        mf_i64 k = idx / (C * m), c = (idx / m) % C, e = idx % m;
+        mf_i64 pl = mf_div(idx, m), e = idx - pl * m;
+        mf_i64 k = mf_div(pl, C), c = pl - k * C;
         mf_cf* dst = acc + k * a_sk + c * a_sc + e;
         mf_cf s = *dst;
         for (mf_i64 b = 0; b < B; ++b) {

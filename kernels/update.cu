@@ -12,16 +12,16 @@ extern "C" MF_GLOBAL void mf_update(
     mf_i64 fi, mf_i64 fj, mf_i64 ni, mf_i64 nj, double* su, double* sd, double* sx)
 {
     MF_FOR_EACH(idx, n) {
-        mf_i64 c = idx / (rows * cols);
-        mf_i64 i = y0 + (idx / cols) % rows, j = x0 + idx % cols;
+        mf_i64 row = mf_div(idx, cols), c = mf_div(row, rows);
+        mf_i64 i = y0 + row - c * rows, j = x0 + idx - row * cols;
         float* px = x + c * x_sc + i * x_sr + j;
         float old = *px;
         double u;
         double nw = mf_update(old, num[c * n_sc + i * n_sr + j], den[c * d_sc + i * d_sr + j],
                               kappa, alpha, den_floor[c], &u);
         *px = (float)nw;
-        if ((g0 + i) % step == 0 && (g1 + j) % step == 0) {
-            mf_i64 s = (c * ni + (i - fi) / step) * nj + (j - fj) / step;
+        if (mf_mod(g0 + i, step) == 0 && mf_mod(g1 + j, step) == 0) {
+            mf_i64 s = (c * ni + mf_div(i - fi, step)) * nj + mf_div(j - fj, step);
             su[s] = fabs(u - 1.0);
             sd[s] = fabs(nw - (double)old);
             sx[s] = fabs((double)old);

@@ -15,7 +15,8 @@ extern "C" MF_GLOBAL void mf_robust_weights(
     mf_i64 h, mf_i64 w)
 {
     MF_FOR_EACH(idx, n) {
-        mf_i64 k = idx / (h * w), i = (idx / w) % h, j = idx % w;
+        mf_i64 row = mf_div(idx, w), j = idx - row * w;
+        mf_i64 k = mf_div(row, h), i = row - k * h;
         float inv, ds;
         mf_plane_params(sigma[k], delta[k], &inv, &ds);
         float v = y[k * y_sp + i * y_sr + j];

@@ -370,3 +370,15 @@ def test_bench_cuda_runs_and_reports_each_backend(capsys):
     out = capsys.readouterr().out
     assert "| solver / floor |" in out
     assert ("CUDA: unavailable" in out) == (not AVAILABLE)
+
+
+def test_same_public_methods_and_signatures_as_cpu():
+    import inspect
+
+    public = [n for n, f in vars(CPUBackend).items() if callable(f) and not n.startswith("_")]
+    assert len(public) >= 14
+    for n in public:
+        assert inspect.signature(getattr(cuda.CUDABackend, n)) == inspect.signature(getattr(CPUBackend, n)), n
+    for n in ("synchronize", "mem_info", "free_memory"):
+        assert callable(getattr(cuda.CUDABackend, n))
+    assert cuda.CUDABackend.name == "cuda"

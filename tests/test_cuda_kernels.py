@@ -321,3 +321,27 @@ def test_launcher_refuses_wrong_dtypes_and_layouts():
     col = np.zeros((1, 4, 8), np.float32)[:, :, ::2]
     with pytest.raises(ValueError, match="non-contiguous last axis"):
         L.block_sum(col, 1, 0, np.zeros((1, 4, 4), np.float32))
+
+
+def test_index_division_fast_path_agrees_with_64_bit(tmp_path):
+    """mf_div takes 32-bit division when both operands fit: same quotient on both paths."""
+    cmd = next(_compilers(), None)
+    if cmd is None:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "div.cpp"
+    src.write_text('#include "mfnumba_math.cuh"\n'
+                   'extern "C" long long t_div(long long a, long long b) { return mf_div(a, b); }\n'
+                   'extern "C" long long t_mod(long long a, long long b) { return mf_mod(a, b); }\n'
+                   'extern "C" long long t_pymod(long long a, long long b) { return mf_pymod(a, b); }\n')
+    so = tmp_path / "div.so"
+    res = subprocess.run(cmd + ["-I", str(KERNELS), str(src), "-o", str(so)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lib = ctypes.CDLL(str(so))
+    for f in (lib.t_div, lib.t_mod, lib.t_pymod):
+        f.argtypes, f.restype = [ctypes.c_longlong] * 2, ctypes.c_longlong
+    cases = [(0, 1), (7, 3), (2**32 - 1, 2**32 - 1), (2**32 - 1, 7), (2**32, 7), (2**40 + 5, 3),
+             (3 * 2**33, 2**33), (123456789012, 4096), (2**31, 2**32 + 1)]
+    for a, b in cases:
+        assert lib.t_div(a, b) == a // b and lib.t_mod(a, b) == a % b, (a, b)
+    for a, b in [(-7, 3), (-9, 3), (5, 3), (-(2**35) - 1, 4)]:
+        assert lib.t_pymod(a, b) == a % b
