@@ -358,3 +358,23 @@ def test_oom_is_translated_and_frees_the_pools(emu, monkeypatch):
     with pytest.raises(DeviceOOM, match="cuda.zeros"):
         be.zeros((4,))
     assert cp.pool.freed > freed and len(be._plans) == 0
+
+
+@pytest.mark.parametrize("part", ["nvrtc", "cufft"])
+def test_status_unavailable_without_nvrtc_or_cufft(emu, monkeypatch, part):
+    """A CuPy whose NVRTC or cuFFT library cannot load is no usable CUDA (auto picks the CPU)."""
+    cuda, cp = emu
+
+    def no_nvrtc(name):
+        raise cp.cuda.compiler.CompileException("libnvrtc.so.13: cannot open shared object file")
+
+    def no_cufft():
+        raise ImportError("libcufft.so.12: cannot open shared object file")
+
+    if part == "nvrtc":
+        monkeypatch.setattr(cuda, "_module", no_nvrtc)
+    else:
+        monkeypatch.setattr(cuda, "_fft", no_cufft)
+    ok, why, devices = cuda.cuda_status()
+    assert not ok and devices and "not usable" in why and ("libnvrtc" in why or "libcufft" in why)
+    assert cuda.cuda_status(probe=False)[0]

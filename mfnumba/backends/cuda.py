@@ -31,14 +31,13 @@ from collections import OrderedDict
 import numpy as np
 
 from . import _cuda_launch as L
+from ._cuda_errors import classes as _error_classes
 from ._cuda_errors import translate
 from ._cuda_source import load_source
 from .base import DeviceOOM
 
-try:  # optional dependency (extras cuda12 / cuda13)
+try:  # optional dependency (extras cuda12 / cuda13); cuFFT and NVRTC load on first use
     import cupy
-    import cupyx.scipy.fft as _cufft
-    from cupy.cuda import cufft as _cufft_lib
 except (ImportError, OSError, RuntimeError) as exc:  # absent, or failing to load its libraries
     cupy = None
     HAS_CUPY = False
@@ -71,7 +70,9 @@ def cuda_status(*, probe: bool = True) -> tuple[bool, str, list[str]]:
     ``why`` says what is missing when CUDA is unavailable, and the CuPy,
     CUDA runtime and driver versions when it is. ``devices`` lists
     ``"0: NAME (sm_XY, N GiB)"``. With ``probe`` device 0 allocates a few
-    bytes, so that a busy, exclusive or broken GPU counts as unavailable.
+    bytes, loads cuFFT and compiles one kernel module (cached on disk after
+    the first time), so that a busy, exclusive or broken GPU, or a CuPy
+    without its cuFFT or NVRTC libraries, counts as unavailable.
     """
     if sys.platform == "darwin":
         return False, "CUDA is not offered on macOS; the CPU backend is used", []
@@ -92,15 +93,29 @@ def cuda_status(*, probe: bool = True) -> tuple[bool, str, list[str]]:
             name = pr["name"].decode() if isinstance(pr["name"], bytes) else str(pr["name"])
             devices.append(f"{i}: {name} (sm_{pr['major']}{pr['minor']}, "
                            f"{pr['totalGlobalMem'] / 2 ** 30:.1f} GiB)")
-        if probe:
-            with cupy.cuda.Device(0):
-                cupy.empty(1, np.float32).fill(0)
-                cupy.cuda.Device(0).synchronize()
         versions = (f"CuPy {cupy.__version__}, CUDA runtime {_version(rt.runtimeGetVersion())}, "
                     f"driver {_version(rt.driverGetVersion())}")
     except (RuntimeError, OSError) as exc:
         return False, f"CUDA device 0 is not usable: {exc}", devices
+    if probe:
+        try:
+            with cupy.cuda.Device(0):
+                cupy.empty(1, np.float32).fill(0)
+                _fft()
+                _module("blocks")
+                cupy.cuda.Device(0).synchronize()
+        except (RuntimeError, OSError, ImportError) + _error_classes()["compile"] as exc:
+            return False, f"CUDA device 0 is not usable ({versions}): {type(exc).__name__}: {exc}", devices
     return True, versions, devices
+
+
+@functools.cache
+def _fft():
+    """(get_fft_plan, CUFFT_FORWARD, CUFFT_INVERSE), imported on first use."""
+    import cupyx.scipy.fft as xfft
+    from cupy.cuda import cufft
+
+    return xfft.get_fft_plan, cufft.CUFFT_FORWARD, cufft.CUFFT_INVERSE
 
 
 def _version(v: int) -> str:
@@ -232,7 +247,7 @@ class CUDABackend:
         plan = self._plans.get(key)
         if plan is None:
             a3 = a.reshape((batch,) + a.shape[-2:])
-            plan = _cufft.get_fft_plan(a3, shape=tuple(shape) if kind == "C2R" else None,
+            plan = _fft()[0](a3, shape=tuple(shape) if kind == "C2R" else None,
                                        axes=(-2, -1), value_type=kind)
             self._plans[key] = plan
             while len(self._plans) > _MAX_PLANS:
@@ -256,7 +271,8 @@ class CUDABackend:
         src = a if a.flags.c_contiguous else cupy.ascontiguousarray(a)
         dst = out if out.flags.c_contiguous else cupy.empty(out.shape, out.dtype)
         plan, batch = self._plan(kind, src, shape)
-        direction = _cufft_lib.CUFFT_FORWARD if kind == "R2C" else _cufft_lib.CUFFT_INVERSE
+        _, forward, inverse = _fft()
+        direction = forward if kind == "R2C" else inverse
         plan.fft(src.reshape((batch,) + src.shape[-2:]), dst.reshape((batch,) + dst.shape[-2:]),
                  direction)
         if dst is not out:
