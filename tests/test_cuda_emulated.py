@@ -13,7 +13,6 @@ NVRTC, device memory) is left to the ``gpu`` tests.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib

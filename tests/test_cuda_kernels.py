@@ -205,7 +205,7 @@ def test_robust_weights_match_cpu(lib, rng, noise, r):
 
 
 def test_robust_weights_match_reference(lib, rng):
-    P, h, w, p = 1, 12, 10, 3
+    h, w, p = 12, 10, 3
     y, grid = _frames(rng, 3, h, w, p)
     y, grid = y[:1], grid[:1]
     yh = grid[0, p:p + h, p:p + w]

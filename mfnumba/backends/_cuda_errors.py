@@ -29,7 +29,6 @@ CLASSES: dict[str, tuple[type, ...]] | None = None
 
 
 def _cupy_classes() -> dict[str, tuple[type, ...]]:
-    import cupy  # noqa: F401  (only called once CuPy imported)
     from cupy.cuda import compiler, driver, memory, runtime
 
     found = {"oom": (memory.OutOfMemoryError,), "runtime": (runtime.CUDARuntimeError,),
