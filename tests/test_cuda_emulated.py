@@ -371,7 +371,7 @@ def test_status_unavailable_without_nvrtc_or_cufft(emu, monkeypatch, part):
         raise ImportError("libcufft.so.12: cannot open shared object file")
 
     if part == "nvrtc":
-        monkeypatch.setattr(cuda, "_module", no_nvrtc)
+        monkeypatch.setattr(cuda, "_function", lambda m, k: no_nvrtc(m))
     else:
         monkeypatch.setattr(cuda, "_fft", no_cufft)
     ok, why, devices = cuda.cuda_status()

@@ -102,9 +102,10 @@ def cuda_status(*, probe: bool = True) -> tuple[bool, str, list[str]]:
             with cupy.cuda.Device(0):
                 cupy.empty(1, np.float32).fill(0)
                 _fft()
-                _module("blocks")
+                _function("blocks", "mf_block_sum")  # RawModule compiles on first use
                 cupy.cuda.Device(0).synchronize()
-        except (RuntimeError, OSError, ImportError) + _error_classes()["compile"] as exc:
+        except ((RuntimeError, OSError, ImportError) + _error_classes()["compile"]
+                + _error_classes()["oom"]) as exc:
             return False, f"CUDA device 0 is not usable ({versions}): {type(exc).__name__}: {exc}", devices
     return True, versions, devices
 
