@@ -106,7 +106,8 @@ def cuda_status(*, probe: bool = True) -> tuple[bool, str, list[str]]:
                 cupy.cuda.Device(0).synchronize()
         except ((RuntimeError, OSError, ImportError) + _error_classes()["compile"]
                 + _error_classes()["oom"]) as exc:
-            return False, f"CUDA device 0 is not usable ({versions}): {type(exc).__name__}: {exc}", devices
+            return (False, f"CUDA device 0 is not usable ({versions}): {type(exc).__name__}: {exc}",
+                    devices)
     return True, versions, devices
 
 
@@ -239,7 +240,8 @@ class CUDABackend:
         if launch.n <= 0:
             return
         blocks = min(-(-launch.n // THREADS), _MAX_BLOCKS)
-        _function(launch.module, launch.kernel)((blocks,), (THREADS,), (np.int64(launch.n),) + launch.args)
+        kernel = _function(launch.module, launch.kernel)
+        kernel((blocks,), (THREADS,), (np.int64(launch.n),) + launch.args)
 
     # Fourier domain ---------------------------------------------------------------------
     def _plan(self, kind: str, a, shape):
@@ -248,8 +250,8 @@ class CUDABackend:
         plan = self._plans.get(key)
         if plan is None:
             a3 = a.reshape((batch,) + a.shape[-2:])
-            plan = _fft()[0](a3, shape=tuple(shape) if kind == "C2R" else None,
-                                       axes=(-2, -1), value_type=kind)
+            plan = _fft()[0](a3, shape=tuple(shape) if kind == "C2R" else None, axes=(-2, -1),
+                             value_type=kind)
             self._plans[key] = plan
             while len(self._plans) > _MAX_PLANS:
                 self._plans.popitem(last=False)
