@@ -114,3 +114,79 @@ def isra_step(x, frames, psfs):
         num += adjoint(y, psf)
         den += adjoint(forward(x, psf), psf)
     return x * num / den
+
+
+# slow twins of the remaining backend kernels ---------------------------------
+
+
+def ref_block_sum(a: np.ndarray, r: int, offset: int, shape: tuple[int, int]) -> np.ndarray:
+    """D: out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t], out (P, *shape)."""
+    h, w = shape
+    out = np.zeros((a.shape[0], h, w), dtype=np.float64)
+    for u in range(r):
+        for t in range(r):
+            out += a[:, offset + u:offset + u + r * h:r, offset + t:offset + t + r * w:r]
+    return out
+
+
+def ref_replicate(u: np.ndarray, r: int, offset: int, grid: tuple[int, int]) -> np.ndarray:
+    """U, the adjoint of D: u (P, h, w) repeated over r×r blocks at ``offset``, zero elsewhere."""
+    P, h, w = u.shape
+    out = np.zeros((P,) + tuple(grid), dtype=u.dtype)
+    out[:, offset:offset + r * h, offset:offset + r * w] = np.repeat(np.repeat(u, r, 1), r, 2)
+    return out
+
+
+def ref_spectral_multiply(X: np.ndarray, otf: np.ndarray) -> np.ndarray:
+    """out[b, c] = X[c] · otf[b]."""
+    return X[None, :, :, :].astype(np.complex128) * otf[:, None, :, :]
+
+
+def ref_spectral_accumulate(acc: np.ndarray, otf: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """acc[k, c] + Σ_b conj(otf[b]) · S[k, b, c]."""
+    B = S.shape[1]
+    return acc.astype(np.complex128) + np.einsum("bij,kbcij->kcij", np.conj(otf[:B]).astype(np.complex128), S)
+
+
+def _grid_indices(start: int, stop: int, origin: int, step: int) -> list[int]:
+    return [i for i in range(start, stop) if (origin + i) % step == 0]
+
+
+def ref_residual_samples(y, yhat, p, noise, floor, step, origin, rows, cols, var=None):
+    """Per plane, lists of z0 = (y - ŷ)/√V and q = ŷ/V at the finite y of the sample grid."""
+    zs, qs = [], []
+    ii = _grid_indices(rows[0], rows[1], origin[0], step)
+    jj = _grid_indices(cols[0], cols[1], origin[1], step)
+    for k in range(y.shape[0]):
+        z, q = [], []
+        for i in ii:
+            for j in jj:
+                v = float(y[k, i, j])
+                if not np.isfinite(v):
+                    continue
+                e = float(yhat[k, i + p, j + p])
+                vv = 1.0 if noise == "mad" else max(e, floor) if noise == "poisson" else float(var[k, i, j])
+                z.append((v - e) / np.sqrt(vv))
+                q.append(e / vv)
+        zs.append(np.array(z))
+        qs.append(np.array(q))
+    return zs, qs
+
+
+def ref_update(x, num, den, kappa, alpha, den_floor, region, step, origin):
+    """(x', su, sd, sx): the clip-and-relax update over ``region`` and its samples on the grid."""
+    x = x.astype(np.float64)
+    new = x.copy()
+    (y0, y1), (x0, x1) = region
+    for c in range(x.shape[0]):
+        d = den[c, y0:y1, x0:x1].astype(np.float64)
+        ok = d > den_floor[c]
+        u = np.where(ok, num[c, y0:y1, x0:x1] / np.where(ok, d, 1.0), 1.0)
+        u = np.where(ok, np.clip(u, 1.0 / kappa, kappa), 1.0)
+        new[c, y0:y1, x0:x1] = (1 - alpha) * x[c, y0:y1, x0:x1] + alpha * x[c, y0:y1, x0:x1] * u
+    ii = _grid_indices(y0, y1, origin[0], step)
+    jj = _grid_indices(x0, x1, origin[1], step)
+    sel = np.ix_(range(x.shape[0]), ii, jj)
+    ratio = np.where(den > np.asarray(den_floor)[:, None, None], num / np.where(den != 0, den, 1), 1.0)
+    u_all = np.where(den > np.asarray(den_floor)[:, None, None], np.clip(ratio, 1 / kappa, kappa), 1.0)
+    return new, np.abs(u_all[sel] - 1).ravel(), np.abs(new[sel] - x[sel]).ravel(), np.abs(x[sel]).ravel()

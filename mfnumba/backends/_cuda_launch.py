@@ -1,0 +1,212 @@
+"""Launch arguments of the CUDA kernels (kernels/*.cu), array-module agnostic.
+
+Each builder turns a Backend call into ``Launch(module, kernel, n, args)``:
+the kernel's element count and its arguments in the order of its C
+signature, integers as int64 and reals as float64 (the kernels' only scalar
+types). Arrays stay arrays: CuPy passes device arrays as pointers, and the
+host check (tests/test_cuda_kernels.py) passes NumPy arrays to the same
+kernels compiled for the CPU, so these builders, strides included, are
+tested without a GPU.
+
+Strides are in elements; the last axis of every array must be contiguous
+(the backend copies inputs that are not, and refuses such outputs).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+VMODES = {"mad": 0, "poisson": 1, "map": 2}
+
+_I = np.int64
+_D = np.float64
+
+
+class Launch(NamedTuple):
+    module: str  # kernels/<module>.cu
+    kernel: str  # extern "C" name
+    n: int  # elements (grid-stride loop bound)
+    args: tuple
+
+
+def strides(a) -> tuple[int, ...]:
+    """Strides of ``a`` in elements; its last axis must be contiguous."""
+    st = tuple(s // a.itemsize for s in a.strides)
+    if a.ndim and a.shape[-1] > 1 and st[-1] != 1:
+        raise ValueError(f"array of shape {a.shape} has a non-contiguous last axis")
+    return st
+
+
+def _check(a, dtype, ndim, what):
+    if a.dtype != dtype:
+        raise TypeError(f"{what}: expected {np.dtype(dtype)}, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{what}: expected {ndim} dimensions, got shape {a.shape}")
+
+
+def _plane(a, what, dummy, P=None):
+    """(array, plane stride, row stride) of an optional (P, h, w) float32 map."""
+    if a is None:
+        return dummy, _I(0), _I(0)
+    _check(a, np.float32, 3, what)
+    s = strides(a)
+    return a, _I(s[0]), _I(s[1])
+
+
+def grid_start(start: int, origin: int, step: int) -> int:
+    """First index >= start with (origin + index) % step == 0."""
+    return start + (-(origin + start)) % step
+
+
+def grid_count(first: int, stop: int, step: int) -> int:
+    return max(0, -(-(stop - first) // step))
+
+
+def block_sum(a, r, off, out) -> Launch:
+    _check(a, np.float32, 3, "block_sum a")
+    _check(out, np.float32, 3, "block_sum out")
+    P, h, w = out.shape
+    sa, so = strides(a), strides(out)
+    return Launch("blocks", "mf_block_sum", P * h * w,
+                  (a, _I(sa[0]), _I(sa[1]), _I(r), _I(off), out, _I(so[0]), _I(so[1]), _I(h), _I(w)))
+
+
+def replicate(u, r, off, out) -> Launch:
+    _check(u, np.float32, 3, "replicate u")
+    _check(out, np.float32, 3, "replicate out")
+    P, h, w = u.shape
+    su, so = strides(u), strides(out)
+    return Launch("blocks", "mf_replicate", P * h * w * r * r,
+                  (u, _I(su[0]), _I(su[1]), _I(r), _I(off), out, _I(so[0]), _I(so[1]), _I(h), _I(w)))
+
+
+def _spectra(a, ndim, what):
+    _check(a, np.complex64, ndim, what)
+    s = strides(a)
+    if s[-2] != a.shape[-1] and a.shape[-2] > 1:
+        raise ValueError(f"{what}: spectrum planes must be contiguous")
+    return s
+
+
+def spectral_multiply(X, otf, out) -> Launch:
+    sx, st, so = _spectra(X, 3, "X"), _spectra(otf, 3, "otf"), _spectra(out, 4, "out")
+    B, C, n0, n1 = out.shape
+    if X.shape != (C, n0, n1) or otf.shape != (B, n0, n1):
+        raise ValueError(f"spectral_multiply: X {X.shape}, otf {otf.shape}, out {out.shape}")
+    m = n0 * n1
+    return Launch("spectral", "mf_spectral_multiply", B * C * m,
+                  (X, _I(sx[0]), otf, _I(st[0]), out, _I(so[0]), _I(so[1]), _I(C), _I(m)))
+
+
+def spectral_accumulate(acc, otf, S) -> Launch:
+    sa, st, ss = _spectra(acc, 4, "acc"), _spectra(otf, 3, "otf"), _spectra(S, 5, "S")
+    K, B, C, n0, n1 = S.shape
+    if acc.shape != (K, C, n0, n1) or otf.shape[0] < B or otf.shape[1:] != (n0, n1):
+        raise ValueError(f"spectral_accumulate: acc {acc.shape}, otf {otf.shape}, S {S.shape}")
+    m = n0 * n1
+    return Launch("spectral", "mf_spectral_accumulate", K * C * m,
+                  (acc, _I(sa[0]), _I(sa[1]), otf, _I(st[0]), S, _I(ss[0]), _I(ss[1]), _I(ss[2]),
+                   _I(B), _I(C), _I(m)))
+
+
+def residual_samples(xp, y, yhat, p, noise, floor, step, origin, rows, cols, var, dummy):
+    """Launch plus its outputs (z, q, valid), each (P, ni·nj) in ``xp``."""
+    _check(y, np.float32, 3, "y")
+    _check(yhat, np.float32, 3, "yhat")
+    P = y.shape[0]
+    fi = grid_start(rows[0], origin[0], step)
+    fj = grid_start(cols[0], origin[1], step)
+    ni, nj = grid_count(fi, rows[1], step), grid_count(fj, cols[1], step)
+    nper = ni * nj
+    z = xp.empty((P, nper), np.float64)
+    q = xp.empty((P, nper), np.float64)
+    valid = xp.empty((P, nper), np.uint8)
+    sy, se = strides(y), strides(yhat)
+    vmode = VMODES[noise]
+    v, vs0, vs1 = _plane(var if vmode == 2 else None, "var", dummy)
+    return Launch("residual", "mf_residual_samples", P * nper,
+                  (y, _I(sy[0]), _I(sy[1]), yhat, _I(se[0]), _I(se[1]), _I(p), _I(vmode),
+                   v, vs0, vs1, _D(floor), _I(fi), _I(fj), _I(step), _I(max(nj, 1)),
+                   _I(max(nper, 1)), z, q, valid)), (z, q, valid)
+
+
+def compact_samples(z, q, valid):
+    """Host lists of each plane's valid samples, in row-major order (as the CPU)."""
+    z, q, ok = np.asarray(z), np.asarray(q), np.asarray(valid).astype(bool)
+    return [z[k][ok[k]] for k in range(z.shape[0])], [q[k][ok[k]] for k in range(z.shape[0])]
+
+
+def robust_weights(y, yhat, p, sigma, delta, huber, noise, floor, out, mask, p_out, r, var,
+                   protect, dummy) -> Launch:
+    """``sigma`` and ``delta``: float64 arrays of the planes (device arrays on a GPU)."""
+    _check(y, np.float32, 3, "y")
+    _check(yhat, np.float32, 3, "yhat")
+    _check(out, np.float32, 4, "out")
+    P, h, w = y.shape
+    if out.shape[0] != 2 or out.shape[1] != P:
+        raise ValueError(f"robust_weights: out {out.shape} for {P} planes")
+    if sigma.dtype != np.float64 or delta.dtype != np.float64:
+        raise TypeError("robust_weights: sigma and delta must be float64")
+    sy, se, so = strides(y), strides(yhat), strides(out)
+    vmode = VMODES[noise]
+    v, vs0, vs1 = _plane(var if vmode == 2 else None, "var", dummy)
+    m, ms0, ms1 = _plane(mask, "mask", dummy)
+    pr, ps0, ps1 = _plane(protect, "protect", dummy)
+    po = p if p_out is None else p_out
+    return Launch("weights", "mf_robust_weights", P * h * w,
+                  (y, _I(sy[0]), _I(sy[1]), yhat, _I(se[0]), _I(se[1]), _I(p), _I(vmode),
+                   v, vs0, vs1, _D(floor), sigma, delta, _I(bool(huber)),
+                   m, ms0, ms1, _I(mask is not None), pr, ps0, ps1, _I(protect is not None),
+                   out, _I(so[0]), _I(so[1]), _I(so[2]), _I(po), _I(r), _I(h), _I(w)))
+
+
+def update(xp, x, num, den, kappa, alpha, den_floor, region, step, origin):
+    """Launch plus its sample outputs (su, sd, sx), each (C, ni, nj) float64 in ``xp``."""
+    for a, nm in ((x, "x"), (num, "num"), (den, "den")):
+        _check(a, np.float32, 3, nm)
+    if den_floor.dtype != np.float64:
+        raise TypeError("update: den_floor must be float64")
+    C = x.shape[0]
+    (y0, y1), (x0, x1) = region
+    fi, fj = grid_start(y0, origin[0], step), grid_start(x0, origin[1], step)
+    ni, nj = grid_count(fi, y1, step), grid_count(fj, x1, step)
+    su, sd, sx = (xp.empty((C, ni, nj), np.float64) for _ in range(3))
+    s_x, s_n, s_d = strides(x), strides(num), strides(den)
+    rows, cols = y1 - y0, x1 - x0
+    return Launch("update", "mf_update", C * rows * cols,
+                  (x, _I(s_x[0]), _I(s_x[1]), num, _I(s_n[0]), _I(s_n[1]), den, _I(s_d[0]),
+                   _I(s_d[1]), _D(kappa), _D(alpha), den_floor, _I(y0), _I(x0), _I(rows),
+                   _I(cols), _I(step), _I(origin[0]), _I(origin[1]), _I(fi), _I(fj), _I(ni),
+                   _I(nj), su, sd, sx)), (su, sd, sx)
+
+
+def conv_forward(x, psfs, out, p, shape) -> Launch:
+    _check(x, np.float32, 3, "x")
+    _check(psfs, np.float32, 3, "psfs")
+    _check(out, np.float32, 4, "out")
+    B, C = out.shape[:2]
+    h, w = shape
+    K = psfs.shape[1]
+    sx, so = strides(x), strides(out)
+    if strides(psfs) != (K * K, K, 1):
+        raise ValueError("psfs must be C-contiguous")
+    return Launch("conv", "mf_conv_forward", B * C * h * w,
+                  (x, _I(sx[0]), _I(sx[1]), psfs, _I(K), out, _I(so[0]), _I(so[1]), _I(so[2]),
+                   _I(p), _I(C), _I(h), _I(w)))
+
+
+def conv_adjoint(a, psfs, acc, p, extent) -> Launch:
+    _check(a, np.float32, 5, "a")
+    _check(psfs, np.float32, 3, "psfs")
+    _check(acc, np.float32, 4, "acc")
+    K2, B, C, g0, g1 = a.shape
+    K = psfs.shape[1]
+    e0, e1 = extent
+    sa, sc = strides(a), strides(acc)
+    if strides(psfs) != (K * K, K, 1):
+        raise ValueError("psfs must be C-contiguous")
+    return Launch("conv", "mf_conv_adjoint", K2 * C * e0 * e1,
+                  (a, _I(sa[0]), _I(sa[1]), _I(sa[2]), _I(sa[3]), psfs, _I(K), acc, _I(sc[0]),
+                   _I(sc[1]), _I(sc[2]), _I(p), _I(B), _I(C), _I(g0), _I(g1), _I(e0), _I(e1)))

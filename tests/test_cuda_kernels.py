@@ -1,0 +1,347 @@
+"""The CUDA kernels' element math, compiled for the host and checked on the CPU.
+
+kernels/*.cu are C++ apart from ``__global__`` and the grid-stride loop,
+which kernels/mfnumba_math.cuh turns into a plain loop when no CUDA
+compiler is at work. So the very kernel bodies are built here into a
+shared library with the host's C++ compiler (or nvcc's host pass), called
+through ctypes with the arguments that mfnumba.backends._cuda_launch builds
+for the GPU, and compared with tests/reference.py and the Numba kernels,
+with NaN, ±Inf, zeros, strided views and block edges in the inputs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mfnumba.backends import _cuda_launch as L
+from mfnumba.backends.cpu import CPUBackend
+
+from . import reference as ref
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+DUMMY = np.ones((1, 1, 1), np.float32)
+
+
+def _compilers():
+    for cxx in ("g++", "c++", "clang++"):
+        if shutil.which(cxx):
+            yield [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-x", "c++",
+                   "-D__host__=", "-D__device__="]
+    if shutil.which("nvcc"):
+        yield ["nvcc", "-std=c++17", "-O2", "-shared", "-x", "c++", "--compiler-options", "-fPIC"]
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    d = tmp_path_factory.mktemp("host_kernels")
+    src = d / "harness.cpp"
+    src.write_text("".join(f'#include "{p.name}"\n' for p in sorted(KERNELS.glob("*.cu"))))
+    errors = []
+    for cmd in _compilers():
+        so = d / "libmfkernels.so"
+        res = subprocess.run(cmd + ["-I", str(KERNELS), str(src), "-o", str(so)],
+                             capture_output=True, text=True)
+        if res.returncode == 0:
+            return ctypes.CDLL(str(so))
+        errors.append(f"{cmd[0]}: {res.stderr[-2000:]}")
+    if errors:
+        pytest.fail("the kernels do not compile for the host:\n" + "\n".join(errors))
+    pytest.skip("no C++ compiler (g++, c++, clang++ or nvcc) on this machine")
+
+
+def run(lib, launch: L.Launch):
+    """Call the host build of ``launch.kernel`` with the launcher's arguments."""
+    argtypes, values = [ctypes.c_longlong], [launch.n]
+    for a in launch.args:
+        if isinstance(a, np.ndarray):
+            argtypes.append(ctypes.c_void_p)
+            values.append(a.ctypes.data)
+        elif isinstance(a, np.int64):
+            argtypes.append(ctypes.c_longlong)
+            values.append(int(a))
+        elif isinstance(a, np.float64):
+            argtypes.append(ctypes.c_double)
+            values.append(float(a))
+        else:
+            raise TypeError(f"{launch.kernel}: argument of type {type(a)}")
+    fn = getattr(lib, launch.kernel)
+    fn.argtypes, fn.restype = argtypes, None
+    fn(*values)
+
+
+def _nasty(rng, shape, lo=0.5, hi=2.0):
+    """Random float32 with NaN, ±Inf and zeros sprinkled in."""
+    a = (rng.random(shape) * (hi - lo) + lo).astype(np.float32)
+    flat = a.reshape(-1)
+    idx = rng.choice(flat.size, size=max(4, flat.size // 20), replace=False)
+    flat[idx[0::4]] = np.nan
+    flat[idx[1::4]] = np.inf
+    flat[idx[2::4]] = -np.inf
+    flat[idx[3::4]] = 0.0
+    return a
+
+
+# D and U ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r,off", [(1, 0), (2, 3), (3, 1)])
+def test_block_sum_and_replicate(lib, rng, r, off):
+    P, h, w = 3, 5, 7
+    G = (off + r * h + 2, off + r * w + 3)
+    a = rng.standard_normal((P,) + G).astype(np.float32)
+    a[0, off, off] = np.nan  # a NaN stays in its own block
+    big = np.full((P, h + 2, w + 4), 7.0, np.float32)
+    out = big[:, 1:1 + h, 2:2 + w]  # a strided view: rows are not contiguous
+    run(lib, L.block_sum(a, r, off, out))
+    expect = ref.ref_block_sum(a, r, off, (h, w))
+    np.testing.assert_allclose(out, expect, rtol=2e-6, atol=2e-6)
+    assert np.isnan(out[0, 0, 0]) and np.isfinite(out[0].ravel()[1:]).all()
+    np.testing.assert_array_equal(out, CPUBackend().block_sum(a, r, off, np.zeros((P, h, w), np.float32)))
+    assert (big[:, 0] == 7).all() and (big[:, :, :2] == 7).all()  # nothing outside the view
+
+    u = _nasty(rng, (P, h, w))
+    fine = np.full((P,) + G, -1.0, np.float32)
+    run(lib, L.replicate(u, r, off, fine))
+    expect = ref.ref_replicate(u, r, off, G)
+    inside = np.zeros(G, bool)
+    inside[off:off + r * h, off:off + r * w] = True
+    np.testing.assert_array_equal(fine[:, inside], expect[:, inside])
+    assert (fine[:, ~inside] == -1).all()
+
+
+def test_block_sum_is_adjoint_of_replicate(lib, rng):
+    r, off, P, h, w = 2, 1, 2, 6, 4
+    G = (off + r * h, off + r * w)
+    a = rng.standard_normal((P,) + G).astype(np.float32)
+    u = rng.standard_normal((P, h, w)).astype(np.float32)
+    Da = np.zeros((P, h, w), np.float32)
+    Uu = np.zeros((P,) + G, np.float32)
+    run(lib, L.block_sum(a, r, off, Da))
+    run(lib, L.replicate(u, r, off, Uu))
+    lhs, rhs = np.vdot(Da.astype(np.float64), u), np.vdot(a.astype(np.float64), Uu)
+    assert abs(lhs - rhs) <= 1e-5 * (abs(lhs) + abs(rhs))
+
+
+# spectra ------------------------------------------------------------------------
+
+
+def _cplx(rng, shape):
+    return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+
+
+def test_spectral_multiply(lib, rng):
+    B, C, n0, n1 = 3, 2, 6, 5
+    X, otf = _cplx(rng, (C, n0, n1)), _cplx(rng, (5, n0, n1))[1:1 + B]
+    X[0, 0, 0] = np.nan
+    buf = np.zeros((B + 2, C, n0, n1), np.complex64)
+    out = buf[:B]
+    run(lib, L.spectral_multiply(X, otf, out))
+    np.testing.assert_allclose(out, ref.ref_spectral_multiply(X, otf), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, CPUBackend().spectral_multiply(X, otf, np.empty_like(out)),
+                               rtol=1e-6, atol=1e-6)
+    assert np.isnan(out[:, 0, 0, 0]).all() and not buf[B:].any()
+
+
+def test_spectral_accumulate_on_a_strided_batch(lib, rng):
+    """S as the solver hands it: the first nb·C planes of (2, B·C, …), so axis 0 is strided."""
+    K, Bfull, nb, C, n0, n1 = 2, 4, 3, 2, 5, 4
+    otf = _cplx(rng, (nb, n0, n1))
+    S = _cplx(rng, (K, Bfull * C, n0, n1))[:, : nb * C].reshape(K, nb, C, n0, n1)
+    acc0 = _cplx(rng, (K, C, n0, n1))
+    acc = acc0.copy()
+    run(lib, L.spectral_accumulate(acc, otf, S))
+    np.testing.assert_allclose(acc, ref.ref_spectral_accumulate(acc0, otf, S), rtol=1e-5, atol=1e-5)
+    cpu = acc0.copy()
+    CPUBackend().spectral_accumulate(cpu, otf, np.ascontiguousarray(S))
+    np.testing.assert_allclose(acc, cpu, rtol=1e-6, atol=1e-6)
+
+
+# weights and residual samples -----------------------------------------------------
+
+
+def _frames(rng, P, h, w, p):
+    yh = (rng.random((P, h, w)) * 50 + 10).astype(np.float32)
+    y = (yh + rng.standard_normal((P, h, w)) * 3).astype(np.float32)
+    y[:, 2, 3] += 200.0  # outliers
+    y[0, 1, :4] = np.nan
+    y[1, 4, 4] = np.inf
+    y[1, 0, 0] = -np.inf
+    y[2, 3, 3] = 0.0
+    grid = np.zeros((P, h + 2 * p, w + 2 * p), np.float32)
+    grid[:, p:p + h, p:p + w] = yh
+    grid[0, p + 5, p + 5] = 0.0  # ŷ = 0: Poisson floor
+    return y, grid
+
+
+@pytest.mark.parametrize("noise", ["mad", "poisson", "map"])
+@pytest.mark.parametrize("r", [1, 2])
+def test_robust_weights_match_cpu(lib, rng, noise, r):
+    P, h, w, p = 3, 9, 11, 2
+    y, grid = _frames(rng, P, h, w, p)
+    var = (rng.random((P, h, w)) * 5 + 1).astype(np.float32) if noise == "map" else None
+    mask = rng.random((P, h, w)).astype(np.float32)
+    protect = (rng.random((P, h, w)) * 0.5).astype(np.float32)
+    sigma = np.array([2.0, 3.5, 1.25])
+    delta = np.array([1.5, 2.5, 1.0])
+    po = 2
+    fine = (po + r * h + 1, po + r * w + 2)
+    for huber, m, pr in ((True, mask, protect), (True, None, None), (False, mask, None)):
+        out = np.zeros((2, P) + fine, np.float32)
+        run(lib, L.robust_weights(y, grid, p, sigma, delta, huber, noise, 1.0, out, m, po, r,
+                                  var, pr, DUMMY))
+        cpu = np.zeros_like(out)
+        CPUBackend().robust_weights(y, grid, p, sigma, delta, huber, noise, 1.0, cpu, mask=m,
+                                    p_out=po, r=r, var=var, protect=pr)
+        np.testing.assert_allclose(out, cpu, rtol=1e-6, atol=0)
+        bad = ~np.isfinite(y)
+        blk = out[:, :, po:po + r * h:r, po:po + r * w:r]
+        assert (blk[:, bad] == 0).all() and np.isfinite(out).all()
+
+
+def test_robust_weights_match_reference(lib, rng):
+    h, w, p = 12, 10, 3
+    y, grid = _frames(rng, 3, h, w, p)
+    y, grid = y[:1], grid[:1]
+    yh = grid[0, p:p + h, p:p + w]
+    mask = rng.random((1, h, w)).astype(np.float32)
+    for noise in ("mad", "poisson"):
+        wref, s, d = ref.weights(y[0], yh, rho="huber", delta=-2.5, noise=noise, floor=1.0,
+                                 mask=mask[0])
+        out = np.zeros((2, 1) + grid.shape[-2:], np.float32)
+        run(lib, L.robust_weights(y, grid, p, np.array([s]), np.array([d]), True, noise, 1.0, out,
+                                  mask, None, 1, None, None, DUMMY))
+        np.testing.assert_allclose(out[1, 0, p:p + h, p:p + w], wref * yh, rtol=2e-5, atol=1e-12)
+        np.testing.assert_allclose(out[0, 0, p:p + h, p:p + w], wref * np.nan_to_num(y[0], posinf=0,
+                                   neginf=0), rtol=2e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("noise", ["mad", "poisson", "map"])
+@pytest.mark.parametrize("step,origin,rows,cols", [(1, (0, 0), (0, 9), (0, 11)),
+                                                   (3, (7, 2), (1, 8), (2, 11)),
+                                                   (4, (0, 5), (5, 5), (0, 11))])
+def test_residual_samples(lib, rng, noise, step, origin, rows, cols):
+    P, h, w, p = 3, 9, 11, 2
+    y, grid = _frames(rng, P, h, w, p)
+    var = (rng.random((P, h, w)) * 5 + 1).astype(np.float32) if noise == "map" else None
+    launch, outs = L.residual_samples(np, y, grid, p, noise, 1.0, step, origin, rows, cols, var,
+                                      DUMMY)
+    run(lib, launch)
+    z, q = L.compact_samples(*outs)
+    zr, qr = ref.ref_residual_samples(y, grid, p, noise, 1.0, step, origin, rows, cols, var)
+    zc, qc = CPUBackend().residual_samples(y, grid, p, noise, 1.0, step, origin, rows, cols, var=var)
+    for k in range(P):
+        assert z[k].shape == zr[k].shape == zc[k].shape
+        np.testing.assert_allclose(z[k], zr[k], rtol=1e-6, atol=1e-6)  # y - ŷ in float32
+        np.testing.assert_allclose(q[k], qr[k], rtol=1e-12)
+        np.testing.assert_array_equal(z[k], zc[k])
+        np.testing.assert_array_equal(q[k], qc[k])
+
+
+# the update ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kappa,alpha", [(2.0, 1.0), (3.0, 0.6)])
+def test_update(lib, rng, kappa, alpha):
+    C, H, W = 2, 14, 17
+    x = (rng.random((C, H, W)) + 0.5).astype(np.float32)
+    x[0, 5, 5] = 0.0
+    num = (rng.random((C, H, W)) * 4).astype(np.float32)
+    den = (rng.random((C, H, W)) + 0.1).astype(np.float32)
+    den[0, 4:6, 3:9] = 0.0  # no data: factor 1
+    den[1, 7, 7] = 1e-9
+    den_floor = np.array([1e-6, 1e-6])
+    region, step, origin = ((3, 12), (2, 15)), 3, (10, 4)
+    x0 = x.copy()
+    launch, (su, sd, sx) = L.update(np, x, num, den, kappa, alpha, den_floor, region, step, origin)
+    run(lib, launch)
+    xr, sur, sdr, sxr = ref.ref_update(x0, num, den, kappa, alpha, den_floor, region, step, origin)
+    np.testing.assert_allclose(x, xr, rtol=1e-6)
+    np.testing.assert_allclose(su.ravel(), sur, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sd.ravel(), sdr, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(sx.ravel(), sxr)
+    outside = np.ones((C, H, W), bool)
+    outside[:, 3:12, 2:15] = False
+    assert (x[outside] == x0[outside]).all()
+    xc = x0.copy()
+    cu, cd, cx = CPUBackend().update(xc, num, den, kappa, alpha, den_floor, region, step, origin)
+    np.testing.assert_array_equal(x, xc)
+    np.testing.assert_array_equal(su.ravel(), cu)
+    np.testing.assert_array_equal(sd.ravel(), cd)
+    np.testing.assert_array_equal(sx.ravel(), cx)
+
+
+# direct convolution ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("h,w,k", [(13, 10, 5), (8, 9, 3)])
+def test_conv_forward_and_adjoint(lib, rng, h, w, k):
+    B, C, p = 2, 2, k // 2
+    g = (h + 2 * p + 3, w + 2 * p + 2)  # the grid may exceed the extent
+    psfs = rng.random((B, k, k)).astype(np.float32)
+    psfs /= psfs.sum(axis=(1, 2), keepdims=True)
+    x = np.zeros((C,) + g, np.float32)
+    x[:, :h + 2 * p, :w + 2 * p] = rng.random((C, h + 2 * p, w + 2 * p))
+    out = np.zeros((B, C) + g, np.float32)
+    run(lib, L.conv_forward(x, psfs, out, p, (h, w)))
+    for b in range(B):
+        for c in range(C):
+            np.testing.assert_allclose(out[b, c, p:p + h, p:p + w],
+                                       ref.forward(x[c, :h + 2 * p, :w + 2 * p], psfs[b]),
+                                       rtol=2e-6, atol=1e-6)
+    cpu = CPUBackend().conv_forward_direct(x, psfs, np.zeros_like(out), p, (h, w))
+    np.testing.assert_allclose(out, cpu, rtol=2e-6, atol=1e-6)
+
+    a = np.zeros((2, B + 1, C) + g, np.float32)[:, :B]  # strided like the solver's batch
+    a[:, :, :, p:p + h, p:p + w] = rng.standard_normal((2, B, C, h, w))
+    acc0 = rng.standard_normal((2, C) + g).astype(np.float32)
+    acc = acc0.copy()
+    e = (h + 2 * p, w + 2 * p)
+    run(lib, L.conv_adjoint(a, psfs, acc, p, e))
+    for kk in range(2):
+        for c in range(C):
+            expect = acc0[kk, c, :e[0], :e[1]] + sum(
+                ref.adjoint(a[kk, b, c, p:p + h, p:p + w], psfs[b]) for b in range(B))
+            np.testing.assert_allclose(acc[kk, c, :e[0], :e[1]], expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(acc[:, :, e[0]:], acc0[:, :, e[0]:])
+    cpu = acc0.copy()
+    CPUBackend().conv_adjoint_direct(np.ascontiguousarray(a), psfs, cpu, p, e)
+    np.testing.assert_allclose(acc, cpu, rtol=1e-5, atol=1e-5)
+
+
+def test_launcher_refuses_wrong_dtypes_and_layouts():
+    a = np.zeros((1, 4, 4), np.float64)
+    with pytest.raises(TypeError, match="float32"):
+        L.block_sum(a, 1, 0, np.zeros((1, 4, 4), np.float32))
+    col = np.zeros((1, 4, 8), np.float32)[:, :, ::2]
+    with pytest.raises(ValueError, match="non-contiguous last axis"):
+        L.block_sum(col, 1, 0, np.zeros((1, 4, 4), np.float32))
+
+
+def test_index_division_fast_path_agrees_with_64_bit(tmp_path):
+    """mf_div takes 32-bit division when both operands fit: same quotient on both paths."""
+    cmd = next(_compilers(), None)
+    if cmd is None:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "div.cpp"
+    src.write_text('#include "mfnumba_math.cuh"\n'
+                   'extern "C" long long t_div(long long a, long long b) { return mf_div(a, b); }\n'
+                   'extern "C" long long t_mod(long long a, long long b) { return mf_mod(a, b); }\n'
+                   'extern "C" long long t_pymod(long long a, long long b) { return mf_pymod(a, b); }\n')
+    so = tmp_path / "div.so"
+    res = subprocess.run(cmd + ["-I", str(KERNELS), str(src), "-o", str(so)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lib = ctypes.CDLL(str(so))
+    for f in (lib.t_div, lib.t_mod, lib.t_pymod):
+        f.argtypes, f.restype = [ctypes.c_longlong] * 2, ctypes.c_longlong
+    cases = [(0, 1), (7, 3), (2**32 - 1, 2**32 - 1), (2**32 - 1, 7), (2**32, 7), (2**40 + 5, 3),
+             (3 * 2**33, 2**33), (123456789012, 4096), (2**31, 2**32 + 1)]
+    for a, b in cases:
+        assert lib.t_div(a, b) == a // b and lib.t_mod(a, b) == a % b, (a, b)
+    for a, b in [(-7, 3), (-9, 3), (5, 3), (-(2**35) - 1, 4)]:
+        assert lib.t_pymod(a, b) == a % b
