@@ -68,11 +68,22 @@ class RunControl:
 
 
 def get_backend(name: str, threads: int | None = None):
-    """The backend for ``--backend``; ``auto`` is the CPU until CUDA lands."""
-    if name in ("auto", "cpu"):
-        return CPUBackend(threads)
-    raise OptionError(f"--backend {name!r}: the CUDA backend is not available in this version; "
-                      f"use --backend cpu")
+    """The backend for ``--backend``.
+
+    ``cuda`` is the CuPy backend when a device is usable (else an OptionError
+    saying why). ``auto`` stays on the CPU for now: the CUDA backend has
+    not yet been validated on a device and the solver does not yet fall back
+    to the CPU on a device fault, so it is offered only when asked for.
+    """
+    if name == "cuda":
+        from .backends.cuda import CUDABackend, cuda_status  # CuPy is slow to import
+
+        ok, why, _ = cuda_status()
+        if not ok:
+            raise OptionError(f"--backend cuda: {why}; use --backend cpu or auto")
+        log.info("backend cuda: %s", why)
+        return CUDABackend()
+    return CPUBackend(threads)
 
 
 def _open(frames, layout: str = "auto"):

@@ -345,7 +345,13 @@ def info():
     typer.echo(f"python  {sys.version.split()[0]}")
     typer.echo(f"numpy {numpy.__version__}  scipy {scipy.__version__}  numba {numba.__version__}")
     typer.echo(f"threads: numba {numba.config.NUMBA_NUM_THREADS} (layer {numba.threading_layer() if _numba_ran() else 'not started'})")
-    typer.echo("backends: cpu (available), cuda (not in this version)")
+    from .backends.cuda import cuda_status
+
+    ok, why, devices = cuda_status()
+    state = f"available with --backend cuda: {why}" if ok else f"unavailable: {why}"
+    typer.echo(f"backends: cpu (available, the default), cuda ({state})")
+    for dev in devices:
+        typer.echo(f"  {dev}")
 
 
 def _numba_ran() -> bool:

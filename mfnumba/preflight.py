@@ -38,9 +38,12 @@ class Checked:
 
 def backend_problem(name: str) -> str | None:
     """Why ``--backend name`` cannot run here (None when it can)."""
-    if name in ("auto", "cpu"):
+    if name != "cuda":
         return None
-    return "the CUDA backend is not available in this version; use --backend cpu"
+    from .backends.cuda import cuda_status
+
+    ok, why, _ = cuda_status()
+    return None if ok else f"{why}; use --backend cpu or auto"
 
 
 def _psf_inputs(psf, n: int) -> list[Path]:

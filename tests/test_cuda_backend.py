@@ -25,12 +25,12 @@ AVAILABLE, WHY, DEVICES = cuda.cuda_status()
 gpu = pytest.mark.skipif(not AVAILABLE, reason=f"CUDA unavailable: {WHY}")
 
 
-def _python(code: str, cwd, **env):
+def _python(code: str, cwd, *flags, **env):
     """Run ``code`` in a fresh interpreter from ``cwd`` (so the checkout is not on sys.path)."""
     import os
     e = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=e, timeout=120, cwd=cwd)
+    return subprocess.run([sys.executable, *flags, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, env=e, timeout=120, cwd=cwd)
 
 
 # import and availability ---------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_loader_reads_package_data_through_importlib_resources(tmp_path):
         print(root.joinpath("update.cu"))
         print(" ".join(S.kernel_names()))
         print(S.load_source("update").splitlines()[0])
-    """, tmp_path, PYTHONPATH=str(site))
+    """, tmp_path, "-S", PYTHONPATH=str(site))  # -S: no editable-install finder either
     assert res.returncode == 0, res.stderr
     root, names, first = res.stdout.splitlines()
     assert Path(root).resolve() == (site / "mfnumba" / "kernels" / "update.cu").resolve()
@@ -220,7 +220,7 @@ def test_loader_reads_package_data_through_importlib_resources(tmp_path):
 
     shutil.rmtree(site / "mfnumba" / "kernels")
     res = _python("from mfnumba.backends import _cuda_source as S; S.kernel_root()", tmp_path,
-                  PYTHONPATH=str(site))
+                  "-S", PYTHONPATH=str(site))
     assert res.returncode != 0 and "kernel sources" in res.stderr and "reinstall" in res.stderr
 
 
