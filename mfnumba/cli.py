@@ -200,17 +200,20 @@ def deconv(
     batch: Optional[int] = _opt("Frames per batch.", "planned"),
     mem_budget: Optional[str] = _opt("Memory budget of the whole process, e.g. 4GB.",
                                      "current use + 60% of available"),
-    low_mem: bool = typer.Option(False, "--low-mem", help="Smallest memory footprint."),
+    low_mem: bool = typer.Option(False, "--low-mem", help="Smallest memory footprint.",
+                                 show_default="off"),
     threads: Optional[int] = _opt("CPU threads.", "all"),
     checkpoint: Optional[bool] = _opt("Save the state after every iteration.",
                                       "on for more than 5 iterations",
                                       "--checkpoint/--no-checkpoint"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint.",
+                                show_default="off"),
     save_every: int = typer.Option(0, help="Write the current image every N iterations "
                                    "(0: never)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (never "
-                                   "an input, never a file mfnumba did not make)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only."),
+                                   "an input, never a file mfnumba did not make).",
+                                   show_default="off"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only.", show_default="off"),
     json_log: Optional[Path] = _opt("Write JSON lines of the run to this file.", "none"),
 ):
     """Deconvolve a registered stack into one sharp FITS image."""
