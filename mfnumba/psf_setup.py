@@ -68,14 +68,22 @@ def common_psf_stack(psfs: Sequence[np.ndarray], frame_shape: tuple[int, int],
 
 
 def lift_psfs(psfs: Sequence[np.ndarray], opt: Options, names: Sequence[str]) -> list[LiftedPSF]:
-    """Fine-grid PSFs for ``--sr``; identical native PSFs are lifted once."""
+    """Fine-grid PSFs for ``--sr``, or target-resolution PSFs at ``sr=1``.
+
+    At r > 1 the Gaussian target has σ = ``sr_sigma`` fine px; at r = 1 it
+    has σ = ``target_sigma`` native px (Magain, Courbin & Sohy 1998: the
+    result is the sky at that resolution, not at an infinite one that a
+    sampled grid cannot hold). Identical native PSFs are lifted once.
+    """
+    sigma = opt.sr_sigma if opt.sr > 1 else opt.target_sigma
     done: dict[int, LiftedPSF] = {}
     out = []
     for p, name in zip(psfs, names):
         key = id(p)
         if key not in done:
-            done[key] = lift_psf(p, opt.sr, sigma=opt.sr_sigma, iters=opt.sr_iters, name=name)
+            done[key] = lift_psf(p, opt.sr, sigma=sigma, iters=opt.sr_iters, name=name)
         out.append(done[key])
     worst = max(lp.residual for lp in out)
-    log.info("SR x%d: PSFs lifted to the fine grid, relative residual <= %.3g", opt.sr, worst)
+    log.info("PSFs lifted to a Gaussian target of sigma %.3g (grid x%d), relative residual "
+             "<= %.3g", sigma, opt.sr, worst)
     return out
