@@ -95,7 +95,7 @@ def sr_rows(opts: dict[str, Options], *, size: int, n_frames: int, seed: int = 4
     fine = np.full((r * size, r * size), sim.config.sky / sim.config.gain / r ** 2)
     idx = np.rint((sim.stars_yx + 0.5) * r - 0.5).astype(int)
     np.add.at(fine, (idx[:, 0], idx[:, 1]), sim.star_flux)
-    truth = blurred_truth(fine, 1.5 * r)
+    truth = blurred_truth(fine, 1.5)  # 1.5 px of the output grid
     mean = zoom(sim.frames.mean(axis=0), r, order=1, grid_mode=True, mode="nearest") / r ** 2
     fine_yx = r * sim.stars_yx + (r - 1) / 2
     rows = []

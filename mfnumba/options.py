@@ -28,7 +28,8 @@ class Options:
     Parameters
     ----------
     iters, min_iters
-        Maximum and minimum number of iterations.
+        Maximum and minimum number of iterations. With the default target
+        resolution and χ² stop a realistic stack stops after about 50.
     early_stop
         Stop when the update has settled (see ``tol_upd``, ``tol_rel``).
     rho
@@ -77,8 +78,11 @@ class Options:
     target_sigma
         Target resolution (Magain, Courbin & Sohy 1998) at ``sr=1``: the
         PSFs are lifted to ``h`` with ``h * g = psf`` for a Gaussian ``g`` of
-        this σ (native px), so the result is the sky convolved with ``g``;
-        0 deconvolves to infinite resolution (and rings around stars).
+        this σ (native px; default FWHM 1.5 px, capped at 0.7 × the sharpest
+        PSF's σ), so the result is the sky convolved with ``g`` and stops
+        sharpening there; 0 deconvolves to infinite resolution (over-sharpens
+        and rings around stars when run to convergence). At ``sr > 1``
+        ``sr_sigma`` (fine px) plays this part.
     tol_upd, tol_rel, ema
         Early-stop tolerances on the EMA (weight ``ema`` on the newest value)
         of median|upd-1| and of median|x'-x| / median|x|.
@@ -87,7 +91,7 @@ class Options:
         the frames' mean χ² per iteration stays below this for 2 iterations.
     """
 
-    iters: int = 20
+    iters: int = 100
     min_iters: int = 3
     early_stop: bool = True
     rho: str = "l2"
@@ -98,7 +102,7 @@ class Options:
     seed: str = "median"
     color: str = "luma"
     sr: int = 1
-    sr_sigma: float = 1.1
+    sr_sigma: float = 0.7
     sr_iters: int = 250
     backend: str = "auto"
     batch: int | None = None
@@ -110,10 +114,10 @@ class Options:
     variance: bool = True
     normalize: str = "scale+offset"
     reference: str | None = None
-    sky_floor: float = 0.0
+    sky_floor: float = 2.0
     reject: str = "consensus"
     reject_z: float = 5.0
-    target_sigma: float = 0.0
+    target_sigma: float = 0.637  # FWHM 1.5 px
     tol_upd: float = 2e-3
     tol_rel: float = 5e-4
     ema: float = 0.5

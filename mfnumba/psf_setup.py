@@ -67,6 +67,23 @@ def common_psf_stack(psfs: Sequence[np.ndarray], frame_shape: tuple[int, int],
     return out
 
 
+def target_sigma(psfs: Sequence[np.ndarray], sigma: float) -> float:
+    """The target-resolution σ at r = 1: ``sigma``, but at most 0.7 × the sharpest PSF's σ.
+
+    A target wider than a frame's PSF cannot be reached by any h >= 0 (the
+    frame is sharper than the result would be); one σ serves every frame so
+    that the result is the sky convolved with one Gaussian.
+    """
+    from .psf import measure_fwhm
+
+    sharpest = min(measure_fwhm(p) for p in {id(p): p for p in psfs}.values())
+    cap = 0.7 * sharpest / 2.3548200450309493
+    if cap < sigma:
+        log.info("target resolution: sigma %.3g px capped at %.3g (0.7 x the sharpest PSF)",
+                 sigma, cap)
+    return min(sigma, cap)
+
+
 def lift_psfs(psfs: Sequence[np.ndarray], opt: Options, names: Sequence[str]) -> list[LiftedPSF]:
     """Fine-grid PSFs for ``--sr``, or target-resolution PSFs at ``sr=1``.
 
@@ -75,7 +92,7 @@ def lift_psfs(psfs: Sequence[np.ndarray], opt: Options, names: Sequence[str]) ->
     result is the sky at that resolution, not at an infinite one that a
     sampled grid cannot hold). Identical native PSFs are lifted once.
     """
-    sigma = opt.sr_sigma if opt.sr > 1 else opt.target_sigma
+    sigma = opt.sr_sigma if opt.sr > 1 else target_sigma(psfs, opt.target_sigma)
     done: dict[int, LiftedPSF] = {}
     out = []
     for p, name in zip(psfs, names):
