@@ -562,6 +562,48 @@ class Solver:
                 break
         return self.finalize()
 
+    def rejection_maps(self, idx: range) -> np.ndarray:
+        """(n, C, h, w) uint8: 1 where frames ``idx`` (at most one batch) get weight 0
+        from the consensus at the current estimate (finite pixels only)."""
+        pr, be, C = self.problem, self.be, self.problem.channels
+        if not self._consensus:
+            raise ValueError("rejection maps need --reject consensus")
+        if len(idx) > self.batch:
+            raise ValueError(f"at most {self.batch} frames at a time")
+        out = np.zeros((len(idx), C) + tuple(pr.shape), np.uint8)
+        nb = len(idx)
+        for tile in self.tiles:
+            g = tile.geom
+            self._load_tile(tile)
+            if self.conv == "fft":
+                be.rfft2(self._x, out=self._X)
+            yhat = self._predict(tile, idx, self._otf(idx) if self.conv == "fft" else None)
+            yhat = yhat.reshape(nb * C, *self.grid)
+            py = g.p
+            if g.r > 1:
+                yhat = be.block_sum(yhat, g.r, g.p,
+                                    self._ynat[: nb * C * g.h * g.w].reshape(nb * C, g.h, g.w))
+                py = 0
+            y, mask, var = (None if a is None else a.reshape(nb * C, g.h, g.w) for a in (
+                read_block(getattr(pr, k), idx, tile.rows, tile.cols)
+                for k in ("frames", "mask", "var")))
+            cons = None if self.cons_host is None else np.ascontiguousarray(
+                self.cons_host[:, :, tile.rows[0]:tile.rows[1], tile.cols[0]:tile.cols[1]])
+            planes = slice(idx.start * C, idx.stop * C)
+            w = self._wbuf[:, : nb * C]
+            be.consensus_weights(y, yhat, py, self.sigma[planes], (self._scale / self.sigma)[planes],
+                                 self.delta[planes], False, self.noise, self.poisson_floor, w,
+                                 self._cacc[:, :, :g.h, :g.w], cons=cons, zt=self.opt.reject_z,
+                                 kc=_SHARED, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
+                                 var=var)
+            wy = be.to_host(w[1])[:, g.p:g.p + g.r * g.h:g.r, g.p:g.p + g.r * g.w:g.r]
+            rej = (np.isfinite(np.asarray(y)) & (wy == 0)).reshape(nb, C, g.h, g.w)
+            (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
+            a0, b0 = r0 - tile.rows[0], c0 - tile.cols[0]
+            out[:, :, r0:r1, c0:c1] = rej[:, :, a0:a0 + r1 - r0, b0:b0 + c1 - c0]
+        self._last = None  # the buffers hold this pass: the next one starts from zero
+        return out
+
     def finalize(self) -> SolveResult:
         ys, xs = self.geom.frame_slice
         image = np.ascontiguousarray(self.x_host[:, ys, xs], dtype=np.float32)

@@ -71,3 +71,36 @@ def test_update_with_floor_matches_reference(rng):
     np.testing.assert_allclose(plain, ref.update_with_floor(x.astype(np.float64), num, den,
                                                             kappa=1.7, relax=0.8,
                                                             den_floor=1e-6), rtol=1e-5)
+
+
+def test_rejection_maps_mark_the_trail_and_little_else(tmp_path):
+    from astropy.io import fits
+
+    from mfnumba.options import Options
+    from mfnumba.rejection import save_rejection_maps
+    from mfnumba.simulate import SimConfig, simulate_stack
+    from mfnumba.solver import Problem, Solver
+
+    sim = simulate_stack(SimConfig(n_frames=6, shape=(64, 64), n_stars=8, n_galaxies=0,
+                                   trail_frames=(2,), cosmic_rays=0, seed=3))
+    frames = sim.frames[:, None]
+    for tile in (None, 29):
+        s = Solver(Problem(frames, np.stack(sim.psfs)), Options(iters=4, early_stop=False),
+                   CPUBackend(), tile=tile)
+        s.setup(np.median(frames, axis=0))
+        s.run()
+        paths = save_rejection_maps(s, tmp_path / str(tile), [f"f{i}.fits" for i in range(6)])
+        maps = np.stack([fits.getdata(p) for p in paths])
+        # the strong trail pixels away from stars (on a star every frame's residual is
+        # large after 4 iterations, and the consensus keeps them)
+        yy, xx = np.mgrid[:64, :64]
+        far = np.all([np.hypot(yy - y, xx - x) > 8 for y, x in sim.stars_yx], axis=0)
+        on = far & sim.trail_mask[2] & (sim.frames[2] - np.median(sim.frames, axis=0)
+                                        > 10 * sim.noise_sigma[2])
+        assert on.sum() > 30 and maps[2][on].mean() > 0.9
+        assert np.delete(maps, 2, axis=0).mean() < 1e-3
+        assert abs(maps[2].mean() - s.rejected[2]) < 0.01
+        if tile is None:
+            untiled = maps
+        else:
+            np.testing.assert_array_equal(maps, untiled)
