@@ -37,9 +37,6 @@ log = logging.getLogger("mfnumba")
 
 _SAMPLES = 1 << 14  # residual / update samples per frame (~1 % precision on a median)
 _MAD = 1.482602218505602
-# the limit grows by this much per unit of residual shared by the other frames (<= 0: in
-# proportion to it, zt · m / 0.8)
-_SHARED = 0.0
 _GROW = 0.5  # near an outlier, a residual above this fraction of the limit is rejected too
 _GROW_R = 2  # native px: how far "near" reaches (the wings of a trail)
 
@@ -367,8 +364,8 @@ class Solver:
                 rej, fin = be.consensus_weights(
                     y, yhat, py, self.sigma[planes], unit[planes], self.delta[planes],
                     self._huber, self.noise, self.poisson_floor, out, acc, cons=cons,
-                    zt=self.opt.reject_z, kc=_SHARED, lo_frac=_GROW, channels=C, p_out=g.p,
-                    r=g.r, mask=maps["mask"], var=maps["var"])
+                    zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
+                    mask=maps["mask"], var=maps["var"])
                 # counted over the tile's frame window: approximate where tiles overlap
                 self._rej[planes] += rej
                 self._fin[planes] += fin
@@ -430,12 +427,9 @@ class Solver:
         """The consensus maps for the next pass, and the rejected fraction of each frame."""
         from scipy.ndimage import maximum_filter  # lazy: only the consensus needs it
 
-        total, top, n = self._cstat
-        m = np.where(n >= 2, (total - top) / np.maximum(n - 1, 1), 0.0)
-        excess = np.maximum(0.0, m - 0.8)
-        limit = self.opt.reject_z + (_SHARED * excess if _SHARED > 0 else
-                                     self.opt.reject_z * excess / 0.8)
-        strong = top > limit
+        total, top, n = self._cstat  # Σz², max z², count over the frames at each pixel
+        m = np.sqrt(np.where(n >= 2, np.maximum(total - top, 0.0) / np.maximum(n - 1, 1), 0.0))
+        strong = top > (self.opt.reject_z * np.maximum(1.0, m)) ** 2
         yy, xx = np.mgrid[-_GROW_R:_GROW_R + 1, -_GROW_R:_GROW_R + 1]
         disc = (yy ** 2 + xx ** 2 <= _GROW_R ** 2)[None]
         near = maximum_filter(strong, footprint=disc, mode="constant")
@@ -594,8 +588,7 @@ class Solver:
             be.consensus_weights(y, yhat, py, self.sigma[planes], (self._scale / self.sigma)[planes],
                                  self.delta[planes], False, self.noise, self.poisson_floor, w,
                                  self._cacc[:, :, :g.h, :g.w], cons=cons, zt=self.opt.reject_z,
-                                 kc=_SHARED, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
-                                 var=var)
+                                 lo_frac=_GROW, channels=C, p_out=g.p, r=g.r, var=var)
             wy = be.to_host(w[1])[:, g.p:g.p + g.r * g.h:g.r, g.p:g.p + g.r * g.w:g.r]
             rej = (np.isfinite(np.asarray(y)) & (wy == 0)).reshape(nb, C, g.h, g.w)
             (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols

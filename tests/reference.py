@@ -130,9 +130,9 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
     """Weights with cross-frame consensus rejection, and the statistics for the next pass.
 
     y, yhat: (P, h, w) planes (frame-major, ``channels`` per frame); z =
-    |y - ŷ| / (σ √V unit), V = var or 1; L = zt · max(1, m / 0.8), m = cons[0];
+    |y - ŷ| / (σ √V unit), V = var or 1; L = zt · max(1, m), m = cons[0];
     w = 1/(σ² V) · mask, 0 where z > L or (cons[1] and z > lo_frac · L) or y
-    is NaN. Returns (w, rejected per plane, finite per plane, (Σz, max z, n)
+    is NaN. Returns (w, rejected per plane, finite per plane, (Σz², max z², n)
     per channel).
     """
     P = y.shape[0]
@@ -148,12 +148,13 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
     if cons is not None:
         c = np.arange(P) % channels
         m, near = cons[0][c], cons[1][c] > 0.5
-        lim = zt * np.maximum(1.0, m / 0.8)
+        lim = zt * np.maximum(1.0, m)
         rej = finite & ((z > lim) | (near & (z > lo_frac * lim)))
     else:
         rej = finite & (z > zt)
     w = np.where(finite & ~rej, w, 0.0)
     zc = z.reshape(-1, channels, *y.shape[1:])
     fc = finite.reshape(zc.shape)
-    stats = (np.where(fc, zc, 0).sum(axis=0), np.where(fc, zc, 0).max(axis=0), fc.sum(axis=0))
+    z2 = np.where(fc, zc * zc, 0)
+    stats = (z2.sum(axis=0), z2.max(axis=0), fc.sum(axis=0))
     return w, rej.sum(axis=(1, 2)), finite.sum(axis=(1, 2)), stats

@@ -243,30 +243,31 @@ def update(x, num, den, kappa, alpha, den_floor, y0, y1, x0, x1, step, g0, g1, b
 
 @njit(parallel=True, cache=True)
 def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, mask, has_mask,
-                      protect, has_protect, cons, has_cons, zt, kc, lo_frac, C, out, po, r, acc,
-                      rej, fin):
+                      cons, has_cons, zt, lo_frac, C, out, po, r, acc, rej, fin):
     """:func:`robust_weights` with cross-frame consensus rejection, and its statistics.
 
-    z = |y - ŷ| / (σ √V · unit): the standardised residual in units of the
-    real scatter. From the previous pass, cons[0] = m, the trimmed mean |z|
-    of the frames at the pixel (the largest left out), and cons[1] = 1 near a
-    pixel where some frame stood out. Limit L = zt + kc · max(0, m - 0.8),
-    or zt · max(1, m / 0.8) when kc <= 0 (0.8 ≈ E|z| of pure noise): a
-    residual shared by all frames raises it, one frame's outlier does not. Rejected (w = 0, unless ``protect`` is higher)
-    where z > L, or z > lo_frac · L near an outlier (trails grow along their
-    wings). acc[0] += z, acc[1] = max(acc[1], z), acc[2] += 1 per channel for
-    the next pass; rej[k, i], fin[k, i]: rejected and finite pixels per row.
+    z² = (y - ŷ)² / (σ² V unit²): the standardised residual in units of the
+    real scatter. From the previous pass, cons[0] = m, the RMS z of the
+    frames at the pixel with the largest left out, and cons[1] = 1 near a
+    pixel where some frame stood out. Limit L = zt · max(1, m): a residual
+    shared by all frames raises it, one frame's outlier does not. Rejected
+    (w = 0) where z > L, or z > lo_frac · L near an outlier (trails grow
+    along their wings). acc[0] += z², acc[1] = max(acc[1], z²), acc[2] += 1
+    per channel, for the next pass; rej[k, i], fin[k, i]: rejected and
+    finite pixels per row. Compared squared: no square root per pixel.
     """
     P, h, w = y.shape
     fl = np.float32(floor)
     zero = np.float32(0.0)
+    one = np.float32(1.0)
+    zt2 = np.float32(zt * zt)
+    lo2 = np.float32(lo_frac * lo_frac)
     for i in prange(h):
         for k in range(P):
             c = k % C
-            s2 = sigma[k] * sigma[k]
-            inv = np.float32(1.0 / s2)
+            inv = np.float32(1.0 / (sigma[k] * sigma[k]))
             ds = np.float32(delta[k] * sigma[k])
-            zs = np.float32(1.0 / (sigma[k] * unit[k]))
+            zs2 = np.float32(1.0 / (sigma[k] * unit[k]) ** 2)
             nrej = 0
             nfin = 0
             for j in range(w):
@@ -276,39 +277,36 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
                 a1 = zero
                 if np.isfinite(v):
                     wt = inv
-                    thr = ds
-                    sq = np.float32(1.0)
+                    ve = one
                     if vmode != 0:
                         ve = max(e, fl) if vmode == 1 else var[k, i, j]
                         wt = inv / ve
-                        sq = np.sqrt(ve)
-                        thr = ds * sq
-                    a = abs(v - e)
-                    z = a * zs / sq
-                    f = np.float32(1.0)
-                    if huber and a > thr:
-                        f = thr / a
-                    lim = zt
+                    a = v - e
+                    z2 = a * a * zs2 / ve
+                    f = one
+                    if huber:
+                        thr = ds * np.sqrt(ve)
+                        if abs(a) > thr:
+                            f = thr / abs(a)
+                    lim2 = zt2
                     near = False
                     if has_cons:
-                        m = cons[0, c, i, j] - np.float32(0.8)
-                        if m > 0.0:
-                            lim = zt + kc * m if kc > 0.0 else zt * (1.0 + m / np.float32(0.8))
+                        m = cons[0, c, i, j]
+                        if m > one:
+                            lim2 = zt2 * m * m
                         near = cons[1, c, i, j] > 0.5
-                    if z > lim or (near and z > lo_frac * lim):
+                    if z2 > lim2 or (near and z2 > lo2 * lim2):
                         f = zero
                         nrej += 1
-                    if has_protect and protect[k, i, j] > f:
-                        f = protect[k, i, j]
                     wt = wt * f
                     if has_mask:
                         wt = wt * mask[k, i, j]
                     a0 = wt * v
                     a1 = wt * e
-                    acc[0, c, i, j] += z
-                    if z > acc[1, c, i, j]:
-                        acc[1, c, i, j] = z
-                    acc[2, c, i, j] += 1.0
+                    acc[0, c, i, j] += z2
+                    if z2 > acc[1, c, i, j]:
+                        acc[1, c, i, j] = z2
+                    acc[2, c, i, j] += one
                     nfin += 1
                 for u in range(r):
                     for t in range(r):

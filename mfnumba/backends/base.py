@@ -77,13 +77,13 @@ class Backend(Protocol):
         NaN; ŷ is read at offset p; U replicates over r×r blocks."""
     def consensus_weights(self, y, yhat, p: int, sigma, unit, delta, huber: bool, noise: str,
                           floor: float, out, acc, cons=None, zt: float = 5.0,
-                          kc: float = 3.0, lo_frac: float = 0.5, channels: int = 1, mask=None, p_out=None,
-                          r: int = 1, var=None, protect=None):
+                          lo_frac: float = 0.5, channels: int = 1, mask=None, p_out=None,
+                          r: int = 1, var=None):
         """:meth:`robust_weights` with cross-frame consensus rejection: w = 0 where
-        z = |y - ŷ|/(σ√V·unit) > L = zt + kc·max(0, cons[0] - 0.8), or > lo_frac·L where
-        cons[1] marks a nearby outlier; ``acc`` (3, C, h, w) gathers Σz, max z and
-        the count per channel for the next pass. Returns host (rejected, finite)
-        pixel counts per plane."""
+        z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, cons[0]), or > lo_frac·L where
+        cons[1] marks a nearby outlier; ``acc`` (3, C, h, w) gathers Σz², max z²
+        and the count per channel for the next pass. Returns host (rejected,
+        finite) pixel counts per plane."""
     def block_sum(self, a, r: int, offset: int, out):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
     def replicate(self, u, r: int, offset: int, out):

@@ -100,18 +100,17 @@ class CPUBackend:
         return out
 
     def consensus_weights(self, y, yhat, p, sigma, unit, delta, huber, noise, floor, out, acc,
-                          cons=None, zt=5.0, kc=3.0, lo_frac=0.5, channels=1, mask=None, p_out=None,
-                          r=1, var=None, protect=None):
+                          cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, p_out=None,
+                          r=1, var=None):
         P, h = y.shape[0], y.shape[1]
         rej = np.zeros((P, h), np.int64)
         fin = np.zeros((P, h), np.int64)
         K.consensus_weights(y, yhat, p, _VMODES[noise], _or_dummy(var), float(floor),
                             np.asarray(sigma, np.float64), np.asarray(unit, np.float64),
                             np.asarray(delta, np.float64), bool(huber), _or_dummy(mask),
-                            mask is not None, _or_dummy(protect), protect is not None,
-                            _DUMMY4 if cons is None else cons, cons is not None, float(zt), float(kc),
-                            float(lo_frac), int(channels), out, p if p_out is None else p_out,
-                            int(r), acc, rej, fin)
+                            mask is not None, _DUMMY4 if cons is None else cons,
+                            cons is not None, float(zt), float(lo_frac), int(channels), out,
+                            p if p_out is None else p_out, int(r), acc, rej, fin)
         return rej.sum(axis=1), fin.sum(axis=1)
 
     def block_sum(self, a, r, offset, out):
