@@ -308,7 +308,8 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
         raise Interrupted(ckpt if ckpt is not None and ckpt.exists() else None,
                                      getattr(exc, "signum", None)) from None
     sol.plan = mem
-    return _unped(sol.image, ped, opt.sr), sol, ped, lifts
+    # the header's lift lines describe the SR lift; the r = 1 target-resolution lift is not one
+    return _unped(sol.image, ped, opt.sr), sol, ped, lifts if opt.sr > 1 else []
 
 
 def _seed_digest(seed: str) -> str | None:

@@ -37,6 +37,7 @@ log = logging.getLogger("mfnumba")
 
 _SAMPLES = 1 << 14  # residual / update samples per frame (~1 % precision on a median)
 _MAD = 1.482602218505602
+_MIN_FRAMES = 3  # frames with data at a pixel for a consensus
 _GROW = 0.5  # near an outlier, a residual above this fraction of the limit is rejected too
 _GROW_R = 2  # native px: how far "near" reaches (the wings of a trail)
 
@@ -188,7 +189,11 @@ class Solver:
         self.res_step = sample_step(h, w, _SAMPLES)
         self.upd_step = sample_step(*self.geom.extent, _SAMPLES)
         self._huber = options.rho == "huber" or options.reject == "huber"
-        self._consensus = options.reject == "consensus"
+        # a consensus needs others to agree: with fewer than 3 frames nothing is rejected
+        self._consensus = options.reject == "consensus" and problem.n_frames >= _MIN_FRAMES
+        if options.reject == "consensus" and not self._consensus:
+            log.info("--reject consensus: %d frame(s), fewer than %d: no pixel is rejected",
+                     problem.n_frames, _MIN_FRAMES)
         self.cons_host = None  # (2, C, h, w): consensus level and outlier flag of the last pass
         self.rejected = np.zeros(problem.n_frames)
         self.stop_reason = "iters"
@@ -428,7 +433,9 @@ class Solver:
         from scipy.ndimage import maximum_filter  # lazy: only the consensus needs it
 
         total, top, n = self._cstat  # Σz², max z², count over the frames at each pixel
-        m = np.sqrt(np.where(n >= 2, np.maximum(total - top, 0.0) / np.maximum(n - 1, 1), 0.0))
+        # where fewer than 3 frames have data there is no consensus: nothing is rejected there
+        m = np.sqrt(np.where(n >= _MIN_FRAMES, np.maximum(total - top, 0.0) / np.maximum(n - 1, 1),
+                             1e12))
         strong = top > (self.opt.reject_z * np.maximum(1.0, m)) ** 2
         yy, xx = np.mgrid[-_GROW_R:_GROW_R + 1, -_GROW_R:_GROW_R + 1]
         disc = (yy ** 2 + xx ** 2 <= _GROW_R ** 2)[None]
