@@ -432,7 +432,8 @@ class Solver:
         """The consensus maps for the next pass, and the rejected fraction of each frame."""
         from scipy.ndimage import maximum_filter  # lazy: only the consensus needs it
 
-        total, top, n = self._cstat  # Σz², max z², count over the frames at each pixel
+        total, top, gaps = self._cstat  # Σz², max z², frames without data at each pixel
+        n = self.problem.n_frames - gaps
         # where fewer than 3 frames have data there is no consensus: nothing is rejected there
         m = np.sqrt(np.where(n >= _MIN_FRAMES, np.maximum(total - top, 0.0) / np.maximum(n - 1, 1),
                              1e12))

@@ -132,8 +132,8 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
     y, yhat: (P, h, w) planes (frame-major, ``channels`` per frame); z =
     |y - ŷ| / (σ √V unit), V = var or 1; L = zt · max(1, m), m = cons[0];
     w = 1/(σ² V) · mask, 0 where z > L or (cons[1] and z > lo_frac · L) or y
-    is NaN. Returns (w, rejected per plane, finite per plane, (Σz², max z², n)
-    per channel).
+    is NaN. Returns (w, rejected per plane, finite per plane, (Σz², max z², NaN
+    count) per channel).
     """
     P = y.shape[0]
     v = np.ones_like(y, dtype=np.float64) if var is None else var.astype(np.float64)
@@ -156,5 +156,5 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
     zc = z.reshape(-1, channels, *y.shape[1:])
     fc = finite.reshape(zc.shape)
     z2 = np.where(fc, zc * zc, 0)
-    stats = (z2.sum(axis=0), z2.max(axis=0), fc.sum(axis=0))
+    stats = (z2.sum(axis=0), z2.max(axis=0), (~fc).sum(axis=0))
     return w, rej.sum(axis=(1, 2)), finite.sum(axis=(1, 2)), stats

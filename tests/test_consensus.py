@@ -38,7 +38,7 @@ def test_consensus_weights_match_reference(with_cons, with_var, rng):
     rej, fin = be.consensus_weights(y, yhat, p, sigma, unit, np.full(P, 2.5), False,
                                     "map" if with_var else "mad", 0.0, out, acc, cons=cons,
                                     zt=5.0, lo_frac=0.5, channels=C, mask=mask, var=var)
-    want_w, want_rej, want_fin, (zsum, zmax, n) = ref.consensus_weights(
+    want_w, want_rej, want_fin, (zsum, zmax, gaps) = ref.consensus_weights(
         y, yhat[:, p:p + h, p:p + w].astype(np.float64), sigma, unit, cons=cons, var=var,
         mask=mask, channels=C)
     core = (slice(None), slice(p, p + h), slice(p, p + w))
@@ -48,7 +48,7 @@ def test_consensus_weights_match_reference(with_cons, with_var, rng):
     np.testing.assert_array_equal(fin, want_fin)
     np.testing.assert_allclose(acc[0], zsum, rtol=1e-5)
     np.testing.assert_allclose(acc[1], zmax, rtol=1e-5)
-    np.testing.assert_array_equal(acc[2], n)
+    np.testing.assert_array_equal(acc[2], gaps)
     assert rej[2] >= w - 1 and rej[4] >= 1  # the trail and the cosmic ray are rejected
 
 

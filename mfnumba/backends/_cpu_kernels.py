@@ -252,9 +252,10 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
     pixel where some frame stood out. Limit L = zt · max(1, m): a residual
     shared by all frames raises it, one frame's outlier does not. Rejected
     (w = 0) where z > L, or z > lo_frac · L near an outlier (trails grow
-    along their wings). acc[0] += z², acc[1] = max(acc[1], z²), acc[2] += 1
-    per channel, for the next pass; rej[k, i], fin[k, i]: rejected and
-    finite pixels per row. Compared squared: no square root per pixel.
+    along their wings). acc[0] += z², acc[1] = max(acc[1], z²) and acc[2] +=
+    1 where y is NaN (frames without data), per channel, for the next pass;
+    rej[k, i], fin[k, i]: rejected and finite pixels per row. Compared
+    squared: no square root per pixel.
     """
     P, h, w = y.shape
     fl = np.float32(floor)
@@ -267,7 +268,7 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
             c = k % C
             inv = np.float32(1.0 / (sigma[k] * sigma[k]))
             ds = np.float32(delta[k] * sigma[k])
-            zs2 = np.float32(1.0 / (sigma[k] * unit[k]) ** 2)
+            u2 = np.float32(1.0 / (unit[k] * unit[k]))
             nrej = 0
             nfin = 0
             for j in range(w):
@@ -282,7 +283,7 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
                         ve = max(e, fl) if vmode == 1 else var[k, i, j]
                         wt = inv / ve
                     a = v - e
-                    z2 = a * a * zs2 / ve
+                    z2 = a * a * wt * u2  # wt = 1/(σ² V) here
                     f = one
                     if huber:
                         thr = ds * np.sqrt(ve)
@@ -306,8 +307,9 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
                     acc[0, c, i, j] += z2
                     if z2 > acc[1, c, i, j]:
                         acc[1, c, i, j] = z2
-                    acc[2, c, i, j] += one
                     nfin += 1
+                else:
+                    acc[2, c, i, j] += one
                 for u in range(r):
                     for t in range(r):
                         out[0, k, po + r * i + u, po + r * j + t] = a0

@@ -82,7 +82,7 @@ class Backend(Protocol):
         """:meth:`robust_weights` with cross-frame consensus rejection: w = 0 where
         z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, cons[0]), or > lo_frac·L where
         cons[1] marks a nearby outlier; ``acc`` (3, C, h, w) gathers Σz², max z²
-        and the count per channel for the next pass. Returns host (rejected,
+        and the count of NaN frames per channel for the next pass. Returns host (rejected,
         finite) pixel counts per plane."""
     def block_sum(self, a, r: int, offset: int, out):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
