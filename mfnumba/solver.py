@@ -39,7 +39,7 @@ _SAMPLES = 1 << 14  # residual / update samples per frame (~1 % precision on a m
 _MAD = 1.482602218505602
 _MIN_FRAMES = 3  # frames with data at a pixel for a consensus
 _GROW = 0.5  # near an outlier, a residual above this fraction of the limit is rejected too
-_GROW_R = 2  # native px: how far "near" reaches (the wings of a trail)
+_GROW_R = 2  # native px: how far "near" reaches (a 5×5 square; the wings of a trail)
 
 
 @dataclass
@@ -402,8 +402,9 @@ class Solver:
         self._qs = [[] for _ in range(P)]
         gather = self._consensus and (gather or accumulate)
         if gather:
-            self._cstat = np.zeros((3, self.problem.channels) + tuple(self.problem.shape),
-                                   np.float32)
+            if getattr(self, "_cstat", None) is None:
+                self._cstat = np.zeros((3, self.problem.channels) + tuple(self.problem.shape),
+                                       np.float32)  # every pixel is rewritten by its own tile
             self._rej, self._fin = np.zeros(P), np.zeros(P)
         samples = ([], [], [])
         # the cores partition the extent, so every pixel of the spare buffer is rewritten
@@ -429,23 +430,31 @@ class Solver:
         return [np.concatenate(s) for s in samples] if accumulate else None
 
     def _set_consensus(self) -> None:
-        """The consensus maps for the next pass, and the rejected fraction of each frame."""
+        """The consensus maps for the next pass, and the rejected fraction of each frame.
+
+        cons[0] = m², the mean z² of the frames at a pixel with the largest left
+        out (1e24 where fewer than 3 frames have data: no consensus, nothing
+        rejected); cons[1] = 1 within 2 px of a pixel where some frame exceeded
+        its limit zt·max(1, m).
+        """
         from scipy.ndimage import maximum_filter  # lazy: only the consensus needs it
 
-        total, top, gaps = self._cstat  # Σz², max z², frames without data at each pixel
-        n = self.problem.n_frames - gaps
-        # where fewer than 3 frames have data there is no consensus: nothing is rejected there
-        m = np.sqrt(np.where(n >= _MIN_FRAMES, np.maximum(total - top, 0.0) / np.maximum(n - 1, 1),
-                             1e12))
-        strong = top > (self.opt.reject_z * np.maximum(1.0, m)) ** 2
-        yy, xx = np.mgrid[-_GROW_R:_GROW_R + 1, -_GROW_R:_GROW_R + 1]
-        disc = (yy ** 2 + xx ** 2 <= _GROW_R ** 2)[None]
-        near = maximum_filter(strong, footprint=disc, mode="constant")
-        self.cons_host = np.stack([m, near]).astype(np.float32)
+        total, top, gaps = self._cstat  # Σz², max z², frames without data, per pixel
+        n = np.float32(self.problem.n_frames) - gaps
+        if self.cons_host is None:
+            self.cons_host = np.empty((2,) + total.shape, np.float32)
+        m2 = self.cons_host[0]
+        np.subtract(total, top, out=m2)
+        np.maximum(m2, 0.0, out=m2)
+        m2 /= np.maximum(n - 1, 1)
+        m2[n < _MIN_FRAMES] = 1e24
+        lim2 = np.maximum(m2, 1.0)
+        lim2 *= np.float32(self.opt.reject_z ** 2)
+        g = 2 * _GROW_R + 1
+        maximum_filter(top > lim2, size=(1, g, g), mode="constant", output=self.cons_host[1])
         C = self.problem.channels
         frac = self._rej / np.maximum(self._fin, 1)
         self.rejected = frac.reshape(-1, C).mean(axis=1)
-        del self._cstat
 
     def _set_scales(self) -> None:
         """σ and δ per plane from the residual samples of the last pass."""

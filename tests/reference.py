@@ -130,7 +130,7 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
     """Weights with cross-frame consensus rejection, and the statistics for the next pass.
 
     y, yhat: (P, h, w) planes (frame-major, ``channels`` per frame); z =
-    |y - ŷ| / (σ √V unit), V = var or 1; L = zt · max(1, m), m = cons[0];
+    |y - ŷ| / (σ √V unit), V = var or 1; L = zt · max(1, m), m² = cons[0];
     w = 1/(σ² V) · mask, 0 where z > L or (cons[1] and z > lo_frac · L) or y
     is NaN. Returns (w, rejected per plane, finite per plane, (Σz², max z², NaN
     count) per channel).
@@ -147,7 +147,7 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
     rej = np.zeros_like(finite)
     if cons is not None:
         c = np.arange(P) % channels
-        m, near = cons[0][c], cons[1][c] > 0.5
+        m, near = np.sqrt(cons[0][c]), cons[1][c] > 0.5
         lim = zt * np.maximum(1.0, m)
         rej = finite & ((z > lim) | (near & (z > lo_frac * lim)))
     else:

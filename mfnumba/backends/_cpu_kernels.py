@@ -247,7 +247,7 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
     """:func:`robust_weights` with cross-frame consensus rejection, and its statistics.
 
     z² = (y - ŷ)² / (σ² V unit²): the standardised residual in units of the
-    real scatter. From the previous pass, cons[0] = m, the RMS z of the
+    real scatter. From the previous pass, cons[0] = m², the mean z² of the
     frames at the pixel with the largest left out, and cons[1] = 1 near a
     pixel where some frame stood out. Limit L = zt · max(1, m): a residual
     shared by all frames raises it, one frame's outlier does not. Rejected
@@ -292,9 +292,9 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
                     lim2 = zt2
                     near = False
                     if has_cons:
-                        m = cons[0, c, i, j]
-                        if m > one:
-                            lim2 = zt2 * m * m
+                        m2 = cons[0, c, i, j]
+                        if m2 > one:
+                            lim2 = zt2 * m2
                         near = cons[1, c, i, j] > 0.5
                     if z2 > lim2 or (near and z2 > lo2 * lim2):
                         f = zero

@@ -80,7 +80,7 @@ class Backend(Protocol):
                           lo_frac: float = 0.5, channels: int = 1, mask=None, p_out=None,
                           r: int = 1, var=None):
         """:meth:`robust_weights` with cross-frame consensus rejection: w = 0 where
-        z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, cons[0]), or > lo_frac·L where
+        z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, √cons[0]), or > lo_frac·L where
         cons[1] marks a nearby outlier; ``acc`` (3, C, h, w) gathers Σz², max z²
         and the count of NaN frames per channel for the next pass. Returns host (rejected,
         finite) pixel counts per plane."""
