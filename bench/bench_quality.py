@@ -17,7 +17,8 @@ outliers left behind. Printed as Markdown:
 * trail: mean imprint on the trail cores, σ; CR: worst imprint on a
   cosmic-ray pixel, σ; both from dirty − clean;
 * rejected: fraction of pixels rejected on the clean stack, and on the dirty;
-* ms per frame-iteration of the solver (dirty run).
+* ms per frame-iteration of the solver (dirty run; noisy on a shared
+  machine), and an interleaved timing of L2, Huber and the new default.
 
 An undersampled stack (seeing 1.2–1.8 px) adds ``--sr 1`` vs ``--sr 2``
 rows: FWHM in fine px, RMSE on the fine grid against the fine truth
@@ -137,6 +138,40 @@ CANDIDATES: dict[str, dict] = {
 }
 
 
+def timing(sim, frames, reps: int = 25) -> dict[str, tuple[float, float]]:
+    """ms per frame-iteration of Solver.step, (median, min), the rows interleaved.
+
+    The solves share the machine in turn, so a load that comes and goes hits
+    every row alike (the per-row column of the quality table does not).
+    """
+    import time as _t
+
+    from mfnumba.backends.cpu import CPUBackend
+    from mfnumba.psf_setup import lift_psfs
+    from mfnumba.solver import Problem, Solver
+
+    var = np.maximum(frames, 1.0).astype(np.float32)[:, None]
+    confs = {"L2": CANDIDATES["L2 (published update, 20 it)"],
+             "Huber": CANDIDATES["Huber (old default, 20 it)"], "new default": {}}
+    solvers = {}
+    for name, kw in confs.items():
+        opt = Options(**{**kw, "iters": 1000, "early_stop": False, "conv": "fft"})
+        psfs = (np.stack([lp.psf for lp in lift_psfs(sim.psfs, opt, [""] * len(sim.psfs))])
+                if opt.target_sigma > 0 else np.stack(sim.psfs))
+        s = Solver(Problem(frames[:, None], psfs, var=var), opt, CPUBackend())
+        s.setup(np.median(frames[:, None], axis=0))
+        s.step()
+        solvers[name] = s
+    times = {k: [] for k in solvers}
+    for _ in range(reps):
+        for name, s in solvers.items():
+            t0 = _t.perf_counter()
+            s.step()
+            times[name].append(_t.perf_counter() - t0)
+    n = len(frames)
+    return {k: (1e3 * float(np.median(v)) / n, 1e3 * float(np.min(v)) / n) for k, v in times.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -159,6 +194,10 @@ def main(argv=None) -> int:
               f"{q['rmse_clean']:.3f} | {q['fwhm']:.2f} | {q['trail']:.2f} | {q['cr']:.1f} | "
               f"{q['cr_far']:.2f} | {q['rej_clean']:.1e} | {q['rej']:.1e} | {q['ms']:.2f} |",
               flush=True)
+    t = timing(sim, dirty)
+    print("\n| interleaved Solver.step | ms/frame-it median | min | median / L2 |\n|---|---|---|---|")
+    for name, (med, lo) in t.items():
+        print(f"| {name} | {med:.3f} | {lo:.3f} | {med / t['L2'][0]:.2f} |")
     if not a.no_sr:
         print("\n| undersampled (seeing 1.2–1.8 px), 60 it | FWHM fine px | RMSE (fine grid) |"
               "\n|---|---|---|")
