@@ -121,7 +121,7 @@ class Options:
     tol_upd: float = 2e-3
     tol_rel: float = 5e-4
     ema: float = 0.5
-    tol_chi: float = 2e-3
+    tol_chi: float = 5e-4
     eps: float = 1e-12
 
     def __post_init__(self):
