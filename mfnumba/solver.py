@@ -32,6 +32,7 @@ import numpy as np
 from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
 from .io.tiles import drop_pages
 from .options import Options
+from .skyfloor import sky_floor
 
 log = logging.getLogger("mfnumba")
 
@@ -80,38 +81,6 @@ class Problem:
     @property
     def radius(self) -> int:
         return self.psfs.shape[-1] // 2
-
-
-def sky_floor(seed: np.ndarray, r: int, k: float) -> np.ndarray:
-    """Native (C, h, w) floor under the sky: a low envelope of the seed, minus k σ.
-
-    Per block of about 32 px the 10th percentile of the seed (a fine seed is
-    block-summed first), then the lowest of each 3×3 blocks: below the sky
-    wherever some of it is seen, even among stars and galaxies; σ is the
-    seed's MAD noise. Light from stars and galaxies only adds to the sky, so
-    the estimate never needs to go below it; holding it above keeps the
-    multiplicative update from digging dark moats around bright stars.
-    """
-    from scipy.ndimage import minimum_filter  # lazy: only the floor needs it
-
-    if r > 1:
-        c, m0, m1 = seed.shape
-        seed = seed.reshape(c, m0 // r, r, m1 // r, r).sum(axis=(2, 4))
-    out = np.empty(seed.shape, np.float32)
-    for c, plane in enumerate(np.asarray(seed, np.float64)):
-        h, w = plane.shape
-        b = int(max(8, min(32, h // 2, w // 2)))
-        ny, nx = -(-h // b), -(-w // b)
-        low = np.empty((ny, nx))
-        for i in range(ny):
-            for j in range(nx):
-                low[i, j] = np.percentile(plane[i * b:(i + 1) * b, j * b:(j + 1) * b], 10)
-        low = minimum_filter(low, size=3, mode="nearest")
-        diff = np.diff(plane, axis=1)
-        noise = _MAD * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2.0)
-        full = np.repeat(np.repeat(low, b, axis=0), b, axis=1)[:h, :w]
-        out[c] = full - k * noise
-    return np.maximum(out, 0.0)
 
 
 def read_block(src, frames: range, rows: tuple[int, int], cols: tuple[int, int]):

@@ -120,3 +120,19 @@ def test_early_stop_means_no_longer_improving(stack):
     stopped = rmse_ratio(res.image[0], truth, mean)
     assert stopped < 1.1 * errs[best], (res.iterations, stopped, errs)  # not too soon
     assert res.iterations <= best + 40, (res.iterations, best, errs)  # nor far past the best
+
+
+def test_sky_floor_lies_under_the_sky_even_among_stars():
+    from mfnumba.skyfloor import sky_floor
+
+    rng = np.random.default_rng(2)
+    sky, noise = 100.0, 3.0
+    img = sky + rng.normal(0, noise, (1, 96, 96))
+    yy, xx = np.mgrid[:96, :96]
+    for y, x in rng.uniform(5, 90, (25, 2)):  # crowded bright stars
+        img[0] += 5e3 * np.exp(-0.5 * ((yy - y) ** 2 + (xx - x) ** 2) / 1.5 ** 2)
+    b = sky_floor(img, 1, 2.0)
+    assert b.shape == img.shape
+    assert b.max() < sky and b.min() > sky - 6 * noise, (b.min(), b.max())
+    fine = sky_floor(np.repeat(np.repeat(img, 2, axis=1), 2, axis=2) / 4, 2, 2.0)
+    np.testing.assert_allclose(fine, b, rtol=1e-5)  # a fine seed is judged on the native grid
