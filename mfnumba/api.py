@@ -54,6 +54,8 @@ class Result:
     seconds: float
     seed: np.ndarray | None = field(default=None, repr=False)
     plan: memory.Plan | None = None
+    rejected: np.ndarray | None = None  # per frame, the fraction of pixels rejected (last pass)
+    stop_reason: str = ""  # why the iterations ended (see Solver.stop_reason)
 
 
 @dataclass
@@ -229,7 +231,8 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
                           [sol.plan.describe()] + phot.notes + maps.notes,
                           reference=phot.reference)
     return Result(image, header, iterations, early, sol.history, fwhms, backend.name, sol.conv,
-                  ped, seconds, seed=seed, plan=sol.plan)
+                  ped, seconds, seed=seed, plan=sol.plan, rejected=sol.rejected,
+                  stop_reason=sol.stop_reason)
 
 
 def reference_index(reference: str | None, paths) -> int | None:
@@ -271,7 +274,7 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
            ctl: RunControl, stream: bool):
     """One solver run on the working frames; returns (image, SolveResult, pedestal, lifts)."""
     names = [f"frame {i}" for i in range(len(psfs))]
-    lifts = lift_psfs(psfs, opt, names) if opt.sr > 1 else []
+    lifts = lift_psfs(psfs, opt, names) if opt.sr > 1 or opt.target_sigma > 0 else []
     kernel = common_psf_stack([lp.psf for lp in lifts] if lifts else psfs,
                               tuple(opt.sr * n for n in work.shape), names)
     sel = slice(None) if channel is None else slice(channel, channel + 1)
@@ -337,7 +340,8 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
         raise Interrupted(ckpt if ckpt is not None and ckpt.exists() else None,
                                      getattr(exc, "signum", None)) from None
     sol.plan = mem
-    return _unped(sol.image, ped, opt.sr), sol, ped, lifts
+    # the header's lift lines describe the SR lift; the r = 1 target-resolution lift is not one
+    return _unped(sol.image, ped, opt.sr), sol, ped, lifts if opt.sr > 1 else []
 
 
 def _seed_digest(seed: str) -> str | None:

@@ -67,15 +67,40 @@ def common_psf_stack(psfs: Sequence[np.ndarray], frame_shape: tuple[int, int],
     return out
 
 
+def target_sigma(psfs: Sequence[np.ndarray], sigma: float) -> float:
+    """The target-resolution σ at r = 1: ``sigma``, but at most 0.7 × the sharpest PSF's σ.
+
+    A target wider than a frame's PSF cannot be reached by any h >= 0 (the
+    frame is sharper than the result would be); one σ serves every frame so
+    that the result is the sky convolved with one Gaussian.
+    """
+    from .psf import measure_fwhm
+
+    sharpest = min(measure_fwhm(p) for p in {id(p): p for p in psfs}.values())
+    cap = 0.7 * sharpest / 2.3548200450309493
+    if cap < sigma:
+        log.info("target resolution: sigma %.3g px capped at %.3g (0.7 x the sharpest PSF)",
+                 sigma, cap)
+    return min(sigma, cap)
+
+
 def lift_psfs(psfs: Sequence[np.ndarray], opt: Options, names: Sequence[str]) -> list[LiftedPSF]:
-    """Fine-grid PSFs for ``--sr``; identical native PSFs are lifted once."""
+    """Fine-grid PSFs for ``--sr``, or target-resolution PSFs at ``sr=1``.
+
+    At r > 1 the Gaussian target has σ = ``sr_sigma`` fine px; at r = 1 it
+    has σ = ``target_sigma`` native px (Magain, Courbin & Sohy 1998: the
+    result is the sky at that resolution, not at an infinite one that a
+    sampled grid cannot hold). Identical native PSFs are lifted once.
+    """
+    sigma = opt.sr_sigma if opt.sr > 1 else target_sigma(psfs, opt.target_sigma)
     done: dict[int, LiftedPSF] = {}
     out = []
     for p, name in zip(psfs, names):
         key = id(p)
         if key not in done:
-            done[key] = lift_psf(p, opt.sr, sigma=opt.sr_sigma, iters=opt.sr_iters, name=name)
+            done[key] = lift_psf(p, opt.sr, sigma=sigma, iters=opt.sr_iters, name=name)
         out.append(done[key])
     worst = max(lp.residual for lp in out)
-    log.info("SR x%d: PSFs lifted to the fine grid, relative residual <= %.3g", opt.sr, worst)
+    log.info("PSFs lifted to a Gaussian target of sigma %.3g (grid x%d), relative residual "
+             "<= %.3g", sigma, opt.sr, worst)
     return out

@@ -33,11 +33,15 @@ import numpy as np
 from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
 from . import interrupt
 from .options import Options
+from .skyfloor import sky_floor
 
 log = logging.getLogger("mfnumba")
 
 _SAMPLES = 1 << 14  # residual / update samples per frame (~1 % precision on a median)
 _MAD = 1.482602218505602
+_MIN_FRAMES = 3  # frames with data at a pixel for a consensus
+_GROW = 0.5  # near an outlier, a residual above this fraction of the limit is rejected too
+_GROW_R = 2  # native px: how far "near" reaches (a 5×5 square; the wings of a trail)
 
 
 @dataclass
@@ -125,6 +129,8 @@ class SolveResult:
     conv: str
     history: list[IterationRecord] = field(default_factory=list)
     plan: object = None  # the memory plan it ran under, when the API made one
+    rejected: np.ndarray | None = None  # fraction of each frame's pixels rejected (last pass)
+    stop_reason: str = "iters"  # "iters", "settled" (update) or "chi2" (fit no longer improving)
 
 
 class Solver:
@@ -166,6 +172,17 @@ class Solver:
         self.conv = "fft"
         self.res_step = sample_step(h, w, _SAMPLES)
         self.upd_step = sample_step(*self.geom.extent, _SAMPLES)
+        self._huber = options.rho == "huber" or options.reject == "huber"
+        # a consensus needs others to agree: with fewer than 3 frames nothing is rejected
+        self._consensus = options.reject == "consensus" and problem.n_frames >= _MIN_FRAMES
+        if options.reject == "consensus" and not self._consensus:
+            log.info("--reject consensus: %d frame(s), fewer than %d: no pixel is rejected",
+                     problem.n_frames, _MIN_FRAMES)
+        self.cons_host = None  # (2, C, h, w): consensus level and outlier flag of the last pass
+        self.rejected = np.zeros(problem.n_frames)
+        self.stop_reason = "iters"
+        self.chi2 = float("nan")  # χ² of the last pass, and for how many passes it stayed flat
+        self._chi_calm = 0
 
     # setup ------------------------------------------------------------------
     def setup(self, seed: np.ndarray, *, conv: str | None = None) -> None:
@@ -181,6 +198,10 @@ class Solver:
         if seed.shape != (pr.channels,) + g.fine_shape:
             raise ValueError(f"seed shape {seed.shape} != {(pr.channels,) + g.fine_shape}")
         self.x_host = pad_to_extent(seed, g)
+        self.floor_host = None
+        if self.opt.sky_floor >= 0:
+            self.floor_host = pad_to_extent(lift_seed(sky_floor(seed, g.r, self.opt.sky_floor), g.r), g)
+            np.maximum(self.x_host, self.floor_host, out=self.x_host)
         self._x_spare = np.empty_like(self.x_host)  # double buffer of the update
         scale = float(np.median(np.abs(seed))) or 1.0
         self.sigma_floor = 1e-7 * scale
@@ -197,6 +218,9 @@ class Solver:
                 self.otfs = self._otf_cache(range(pr.n_frames))
             self._sweep(accumulate=False)  # noise scales of the seed's residuals
         self._set_scales()
+        if self._consensus:  # the cross-frame consensus of the seed's residuals, at those scales
+            with interrupt.deferred():
+                self._sweep(accumulate=False, gather=True)
         self.den_floor = 1e-6 * self._den_ref
         log.debug("solver: grid %s, %d tile(s), radius %d, batch %d, conv %s", self.grid,
                   len(self.tiles), g.p, self.batch, self.conv)
@@ -207,6 +231,7 @@ class Solver:
         g0, g1 = self.grid
         h1 = g1 // 2 + 1
         self._x = be.zeros((C, g0, g1))
+        self._b = be.zeros((C, g0, g1)) if self.opt.sky_floor >= 0 else None
         self._wbuf = be.zeros((2, B * C, g0, g1))  # zero outside the frames
         self._yhat = be.zeros((B, C, g0, g1))
         self._nd = be.zeros((2, C, g0, g1))
@@ -217,6 +242,7 @@ class Solver:
         self._S = be.zeros((2, B * C, g0, h1), np.complex64)
         self._acc = be.zeros((2, C, g0, h1), np.complex64)
         self._last = None  # (tile frame shape) the buffers were last zeroed for
+        self._cacc = be.zeros((3, C, t.h, t.w)) if self._consensus else None
 
     def _choose_conv(self) -> str:
         method = self.opt.conv
@@ -253,6 +279,8 @@ class Solver:
             self._last = (tile.geom.h, tile.geom.w)
         e0, e1 = tile.geom.extent
         self._x[:, :e0, :e1] = self.be.asarray(self.x_host[:, ys, xs])
+        if self.floor_host is not None:
+            self._b[:, :e0, :e1] = self.be.asarray(self.floor_host[:, ys, xs])
 
     def _otf_cache(self, idx: range):
         """OTFs of frames ``idx`` in one array, filled in place (no list-then-stack copy)."""
@@ -276,10 +304,21 @@ class Solver:
         psf = self.psfs[idx.start:idx.stop]
         return be.conv_forward_direct(self._x, psf, self._yhat[:nb], g.p, g.fine_shape)
 
-    def _tile_pass(self, tile: Tile, frames=None, accumulate: bool = True):
-        """Residual samples of every frame over the tile, and num/den when asked."""
+    def _tile_pass(self, tile: Tile, frames=None, accumulate: bool = True, gather: bool = False):
+        """Residual samples of every frame over the tile, and num/den when asked.
+
+        ``gather``: the consensus statistics too (always with ``accumulate``
+        when rejecting by consensus).
+        """
         be, pr, g = self.be, self.problem, tile.geom
         C = pr.channels
+        gather = self._consensus and (gather or accumulate) and frames is None
+        if gather:
+            acc = self._cacc[:, :, :g.h, :g.w]
+            acc.fill(0)
+            cons = None if self.cons_host is None else np.ascontiguousarray(
+                self.cons_host[:, :, tile.rows[0]:tile.rows[1], tile.cols[0]:tile.cols[1]])
+            unit = self._scale / self.sigma
         if self.conv == "fft":
             be.rfft2(self._x, out=self._X)
             self._acc.fill(0)
@@ -308,14 +347,26 @@ class Solver:
                 for k, (zk, qk) in enumerate(zip(z, q)):
                     self._zs[planes.start + k].append(zk)
                     self._qs[planes.start + k].append(qk)
-            if not accumulate:
+            if not (accumulate or gather):
                 pr.release_maps()
                 continue
             out = self._wbuf[:, : nb * C]
-            be.robust_weights(y, yhat, py, self.sigma[planes], self.delta[planes],
-                              self.opt.rho == "huber", self.noise, self.poisson_floor, out,
-                              p_out=g.p, r=g.r, **maps)
+            if self._consensus and frames is None:
+                rej, fin = be.consensus_weights(
+                    y, yhat, py, self.sigma[planes], unit[planes], self.delta[planes],
+                    self._huber, self.noise, self.poisson_floor, out, acc, cons=cons,
+                    zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
+                    mask=maps["mask"], var=maps["var"])
+                # counted over the tile's frame window: approximate where tiles overlap
+                self._rej[planes] += rej
+                self._fin[planes] += fin
+            else:
+                be.robust_weights(y, yhat, py, self.sigma[planes], self.delta[planes],
+                                  self._huber, self.noise, self.poisson_floor, out,
+                                  p_out=g.p, r=g.r, **maps)
             pr.release_maps()  # maps in scratch files: their pages leave our resident memory
+            if not accumulate:
+                continue
             if self.conv == "fft":
                 S = be.rfft2(out, out=self._S[:, : nb * C]).reshape((2, nb, C) + self._X.shape[-2:])
                 be.spectral_accumulate(self._acc, otf, S)
@@ -324,32 +375,71 @@ class Solver:
                                        self.psfs[idx.start:idx.stop], self._nd, g.p, g.extent)
         if accumulate and self.conv == "fft":
             be.irfft2(self._acc, self.grid, out=self._nd, overwrite_input=True)
+        if gather:  # the rows and columns this tile owns go to the whole-frame statistics
+            (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
+            part = be.to_host(acc[:, :, own_r[0]:own_r[1], own_c[0]:own_c[1]])
+            self._cstat[:, :, r0:r1, c0:c1] = part
 
-    def _sweep(self, accumulate: bool):
+    def _sweep(self, accumulate: bool, gather: bool = False):
         """One pass over all tiles; with ``accumulate`` also the update into x."""
         P = self.problem.n_frames * self.problem.channels
         self._zs = [[] for _ in range(P)]
         self._qs = [[] for _ in range(P)]
+        gather = self._consensus and (gather or accumulate)
+        if gather:
+            if getattr(self, "_cstat", None) is None:
+                self._cstat = np.zeros((3, self.problem.channels) + tuple(self.problem.shape),
+                                       np.float32)  # every pixel is rewritten by its own tile
+            self._rej, self._fin = np.zeros(P), np.zeros(P)
         samples = ([], [], [])
         # the cores partition the extent, so every pixel of the spare buffer is rewritten
         x_new = self._x_spare if accumulate else None
         for tile in self.tiles:
             self._load_tile(tile)
-            self._tile_pass(tile, accumulate=accumulate)
+            self._tile_pass(tile, accumulate=accumulate, gather=gather)
             if not accumulate:
                 continue
             cy, cx = tile.core_in_model
             got = self.be.update(self._x, self._nd[0], self._nd[1], self.opt.kappa,
                                  self.opt.relax, self.den_floor, ((cy.start, cy.stop),
                                  (cx.start, cx.stop)), self.upd_step,
-                                 (tile.model[0].start, tile.model[1].start))
+                                 (tile.model[0].start, tile.model[1].start), floor=self._b)
             for acc, s in zip(samples, got):
                 acc.append(s)
             a, b, c, d = tile.core
             x_new[:, a:b, c:d] = self.be.to_host(self._x[:, cy, cx])
         if accumulate:
             self._x_spare, self.x_host = self.x_host, x_new
+        if gather:
+            self._set_consensus()
         return [np.concatenate(s) for s in samples] if accumulate else None
+
+    def _set_consensus(self) -> None:
+        """The consensus maps for the next pass, and the rejected fraction of each frame.
+
+        cons[0] = m², the mean z² of the frames at a pixel with the largest left
+        out (1e24 where fewer than 3 frames have data: no consensus, nothing
+        rejected); cons[1] = 1 within 2 px of a pixel where some frame exceeded
+        its limit zt·max(1, m).
+        """
+        from scipy.ndimage import maximum_filter  # lazy: only the consensus needs it
+
+        total, top, gaps = self._cstat  # Σz², max z², frames without data, per pixel
+        n = np.float32(self.problem.n_frames) - gaps
+        if self.cons_host is None:
+            self.cons_host = np.empty((2,) + total.shape, np.float32)
+        m2 = self.cons_host[0]
+        np.subtract(total, top, out=m2)
+        np.maximum(m2, 0.0, out=m2)
+        m2 /= np.maximum(n - 1, 1)
+        m2[n < _MIN_FRAMES] = 1e24
+        lim2 = np.maximum(m2, 1.0)
+        lim2 *= np.float32(self.opt.reject_z ** 2)
+        g = 2 * _GROW_R + 1
+        maximum_filter(top > lim2, size=(1, g, g), mode="constant", output=self.cons_host[1])
+        C = self.problem.channels
+        frac = self._rej / np.maximum(self._fin, 1)
+        self.rejected = frac.reshape(-1, C).mean(axis=1)
 
     def _set_scales(self) -> None:
         """σ and δ per plane from the residual samples of the last pass."""
@@ -379,6 +469,7 @@ class Solver:
         with interrupt.deferred():
             su, sd, sx = self._sweep(accumulate=True)
         delta, sigma = float(np.median(self.delta)), float(np.median(self._scale))
+        chi2 = self._chi2()  # of the estimate this pass started from
         self._set_scales()  # for the next iteration, from this pass's residuals
         mx = float(np.median(sx))
         med_upd = float(np.median(su))
@@ -393,14 +484,33 @@ class Solver:
         self.history.append(rec)
         calm = ema_u < o.tol_upd and ema_r < o.tol_rel
         self._calm = self._calm + 1 if calm else 0
+        prev, self.chi2 = self.chi2, chi2
+        flat = np.isfinite(prev) and (prev - chi2) < o.tol_chi * prev
+        self._chi_calm = self._chi_calm + 1 if flat else 0
         return rec
+
+    def _chi2(self) -> float:
+        """Mean over frames of the mean z² of the pass's residual samples, z in noise units.
+
+        Each z² is capped at 25 so that outliers do not hold the number up;
+        it falls while stars sharpen and levels off once the fit is within
+        the noise, which is what the early stop watches.
+        """
+        vals = []
+        for k, v in enumerate(self._zs):
+            if v:
+                z = np.concatenate(v) / self._scale[k]
+                vals.append(float(np.mean(np.minimum(z * z, 25.0))))
+        return float(np.mean(vals)) if vals else float("nan")
 
     def state(self) -> dict:
         """Everything a resumed run needs to continue identically."""
         return {"x": self.x_host, "sigma": self.sigma, "delta": self.delta, "scale": self._scale,
                 "den_floor": self.den_floor, "iteration": self.iteration, "calm": self._calm,
                 "conv": self.conv, "early_stopped": self.early_stopped,
-                "history": list(self.history)}
+                "history": list(self.history), "rejected": self.rejected,
+                "chi2": np.array([self.chi2, self._chi_calm], np.float64),
+                "consensus": np.zeros(0, np.float32) if self.cons_host is None else self.cons_host}
 
     def restore(self, st: dict) -> None:
         """Continue from :meth:`state` (after :meth:`setup` on the same problem)."""
@@ -413,13 +523,31 @@ class Solver:
         self.iteration, self._calm = int(st["iteration"]), int(st["calm"])
         self.early_stopped = bool(st["early_stopped"])
         self.history = list(st["history"])
+        if "chi2" in st:
+            self.chi2, self._chi_calm = float(st["chi2"][0]), int(st["chi2"][1])
+        if "rejected" in st:
+            self.rejected = np.asarray(st["rejected"], np.float64)
+        cons = st.get("consensus")
+        self.cons_host = None if cons is None or np.size(cons) == 0 else np.asarray(cons, np.float32)
         if st["conv"] != self.conv:
             raise ValueError(f"checkpoint convolution {st['conv']} != {self.conv}: pass it to setup")
 
     def converged(self) -> bool:
-        """Both EMAs under tolerance for 2 consecutive iterations, past min_iters."""
-        return (self.opt.early_stop and self._calm >= 2
-                and self.iteration >= self.opt.min_iters)
+        """Past min_iters: χ² no longer falling by ``tol_chi`` of itself for 2
+        consecutive iterations ("chi2"); with ``tol_chi = 0``, both EMAs under
+        tolerance for 2 ("settled", the published rule)."""
+        if not self.opt.early_stop or self.iteration < self.opt.min_iters:
+            return False
+        if self.opt.tol_chi > 0 and self._chi_calm >= 2:
+            self.stop_reason = "chi2"
+            return True
+        # the update settles long before the fit stops improving where a sky floor holds
+        # the background (measured: 30 iterations, RMSE twice the final): a settled update
+        # ends the run only where χ² cannot say (tol_chi = 0)
+        if self._calm >= 2 and not self.opt.tol_chi > 0:
+            self.stop_reason = "settled"
+            return True
+        return False
 
     def run(self) -> SolveResult:
         while self.iteration < self.opt.iters and not self.early_stopped:
@@ -431,7 +559,49 @@ class Solver:
                 break
         return self.finalize()
 
+    def rejection_maps(self, idx: range) -> np.ndarray:
+        """(n, C, h, w) uint8: 1 where frames ``idx`` (at most one batch) get weight 0
+        from the consensus at the current estimate (finite pixels only)."""
+        pr, be, C = self.problem, self.be, self.problem.channels
+        if not self._consensus:
+            raise ValueError("rejection maps need --reject consensus")
+        if len(idx) > self.batch:
+            raise ValueError(f"at most {self.batch} frames at a time")
+        out = np.zeros((len(idx), C) + tuple(pr.shape), np.uint8)
+        nb = len(idx)
+        for tile in self.tiles:
+            g = tile.geom
+            self._load_tile(tile)
+            if self.conv == "fft":
+                be.rfft2(self._x, out=self._X)
+            yhat = self._predict(tile, idx, self._otf(idx) if self.conv == "fft" else None)
+            yhat = yhat.reshape(nb * C, *self.grid)
+            py = g.p
+            if g.r > 1:
+                yhat = be.block_sum(yhat, g.r, g.p,
+                                    self._ynat[: nb * C * g.h * g.w].reshape(nb * C, g.h, g.w))
+                py = 0
+            y, mask, var = (None if a is None else a.reshape(nb * C, g.h, g.w) for a in (
+                read_block(getattr(pr, k), idx, tile.rows, tile.cols)
+                for k in ("frames", "mask", "var")))
+            cons = None if self.cons_host is None else np.ascontiguousarray(
+                self.cons_host[:, :, tile.rows[0]:tile.rows[1], tile.cols[0]:tile.cols[1]])
+            planes = slice(idx.start * C, idx.stop * C)
+            w = self._wbuf[:, : nb * C]
+            be.consensus_weights(y, yhat, py, self.sigma[planes], (self._scale / self.sigma)[planes],
+                                 self.delta[planes], False, self.noise, self.poisson_floor, w,
+                                 self._cacc[:, :, :g.h, :g.w], cons=cons, zt=self.opt.reject_z,
+                                 lo_frac=_GROW, channels=C, p_out=g.p, r=g.r, var=var)
+            wy = be.to_host(w[1])[:, g.p:g.p + g.r * g.h:g.r, g.p:g.p + g.r * g.w:g.r]
+            rej = (np.isfinite(np.asarray(y)) & (wy == 0)).reshape(nb, C, g.h, g.w)
+            (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
+            a0, b0 = r0 - tile.rows[0], c0 - tile.cols[0]
+            out[:, :, r0:r1, c0:c1] = rej[:, :, a0:a0 + r1 - r0, b0:b0 + c1 - c0]
+        self._last = None  # the buffers hold this pass: the next one starts from zero
+        return out
+
     def finalize(self) -> SolveResult:
         ys, xs = self.geom.frame_slice
         image = np.ascontiguousarray(self.x_host[:, ys, xs], dtype=np.float32)
-        return SolveResult(image, self.iteration, self.early_stopped, self.conv, list(self.history))
+        return SolveResult(image, self.iteration, self.early_stopped, self.conv, list(self.history),
+                           rejected=np.array(self.rejected), stop_reason=self.stop_reason)

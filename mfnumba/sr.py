@@ -66,7 +66,7 @@ def lift_psf(f: np.ndarray, r: int, *, sigma: float = 1.1, iters: int = 250,
     Parameters
     ----------
     f : (K, K) native PSF, K odd, sum 1.
-    r : SR factor (>= 2).
+    r : SR factor (1: a target-resolution PSF on the native grid).
     sigma : width of g_σ in fine pixels.
     iters : iteration limit.
     """

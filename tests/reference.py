@@ -190,3 +190,46 @@ def ref_update(x, num, den, kappa, alpha, den_floor, region, step, origin):
     ratio = np.where(den > np.asarray(den_floor)[:, None, None], num / np.where(den != 0, den, 1), 1.0)
     u_all = np.where(den > np.asarray(den_floor)[:, None, None], np.clip(ratio, 1 / kappa, kappa), 1.0)
     return new, np.abs(u_all[sel] - 1).ravel(), np.abs(new[sel] - x[sel]).ravel(), np.abs(x[sel]).ravel()
+
+def update_with_floor(x, num, den, *, kappa, relax, den_floor, floor=None):
+    """x = b + (1-α) s + α s·clip(num/den, 1/κ, κ), s = x - b (b = 0 without a floor)."""
+    b = np.zeros_like(x) if floor is None else floor
+    ratio = np.where(den > den_floor, num / np.where(den > den_floor, den, 1.0), 1.0)
+    upd = np.clip(ratio, 1.0 / kappa, kappa)
+    s = x - b
+    return b + (1 - relax) * s + relax * s * upd
+
+
+def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, var=None,
+                      mask=None, channels=1):
+    """Weights with cross-frame consensus rejection, and the statistics for the next pass.
+
+    y, yhat: (P, h, w) planes (frame-major, ``channels`` per frame); z =
+    |y - ŷ| / (σ √V unit), V = var or 1; L = zt · max(1, m), m² = cons[0];
+    w = 1/(σ² V) · mask, 0 where z > L or (cons[1] and z > lo_frac · L) or y
+    is NaN. Returns (w, rejected per plane, finite per plane, (Σz², max z², NaN
+    count) per channel).
+    """
+    P = y.shape[0]
+    v = np.ones_like(y, dtype=np.float64) if var is None else var.astype(np.float64)
+    finite = np.isfinite(y)
+    s = np.asarray(sigma, np.float64)[:, None, None]
+    u = np.asarray(unit, np.float64)[:, None, None]
+    z = np.where(finite, np.abs(np.nan_to_num(y) - yhat) / (s * np.sqrt(v) * u), 0.0)
+    w = 1.0 / (s * s * v)
+    if mask is not None:
+        w = w * mask
+    rej = np.zeros_like(finite)
+    if cons is not None:
+        c = np.arange(P) % channels
+        m, near = np.sqrt(cons[0][c]), cons[1][c] > 0.5
+        lim = zt * np.maximum(1.0, m)
+        rej = finite & ((z > lim) | (near & (z > lo_frac * lim)))
+    else:
+        rej = finite & (z > zt)
+    w = np.where(finite & ~rej, w, 0.0)
+    zc = z.reshape(-1, channels, *y.shape[1:])
+    fc = finite.reshape(zc.shape)
+    z2 = np.where(fc, zc * zc, 0)
+    stats = (z2.sum(axis=0), z2.max(axis=0), (~fc).sum(axis=0))
+    return w, rej.sum(axis=(1, 2)), finite.sum(axis=(1, 2)), stats

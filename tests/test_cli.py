@@ -49,7 +49,8 @@ def test_simulate_then_deconv_writes_header_keys(simdir, tmp_path):
     for key in MF_KEYS:
         assert key in hdr, key
     assert hdr["MF_ITMAX"] == 5 and 1 <= hdr["MF_ITERS"] <= 5
-    assert hdr["MF_RHO"] == "huber" and hdr["CTYPE1"].startswith("RA")
+    # the default loss is l2 since issue 10 (outliers go by --reject consensus)
+    assert hdr["MF_RHO"] == "l2" and hdr["CTYPE1"].startswith("RA")
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert events[0]["event"] == "start" and events[-1]["event"] == "done"
     assert sum(e["event"] == "iteration" for e in events) == hdr["MF_ITERS"]

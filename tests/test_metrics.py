@@ -110,3 +110,42 @@ def test_median_finite():
         warnings.simplefilter("error")
         assert math.isnan(median_finite([]))
         assert math.isnan(median_finite([np.nan, np.nan]))
+
+
+def test_blurred_truth_keeps_flux_and_has_the_asked_fwhm():
+    from mfnumba.metrics import blurred_truth
+
+    img = np.full((41, 41), 10.0)
+    img[20, 20] += 1000.0
+    out = blurred_truth(img, 1.5)
+    assert out.sum() == pytest.approx(img.sum(), rel=1e-9)
+    # a Gaussian sampled at pixel centres: the fitted pixel-integrated FWHM is a bit narrower
+    assert star_fwhm(out, [(20.0, 20.0)])[0] == pytest.approx(1.5, abs=0.2)
+
+
+def test_moat_depth_finds_a_dark_ring_and_nothing_else():
+    from mfnumba.metrics import annulus_profile, moat_depth
+
+    yy, xx = np.mgrid[:61, :61]
+    rr = np.hypot(yy - 30, xx - 30)
+    ref = np.full((61, 61), 100.0)
+    ring = ref - 12.0 * ((rr >= 4) & (rr < 5))
+    assert moat_depth(ring, ref, [(30.0, 30.0)], sigma=3.0) == pytest.approx(4.0)
+    assert moat_depth(ref + 5.0, ref, [(30.0, 30.0)], sigma=3.0) == 0.0
+    prof = annulus_profile(ring - ref, [(30.0, 30.0)], (2, 10))
+    assert np.argmin(prof) == 2  # the annulus r in [4, 5)
+    assert np.isnan(annulus_profile(ring, [(2.0, 2.0)], (2, 10))).all()  # off the image
+
+
+def test_rmse_ratio_and_imprint():
+    from mfnumba.metrics import imprint, rmse_ratio
+
+    rng = np.random.default_rng(1)
+    ref = rng.random((20, 20))
+    base = ref + rng.normal(0, 2.0, ref.shape)
+    assert rmse_ratio(base, ref, base) == pytest.approx(1.0)
+    assert rmse_ratio(ref + (base - ref) / 2, ref, base) == pytest.approx(0.5)
+    where = np.zeros(ref.shape, bool)
+    where[5, :] = True
+    mean, worst = imprint(ref + 3.0 * where, ref, where, sigma=1.5)
+    assert mean == pytest.approx(2.0) and worst == pytest.approx(2.0)

@@ -11,13 +11,14 @@ from mfnumba.backends import _cpu_kernels as K, _cpu_fft as F
 from mfnumba.options import Options
 from mfnumba.solver import Problem, Solver
 from mfnumba.backends.cpu import CPUBackend
-frames = np.full((2, 1, 24, 24), 50.0, np.float32)
-psfs = np.full((2, 5, 5), 1 / 25, np.float32)
-s = Solver(Problem(frames, psfs), Options(iters=2, conv="fft"), CPUBackend())
-s.setup(frames[0])
-s.run()
-kernels = [K.residual_samples, K.robust_weights, K.spectral_multiply, K.spectral_accumulate,
-           K.update, F.rfft2_into, F.irfft2_into]
+frames = np.full((4, 1, 24, 24), 50.0, np.float32)  # the default consensus needs >= 3 frames
+psfs = np.full((4, 5, 5), 1 / 25, np.float32)
+for reject in ("consensus", "huber"):  # both weight kernels
+    s = Solver(Problem(frames, psfs), Options(iters=2, conv="fft", reject=reject), CPUBackend())
+    s.setup(frames[0])
+    s.run()
+kernels = [K.residual_samples, K.robust_weights, K.consensus_weights, K.spectral_multiply,
+           K.spectral_accumulate, K.update, F.rfft2_into, F.irfft2_into]
 print(json.dumps({k.__name__: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]
                   for k in kernels}))
 """

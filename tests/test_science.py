@@ -45,13 +45,19 @@ def test_star_fluxes_are_true(sim, result):
 
 
 def test_total_flux_is_conserved(sim, result):
-    # the seed is the median stack on the reference frame's photometric scale: what was fitted
-    assert abs(result.image.sum() / result.seed.sum() - 1.0) < 0.01
+    # what was fitted: the frames, on the reference frame's photometric scale (the seed's).
+    # The total is the frames' mean, not the median seed's: the median stack sits 1.3 % lower
+    # (Poisson skew, cosmic rays); the published update passed against the seed by 0.06 %.
+    med = np.median(sim.frames, axis=0).sum()
+    fitted = sim.frames.mean(axis=0).sum() * (result.seed.sum() / med)
+    assert abs(result.image.sum() / fitted - 1.0) < 0.01
     # and that scale is the stack's own to within the normalisation's precision
-    assert abs(result.seed.sum() / np.median(sim.frames, axis=0).sum() - 1.0) < 0.02
+    assert abs(result.seed.sum() / med - 1.0) < 0.02
 
 
-def test_satellite_trail_is_rejected_by_huber_not_by_l2(sim):
+@pytest.mark.parametrize("robust", [dict(), dict(rho="huber", reject="huber")],
+                         ids=["consensus", "huber"])
+def test_satellite_trail_is_rejected_by_the_robust_schemes_not_by_l2(sim, robust):
     rng = np.random.default_rng(3)
     noise = float(sim.noise_sigma[1])
     trail = _trail(sim.frames.shape[1:], 30.0 * noise, rng)
@@ -59,8 +65,8 @@ def test_satellite_trail_is_rejected_by_huber_not_by_l2(sim):
     hit[1] += trail
     on = trail > 0.5 * trail.max()
     imprint = {}
-    for rho in ("huber", "l2"):
-        opt = Options(iters=40, rho=rho, early_stop=False)
+    for rho, kw in (("huber", robust), ("l2", dict(rho="l2", reject="none"))):
+        opt = Options(iters=40, early_stop=False, **kw)
         clean = deconvolve(sim.frames, list(sim.psfs), options=opt).image[0]
         dirty = deconvolve(hit, list(sim.psfs), options=opt).image[0]
         sky = clean[np.abs(clean - np.median(clean)) < 5 * noise]
@@ -72,6 +78,7 @@ def test_satellite_trail_is_rejected_by_huber_not_by_l2(sim):
 
 def test_early_stop_does_not_stop_before_stars_are_sharp(sim):
     res = deconvolve(sim.frames, list(sim.psfs), options=Options(iters=ITERS))
+    assert res.stop_reason in ("chi2", "iters")
     fw = float(np.median(sim.fwhms))
     fwhm_med, _ = star_table(np.median(sim.frames, axis=0), sim.stars_yx, sim.star_flux, fw)
     fwhm_out, _ = star_table(res.image[0], sim.stars_yx, sim.star_flux, fw)

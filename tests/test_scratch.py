@@ -64,8 +64,9 @@ def test_the_solver_releases_scratch_maps_and_solves_as_with_arrays(tmp_path, mo
         s.setup(np.median(frames, axis=0))
         results.append(s.run())
         reads.append(len(calls))
-        # batch reads: tiles x 2 batches x (the setup's pass + one per iteration)
-        batches = len(s.tiles) * 2 * (1 + opt.iters)
+        # batch reads: tiles x 2 batches x (the setup's passes + one per iteration); the
+        # setup makes two with consensus rejection (noise scales, then the consensus)
+        batches = len(s.tiles) * 2 * (1 + int(opt.reject == "consensus") + opt.iters)
     assert len(s.tiles) > 1 and reads[0] == 0  # arrays in memory have nothing to release
     np.testing.assert_array_equal(results[1].image, results[0].image)
     assert reads[1] == 2 * batches  # each of the two maps, after every batch read

@@ -44,11 +44,11 @@ def _run(frames, psfs, opt, tile, sr=1, var=None, protect=None):
 
 
 @pytest.mark.parametrize("conv", ["fft", "direct"])
-@pytest.mark.parametrize("delta", [2.0, -2.5])
-def test_tiled_equals_untiled(stack, conv, delta):
+@pytest.mark.parametrize("delta,reject", [(2.0, "huber"), (-2.5, "huber"), (-2.5, "consensus")])
+def test_tiled_equals_untiled(stack, conv, delta, reject):
     sim, frames = stack
     psfs = np.stack(sim.psfs)
-    opt = Options(iters=5, early_stop=False, conv=conv, huber_delta=delta)
+    opt = Options(iters=5, early_stop=False, conv=conv, huber_delta=delta, reject=reject)
     var = np.maximum(frames, 1.0).astype(np.float32)
     prot = (np.random.default_rng(0).random(frames.shape) ** 4).astype(np.float32)
     for maps in ({}, {"var": var, "protect": prot}):

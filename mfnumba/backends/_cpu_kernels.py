@@ -194,12 +194,14 @@ def conv_adjoint_direct(a, psfs, acc, p, e0, e1):
 
 
 @njit(parallel=True, cache=True)
-def update(x, num, den, kappa, alpha, den_floor, y0, y1, x0, x1, step, g0, g1):
-    """x = (1-α) x + α x·clip(num/den, 1/κ, κ) in place over rows [y0, y1), cols [x0, x1).
+def update(x, num, den, kappa, alpha, den_floor, y0, y1, x0, x1, step, g0, g1, b, has_b):
+    """x = b + (1-α) s + α s·clip(num/den, 1/κ, κ), s = x - b, in place over rows [y0, y1), cols [x0, x1).
 
-    Where den <= den_floor[c] (no data) upd = 1. Returns samples of |upd-1|,
-    |x'-x| and |x| on the global regular grid ((g0 + i) % step == 0, same for
-    columns), for the early-stop medians.
+    b is the sky floor (0 without one): the multiplicative step acts on the
+    light above it, so the background cannot be pulled below b (no dark
+    moats). Where den <= den_floor[c] (no data) upd = 1. Returns samples of
+    |upd-1|, |x'-x| and |x| on the global regular grid ((g0 + i) % step ==
+    0, same for columns), for the early-stop medians.
     """
     C = x.shape[0]
     fi = y0 + (-(g0 + y0)) % step
@@ -226,12 +228,91 @@ def update(x, num, den, kappa, alpha, den_floor, y0, y1, x0, x1, step, g0, g1):
                 elif u > kappa:
                     u = kappa
             old = x[c, i, j]
-            new = (1.0 - alpha) * old + alpha * old * u
+            base = b[c, i, j] if has_b else 0.0
+            s = old - base
+            new = base + (1.0 - alpha) * s + alpha * s * u
             x[c, i, j] = new
             if sample_row and (g1 + j) % step == 0:
                 a = (i - fi) // step
-                b = (j - fj) // step
-                su[c, a, b] = abs(u - 1.0)
-                sd[c, a, b] = abs(new - old)
-                sx[c, a, b] = abs(old)
+                bb = (j - fj) // step
+                su[c, a, bb] = abs(u - 1.0)
+                sd[c, a, bb] = abs(new - old)
+                sx[c, a, bb] = abs(old)
     return su, sd, sx
+
+
+@njit(parallel=True, cache=True)
+def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, mask, has_mask,
+                      cons, has_cons, zt, lo_frac, C, out, po, r, acc, rej, fin):
+    """:func:`robust_weights` with cross-frame consensus rejection, and its statistics.
+
+    z² = (y - ŷ)² / (σ² V unit²): the standardised residual in units of the
+    real scatter. From the previous pass, cons[0] = m², the mean z² of the
+    frames at the pixel with the largest left out, and cons[1] = 1 near a
+    pixel where some frame stood out. Limit L = zt · max(1, m): a residual
+    shared by all frames raises it, one frame's outlier does not. Rejected
+    (w = 0) where z > L, or z > lo_frac · L near an outlier (trails grow
+    along their wings). acc[0] += z², acc[1] = max(acc[1], z²) and acc[2] +=
+    1 where y is NaN (frames without data), per channel, for the next pass;
+    rej[k, i], fin[k, i]: rejected and finite pixels per row. Compared
+    squared: no square root per pixel.
+    """
+    P, h, w = y.shape
+    fl = np.float32(floor)
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    zt2 = np.float32(zt * zt)
+    lo2 = np.float32(lo_frac * lo_frac)
+    for i in prange(h):
+        for k in range(P):
+            c = k % C
+            inv = np.float32(1.0 / (sigma[k] * sigma[k]))
+            ds = np.float32(delta[k] * sigma[k])
+            u2 = np.float32(1.0 / (unit[k] * unit[k]))
+            nrej = 0
+            nfin = 0
+            for j in range(w):
+                v = y[k, i, j]
+                e = yhat[k, i + p, j + p]
+                a0 = zero
+                a1 = zero
+                if np.isfinite(v):
+                    wt = inv
+                    ve = one
+                    if vmode != 0:
+                        ve = max(e, fl) if vmode == 1 else var[k, i, j]
+                        wt = inv / ve
+                    a = v - e
+                    z2 = a * a * wt * u2  # wt = 1/(σ² V) here
+                    f = one
+                    if huber:
+                        thr = ds * np.sqrt(ve)
+                        if abs(a) > thr:
+                            f = thr / abs(a)
+                    lim2 = zt2
+                    near = False
+                    if has_cons:
+                        m2 = cons[0, c, i, j]
+                        if m2 > one:
+                            lim2 = zt2 * m2
+                        near = cons[1, c, i, j] > 0.5
+                    if z2 > lim2 or (near and z2 > lo2 * lim2):
+                        f = zero
+                        nrej += 1
+                    wt = wt * f
+                    if has_mask:
+                        wt = wt * mask[k, i, j]
+                    a0 = wt * v
+                    a1 = wt * e
+                    acc[0, c, i, j] += z2
+                    if z2 > acc[1, c, i, j]:
+                        acc[1, c, i, j] = z2
+                    nfin += 1
+                else:
+                    acc[2, c, i, j] += one
+                for u in range(r):
+                    for t in range(r):
+                        out[0, k, po + r * i + u, po + r * j + t] = a0
+                        out[1, k, po + r * i + u, po + r * j + t] = a1
+            rej[k, i] = nrej
+            fin[k, i] = nfin

@@ -75,12 +75,22 @@ class Backend(Protocol):
         (default p), with ``w = ψ(z)/z · m / σ²``, σ² = sigma² V, the Huber
         factor bounded below by ``protect``, m = mask or 1, w = 0 where y is
         NaN; ŷ is read at offset p; U replicates over r×r blocks."""
+    def consensus_weights(self, y, yhat, p: int, sigma, unit, delta, huber: bool, noise: str,
+                          floor: float, out, acc, cons=None, zt: float = 5.0,
+                          lo_frac: float = 0.5, channels: int = 1, mask=None, p_out=None,
+                          r: int = 1, var=None):
+        """:meth:`robust_weights` with cross-frame consensus rejection: w = 0 where
+        z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, √cons[0]), or > lo_frac·L where
+        cons[1] marks a nearby outlier; ``acc`` (3, C, h, w) gathers Σz², max z²
+        and the count of NaN frames per channel for the next pass. Returns host (rejected,
+        finite) pixel counts per plane."""
     def block_sum(self, a, r: int, offset: int, out):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
     def replicate(self, u, r: int, offset: int, out):
         """U, the adjoint of D: ``out[k, offset + r i + a, offset + r j + b] = u[k, i, j]``."""
     def update(self, x, num, den, kappa: float, alpha: float, den_floor, region, step: int,
-               origin: tuple[int, int]):
-        """In place over ``region`` ((y0, y1), (x0, x1)):
-        ``x = (1-α) x + α x · clip(num/den, 1/κ, κ)``; returns host samples of
-        |upd-1|, |x'-x| and |x| on the global sample grid."""
+               origin: tuple[int, int], floor=None):
+        """In place over ``region`` ((y0, y1), (x0, x1)), with s = x - floor
+        (floor = 0 when None): ``x = floor + (1-α) s + α s · clip(num/den,
+        1/κ, κ)``; returns host samples of |upd-1|, |x'-x| and |x| on the
+        global sample grid."""

@@ -17,6 +17,7 @@ from . import _cpu_kernels as K
 
 _VMODES = {"mad": 0, "poisson": 1, "map": 2}
 _DUMMY = np.ones((1, 1, 1), dtype=np.float32)
+_DUMMY4 = np.zeros((2, 1, 1, 1), dtype=np.float32)
 
 
 class CPUBackend:
@@ -98,6 +99,20 @@ class CPUBackend:
                          out, p if p_out is None else p_out, int(r))
         return out
 
+    def consensus_weights(self, y, yhat, p, sigma, unit, delta, huber, noise, floor, out, acc,
+                          cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, p_out=None,
+                          r=1, var=None):
+        P, h = y.shape[0], y.shape[1]
+        rej = np.zeros((P, h), np.int64)
+        fin = np.zeros((P, h), np.int64)
+        K.consensus_weights(y, yhat, p, _VMODES[noise], _or_dummy(var), float(floor),
+                            np.asarray(sigma, np.float64), np.asarray(unit, np.float64),
+                            np.asarray(delta, np.float64), bool(huber), _or_dummy(mask),
+                            mask is not None, _DUMMY4 if cons is None else cons,
+                            cons is not None, float(zt), float(lo_frac), int(channels), out,
+                            p if p_out is None else p_out, int(r), acc, rej, fin)
+        return rej.sum(axis=1), fin.sum(axis=1)
+
     def block_sum(self, a, r, offset, out):
         K.block_sum(a, int(r), int(offset), out)
         return out
@@ -106,11 +121,11 @@ class CPUBackend:
         K.replicate(u, int(r), int(offset), out)
         return out
 
-    def update(self, x, num, den, kappa, alpha, den_floor, region, step, origin):
+    def update(self, x, num, den, kappa, alpha, den_floor, region, step, origin, floor=None):
         (y0, y1), (x0, x1) = region
         su, sd, sx = K.update(x, num, den, float(kappa), float(alpha),
                               np.asarray(den_floor, np.float64), y0, y1, x0, x1, int(step),
-                              int(origin[0]), int(origin[1]))
+                              int(origin[0]), int(origin[1]), _or_dummy(floor), floor is not None)
         return su.ravel(), sd.ravel(), sx.ravel()
 
 def _or_dummy(a):

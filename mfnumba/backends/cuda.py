@@ -374,6 +374,34 @@ class CUDABackend:
         return out
 
     @_api
+    @_api
+    def consensus_weights(self, y, yhat, p, sigma, unit, delta, huber, noise, floor, out, acc,
+                          cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, p_out=None,
+                          r=1, var=None):
+        # no CUDA kernel yet: the CPU's, on host copies (correct, not fast)
+        return self._on_host("consensus_weights", (out, acc), y, yhat, p, sigma, unit, delta,
+                             huber, noise, floor, out, acc, cons=cons, zt=zt, lo_frac=lo_frac,
+                             channels=channels, mask=mask, p_out=p_out, r=r, var=var)
+
+    def _on_host(self, method: str, written, *args, **kwargs):
+        """Run the CPU backend's ``method`` on host copies; copy the arrays it writes back.
+
+        A stopgap for protocol methods that have no CUDA kernel yet: the result
+        is the CPU's exactly, at the cost of two transfers.
+        """
+        from .cpu import CPUBackend
+
+        host = lambda a: cupy.asnumpy(a) if isinstance(a, cupy.ndarray) else a  # noqa: E731
+        h_args = [host(a) for a in args]
+        h_kwargs = {k: host(v) for k, v in kwargs.items()}
+        ids = {id(a): i for i, a in enumerate(args)}
+        got = getattr(CPUBackend(), method)(*h_args, **h_kwargs)
+        for dev in written:
+            i = ids.get(id(dev))
+            dev[...] = cupy.asarray(h_args[i] if i is not None else h_kwargs[
+                next(k for k, v in kwargs.items() if v is dev)])
+        return got
+
     def block_sum(self, a, r, offset, out):
         self._launch(L.block_sum(self._in(a), int(r), int(offset),
                                  self._out(out, np.float32, "block_sum out")))
@@ -386,7 +414,10 @@ class CUDABackend:
         return out
 
     @_api
-    def update(self, x, num, den, kappa, alpha, den_floor, region, step, origin):
+    def update(self, x, num, den, kappa, alpha, den_floor, region, step, origin, floor=None):
+        if floor is not None:  # the sky floor has no CUDA kernel yet: the CPU's, on host copies
+            return self._on_host("update", (x,), x, num, den, kappa, alpha, den_floor, region,
+                                 step, origin, floor=floor)
         launch, (su, sd, sx) = L.update(
             cupy, self._out(x, np.float32, "update x"), self._in(num), self._in(den), kappa,
             alpha, self._in(np.asarray(den_floor, np.float64).ravel(), np.float64), region,
