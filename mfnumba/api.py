@@ -27,7 +27,7 @@ from .psf import measure_fwhm
 from .geometry import Geometry
 from .io.tiles import ArrayReader, StackReader
 from .prepare import Scratch, border_masks, build_maps, stack_psfs
-from .psf_setup import common_psf_stack, lift_psfs
+from .psf_setup import common_psf_stack, lift_psfs, target_sigma
 from .seed import make_seed_streaming
 from .sources import WorkSource
 from .sr import replicate
@@ -67,6 +67,8 @@ class RunControl:
     save_every: int = 0
     snapshot: Callable[[int, int | None, np.ndarray], None] | None = None  # (iteration, channel, image)
     digests: list[str] | None = None  # per-frame input digests, when the caller computed them
+    save_rejection: Path | None = None  # folder for the per-frame rejection maps
+    overwrite: bool = False  # the rejection maps may replace earlier ones of ours
 
 
 def get_backend(name: str, threads: int | None = None):
@@ -229,7 +231,9 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     header = build_header(headers[phot.reference], reader.channels, paths, opt, iterations, early,
                           backend.name, sol.conv, ped, fwhms, psfset.sources, lifts,
                           [sol.plan.describe()] + phot.notes + maps.notes,
-                          reference=phot.reference)
+                          reference=phot.reference, stop=sol.stop_reason, rejected=sol.rejected,
+                          target=(target_sigma(psfset.psfs, opt.target_sigma)
+                                  if opt.sr == 1 else opt.sr_sigma))
     return Result(image, header, iterations, early, sol.history, fwhms, backend.name, sol.conv,
                   ped, seconds, seed=seed, plan=sol.plan, rejected=sol.rejected,
                   stop_reason=sol.stop_reason)
@@ -340,6 +344,14 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
         raise Interrupted(ckpt if ckpt is not None and ckpt.exists() else None,
                                      getattr(exc, "signum", None)) from None
     sol.plan = mem
+    if ctl.save_rejection is not None:
+        from .rejection import save_rejection_maps
+
+        tag = "" if channel is None else f".c{channel}"
+        labels = [Path(q).name for q in work.paths] if work.paths else [f"frame_{i:03d}" for i in
+                                                                         range(work.n_frames)]
+        save_rejection_maps(solver, ctl.save_rejection,
+                            [Path(q).stem + tag + ".fits" for q in labels], overwrite=True)
     # the header's lift lines describe the SR lift; the r = 1 target-resolution lift is not one
     return _unped(sol.image, ped, opt.sr), sol, ped, lifts if opt.sr > 1 else []
 

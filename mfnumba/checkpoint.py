@@ -30,7 +30,7 @@ FORMAT = 2  # version of the checkpoint layout
 # budget and logging may differ on resume.
 MATH = ("rho", "huber_delta", "kappa", "relax", "noise", "seed", "color", "sr", "sr_sigma",
         "sr_iters", "masks", "variance", "tol_upd", "tol_rel", "ema", "min_iters", "eps", "conv",
-        "normalize", "reference")
+        "normalize", "reference", "reject", "reject_z", "sky_floor", "target_sigma", "tol_chi")
 _CHUNK = 16 << 20
 
 

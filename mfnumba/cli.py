@@ -166,12 +166,25 @@ def deconv(
     psf: Optional[Path] = _opt("One PSF file for all frames, or a directory whose sorted files "
                                "pair with the sorted frames.", "from each frame's stars"),
     fwhm: Optional[float] = _opt("No PSF files: Moffat PSFs of this FWHM (px).", "none"),
-    iters: Optional[int] = _opt("Maximum iterations.", "20"),
+    iters: Optional[int] = _opt("Maximum iterations (the early stop usually ends a run sooner).",
+                                "100"),
     min_iters: Optional[int] = _opt("Minimum iterations before the early stop may end the run.",
                                     "3"),
     early_stop: Optional[bool] = _opt("Stop when the update settles.", "on",
                                       "--early-stop/--no-early-stop"),
-    rho: Optional[str] = _opt("Loss: huber (robust) or l2.", "huber"),
+    rho: Optional[str] = _opt("Loss on the kept pixels: l2, or huber (robust).", "l2"),
+    reject: Optional[str] = _opt("Outliers: consensus (a pixel far off in one frame but not in "
+                                 "the others: trails, planes, cosmic rays), huber (the Huber "
+                                 "loss alone) or none.", "consensus"),
+    reject_z: Optional[float] = _opt("Consensus threshold, in sigma.", "5.0"),
+    sky_floor: Optional[float] = _opt("Hold the estimate above the seed's sky minus this many "
+                                      "sigma: no dark moats around stars; negative: off.", "2.0"),
+    target_sigma: Optional[float] = _opt("Target resolution: deconvolve to a Gaussian PSF of this "
+                                         "sigma (px; 0: to infinite resolution).", "0.637"),
+    tol_chi: Optional[float] = _opt("Early stop when the fit's chi2 improves by less than this "
+                                    "per iteration (0: the update-settled rule).", "5e-4"),
+    save_rejection: Optional[Path] = _opt("Write each frame's rejection map into this folder.",
+                                          "none"),
     huber_delta: Optional[float] = _opt("Huber delta in sigma; negative: |delta| x MAD, auto.",
                                         "-2.5"),
     kappa: Optional[float] = _opt("Clip of the multiplicative update to [1/kappa, kappa].", "2.0"),
@@ -183,7 +196,7 @@ def deconv(
     color: Optional[str] = _opt("Colour stacks: luma or rgb.", "luma"),
     sr: Optional[int] = _opt("Super-resolution factor: solve on a grid this many times finer.",
                              "1"),
-    sr_sigma: Optional[float] = _opt("SR PSF lift: Gaussian sigma in fine px.", "1.1"),
+    sr_sigma: Optional[float] = _opt("SR PSF lift: Gaussian sigma in fine px.", "0.7"),
     sr_iters: Optional[int] = _opt("SR PSF lift: iteration limit.", "250"),
     masks: Optional[bool] = _opt("Protect bright-star cores from the robust loss.", "on",
                                  "--masks/--no-masks"),
@@ -227,12 +240,13 @@ def deconv(
                    mem_budget=None if mem_budget is None else memory.parse_size(mem_budget),
                    low_mem=low_mem or None, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend,
                    conv=conv, batch=batch, threads=threads, normalize=normalize,
-                   reference=reference)
+                   reference=reference, reject=reject, reject_z=reject_z, sky_floor=sky_floor,
+                   target_sigma=target_sigma, tol_chi=tol_chi)
     if min_iters is not None and min_iters > opt.iters:
         raise OptionError(f"--min-iters {min_iters} is more than --iters {opt.iters}")
     keep = opt.iters > 5 if checkpoint is None else checkpoint
     files = RunFiles(output, json_log=json_log, overwrite=overwrite, resume=resume,
-                     checkpoint=keep or resume)
+                     checkpoint=keep or resume, rejection_dir=save_rejection)
     from .interrupt import handle
 
     with handle():  # SIGINT, SIGTERM, SIGHUP unwind like Ctrl-C: checkpoint, no debris
@@ -266,7 +280,7 @@ def _run(frames, psf, fwhm, layout, opt, files, save_every: int, quiet: bool) ->
         rep = _Reporter(opt.iters, quiet, files.open_log(json.dumps(start, default=str)))
         ctl = RunControl(checkpoint=output if files.checkpoint else None, resume=files.resume,
                          save_every=save_every, snapshot=snapshot if save_every else None,
-                         digests=checked.digests)
+                         digests=checked.digests, save_rejection=files.rejection_dir)
         res = deconvolve(checked.frames, psf, options=opt, fwhm=fwhm, progress=rep,
                          layout=layout, control=ctl)
         write_fits(output, res.image, res.header, overwrite=True)  # checked in preflight

@@ -219,6 +219,9 @@ def _solve_parts(s: _Run, tile: int | None, batch: int, cache_otfs: bool,
     held += B * C * th * tw * F32 * (s.r > 1)  # native prediction (SR)
     held += s.n_frames * half if cache_otfs else 0
     held += s.n_frames * C * SAMPLES * 8 * 3  # residual samples (z, q) and their concatenation
+    # counted whether or not they are on (both are by default): the consensus statistics,
+    # five frame-size maps per channel, and the sky floor, one estimate-size map and a grid
+    held += 5 * C * s.h * s.w * F32 + C * s.extent() + grid
     batch_io = C * grid + B * C * SAMPLES * 16  # the tile of x, this batch's residual samples
     if not in_memory:  # in memory, a batch is a view of the frames and maps
         block = B * C * th * tw * F32

@@ -109,8 +109,10 @@ def check_run(frames, psf, *, options: Options, files: RunFiles, fwhm: float | N
         done = [checkpoint.peek(ck)["iteration"] for ck in files.own_checkpoints()]
         start = min(done) if done else 0
     snaps = snapshot_names(files, start=start, iters=opt.iters, every=save_every, channels=parts)
+    # per-channel solves (rgb, PSFs per channel when measurable) may tag the maps per channel
+    rej = files.rejection_maps(paths, [None] + (list(range(channels)) if work_c > 1 else []))
     files.check(out_bytes=out_bytes * (1 + len(snaps) // max(1, len(parts))),
-                ckpt_bytes=ckpt_bytes, snapshots=snaps)
+                ckpt_bytes=ckpt_bytes, snapshots=snaps, rejection_maps=rej)
     digests = None
     if files.checkpoint:
         digests = [checkpoint.file_digest(p) for p in paths]

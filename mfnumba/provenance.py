@@ -63,7 +63,8 @@ def build_header(first: fits.Header, channels: int, paths, opt: Options, iterati
                  early: bool, backend: str, conv: str, pedestal: float, fwhms: Sequence[float],
                  sources: Sequence[str], lifts: Sequence[LiftedPSF] = (),
                  notes: Sequence[str] = (), argv: Sequence[str] | None = None,
-                 reference: int = 0) -> fits.Header:
+                 reference: int = 0, stop: str = "", rejected=None,
+                 target: float = 0.0) -> fits.Header:
     """The reference frame's header (``first``) plus the MF_* keys and HISTORY lines."""
     import numba
     import scipy
@@ -97,6 +98,11 @@ def build_header(first: fits.Header, channels: int, paths, opt: Options, iterati
         ("MF_NFRM", len(paths), "frames combined"),
         ("NCOMBINE", len(paths), "frames combined"),
         ("MF_PED", float(pedestal), "pedestal added during the solve"),
+        ("MF_STOP", stop or ("settled" if early else "iters"), "why the iterations ended"),
+        ("MF_REJ", opt.reject, "outlier rejection: consensus, huber or none"),
+        ("MF_REJZ", opt.reject_z, "consensus threshold (sigma)"),
+        ("MF_FLOOR", opt.sky_floor, "sky floor below the seed's sky (sigma; <0 off)"),
+        ("MF_TSIG", float(target), "target resolution sigma used (px; 0: none)"),
         ("MF_NORM", opt.normalize, "photometric normalisation of the frames"),
         ("MF_REF", reference, "reference frame (photometric scale, header)"),
     ]
@@ -114,6 +120,12 @@ def build_header(first: fits.Header, channels: int, paths, opt: Options, iterati
     for i, (path, src, fw) in enumerate(zip(paths, sources, fwhms)):
         fw_txt = "" if "FWHM" in src else f" FWHM {fw:.2f} px"
         history.append(f"frame {i}: {Path(path).name} PSF {src}{fw_txt}")
+    if rejected is not None and opt.reject == "consensus":
+        history += [f"frame {i}: {Path(path).name} rejected {100 * float(f):.3g} % of its pixels"
+                    for i, (path, f) in enumerate(zip(paths, rejected))]
+    if opt.sr == 1 and target > 0:
+        history.append(f"target resolution: PSFs lifted to a Gaussian of sigma {target:.3g} px "
+                       f"(FWHM {2.3548 * target:.3g} px); the result is the sky at that resolution")
     history += list(notes)
     history += [f"frame {i}: SR PSF lift {lp.method}, residual {lp.residual:.3g}, "
                 f"{lp.iterations} it" for i, lp in enumerate(lifts)]

@@ -24,6 +24,7 @@ def save_rejection_maps(solver, directory, names: Sequence[str], *,
     the frames' file names (or labels), in order. Returns the paths written.
     """
     from .io.fits import write_fits
+    from .provenance import ascii_text
 
     folder = Path(directory)
     try:
@@ -40,7 +41,7 @@ def save_rejection_maps(solver, directory, names: Sequence[str], *,
         for k, i in enumerate(idx):
             hdr = fits.Header()
             hdr["MF_REJ"] = (float(maps[k].mean()), "fraction of pixels rejected")
-            hdr["MF_FRAME"] = (str(names[i])[:60], "frame")
+            hdr["MF_FRAME"] = (ascii_text(names[i]), "frame")
             path = folder / f"{Path(str(names[i])).stem}_rej.fits"
             write_fits(path, maps[k].astype(np.float32), hdr, overwrite=overwrite)
             paths.append(path)

@@ -134,12 +134,14 @@ class RunFiles:
     overwrite: bool = False
     resume: bool = False
     checkpoint: bool = True
+    rejection_dir: Path | None = None
     _lock_fd: int | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.output = Path(self.output)
         self.json_log = None if self.json_log is None else Path(self.json_log)
         self.inputs = [Path(p) for p in self.inputs]
+        self.rejection_dir = None if self.rejection_dir is None else Path(self.rejection_dir)
 
     # names ------------------------------------------------------------------
     def checkpoint_path(self, part: int | None = None) -> Path:
@@ -174,7 +176,7 @@ class RunFiles:
                                   path=path)
 
     def check(self, *, out_bytes: int = 0, ckpt_bytes: int = 0,
-              snapshots: Iterable[Path] = ()) -> None:
+              snapshots: Iterable[Path] = (), rejection_maps: Iterable[Path] = ()) -> None:
         """Everything about the files, before any heavy work (raises :class:`OutputError`)."""
         out = self.output
         if not out.name.lower().endswith(OUTPUT_SUFFIXES):
@@ -206,6 +208,7 @@ class RunFiles:
             raise OutputError("exists and is not an mfnumba lock file; mfnumba never replaces a "
                               "file it did not make", path=self.lock_path)
         self._check_log()
+        self._check_rejection_maps(rejection_maps)
         need = out_bytes + (ckpt_bytes if self.checkpoint else 0)
         free = _free_bytes(folder)
         if free is not None and need > free:
@@ -234,6 +237,29 @@ class RunFiles:
                 raise OutputError("exists; pass --overwrite to replace it (or --resume to "
                                   "append to it)", path=log)
         check_writable(folder, log, "log")
+
+    def rejection_maps(self, frames, channels=(None,)) -> list[Path]:
+        """The maps ``--save-rejection DIR`` writes: ``STEM[.cK]_rej.fits`` per frame."""
+        if self.rejection_dir is None:
+            return []
+        return [self.rejection_dir / f"{Path(p).stem}{'' if c is None else f'.c{c}'}_rej.fits"
+                for c in channels for p in frames]
+
+    def _check_rejection_maps(self, maps: Iterable[Path]) -> None:
+        folder = self.rejection_dir
+        if folder is None:
+            return
+        if folder.exists() and not folder.is_dir():
+            raise OutputError("--save-rejection must be a folder", path=folder)
+        parent = folder if folder.is_dir() else folder.parent
+        if not parent.is_dir():
+            raise OutputError(f"--save-rejection: folder {parent} does not exist", path=folder)
+        check_writable(parent, folder, "rejection maps")
+        for path in maps:
+            self._not_an_input(path, "rejection map")
+            if path.exists() and not (self.overwrite and _has_product_key(path, "MF_REJ")):
+                raise OutputError("exists; pass --overwrite to replace mfnumba's own rejection "
+                                  "maps (other files are never replaced)", path=path)
 
     # the log ----------------------------------------------------------------
     def open_log(self, first_line: str):
@@ -305,13 +331,17 @@ class RunFiles:
                 pass
 
 
-def _has_product_key(path: Path) -> bool:
+def _has_product_key(path: Path, key: str | None = None) -> bool:
     from astropy.io import fits
 
     try:
-        return is_product_header(fits.getheader(path))
+        header = fits.getheader(path)
     except Exception:  # not FITS at all: certainly not ours
         return False
+    return key in header if key else is_product_header(header)
+
+
+
 
 
 class _Log:

@@ -465,3 +465,19 @@ def test_a_file_that_only_looks_like_our_lock_is_never_touched(stack, tmp_path):
     before = _tree(tmp_path)
     _one_line_error(_deconv(stack, tmp_path / "o.fits"), "o.fits.lock", "not an mfnumba lock")
     _unchanged(tmp_path, before)
+
+
+def test_rejection_maps_are_written_and_never_replace_other_files(stack, tmp_path):
+    rej = tmp_path / "rej"
+    res = _deconv(stack, tmp_path / "o.fits", "--save-rejection", rej)
+    assert res.exit_code == 0, res.output
+    maps = sorted(p.name for p in rej.iterdir())
+    assert maps == [f"frame_00{i}_rej.fits" for i in range(4)]
+    assert all(0 <= fits.getheader(rej / m)["MF_REJ"] < 0.5 for m in maps)
+    hdr = fits.getheader(tmp_path / "o.fits")
+    assert hdr["MF_REJ"] == "consensus" and hdr["MF_STOP"] in ("chi2", "iters", "settled")
+    (rej / "frame_001_rej.fits").write_bytes(b"my own file")
+    before = _tree(tmp_path)
+    _one_line_error(_deconv(stack, tmp_path / "o2.fits", "--save-rejection", rej, "--overwrite"),
+                    "frame_001_rej.fits")
+    _unchanged(tmp_path, before)
