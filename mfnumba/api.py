@@ -27,7 +27,7 @@ from .psf import measure_fwhm
 from .geometry import Geometry
 from .io.tiles import ArrayReader, StackReader
 from .prepare import Scratch, border_masks, build_maps, stack_psfs
-from .psf_setup import common_psf_stack, lift_psfs, target_sigma
+from .psf_setup import solver_kernels, target_sigma
 from .seed import make_seed_streaming
 from .sources import WorkSource
 from .sr import replicate
@@ -191,7 +191,9 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     try:
         base = WorkSource(reader, border_masks(reader, scratch))
         psfset = stack_psfs(psf, base, headers, fwhm, opt)
-        common_psf_stack(psfset.psfs, (h, w), psfset.sources)  # sizes against the frames
+        # resolved (stack_psfs), lifted and sized once, here; the solves get the kernels
+        kernels = [solver_kernels(ch, opt, (h, w), psfset.sources) for ch in psfset.per_channel] \
+            if psfset.per_channel else [solver_kernels(psfset.psfs, opt, (h, w), psfset.sources)]
         fwhms = [measure_fwhm(p) for p in psfset.psfs]
         backend = get_backend(opt.backend, opt.threads)
         names = [Path(p).name for p in paths]
@@ -214,15 +216,17 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
             ctl = dataclasses.replace(ctl, snapshot=lambda it, ch, img: user(it, ch, chroma(img)))
         run = dict(maps=maps, opt=opt, backend=backend, progress=progress, ctl=ctl, stream=stream)
         if psfset.per_channel:  # rgb with a PSF per channel: one solve per channel
-            parts = [_solve(work.replace(channel=c), psfset.per_channel[c], work_seed[c:c + 1],
+            parts = [_solve(work.replace(channel=c), kernels[c][0], work_seed[c:c + 1],
                             channel=c, **run) for c in range(work.channels)]
             image = np.concatenate([p[0] for p in parts])
-            sol, ped, lifts = parts[0][1], max(p[2] for p in parts), parts[0][3]
+            sol, ped = parts[0][1], max(p[2] for p in parts)
             iterations = max(p[1].iterations for p in parts)
             early = all(p[1].early_stopped for p in parts)
         else:
-            image, sol, ped, lifts = _solve(work, psfset.psfs, work_seed, channel=None, **run)
+            image, sol, ped = _solve(work, kernels[0][0], work_seed, channel=None, **run)
             iterations, early = sol.iterations, sol.early_stopped
+        # the header's lift lines describe the SR lift; the r = 1 target-resolution lift has its own
+        lifts = kernels[0][1] if opt.sr > 1 else []
     finally:
         scratch.close()
         reader.close()
@@ -274,13 +278,10 @@ def _chroma(seed: np.ndarray, r: int):
     return lambda image: image * ratio
 
 
-def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progress,
+def _solve(work: WorkSource, kernel, seed, *, maps, channel, opt, backend, progress,
            ctl: RunControl, stream: bool):
-    """One solver run on the working frames; returns (image, SolveResult, pedestal, lifts)."""
-    names = [f"frame {i}" for i in range(len(psfs))]
-    lifts = lift_psfs(psfs, opt, names) if opt.sr > 1 or opt.target_sigma > 0 else []
-    kernel = common_psf_stack([lp.psf for lp in lifts] if lifts else psfs,
-                              tuple(opt.sr * n for n in work.shape), names)
+    """One solver run on the working frames with the prepared kernels; (image, SolveResult, pedestal)."""
+    names = [f"frame {i}" for i in range(kernel.shape[0])]
     sel = slice(None) if channel is None else slice(channel, channel + 1)
     protect = None if maps.protect is None else maps.protect[:, sel]
     var = None if maps.var is None else maps.var[:, sel]
@@ -352,8 +353,7 @@ def _solve(work: WorkSource, psfs, seed, *, maps, channel, opt, backend, progres
                                                                          range(work.n_frames)]
         save_rejection_maps(solver, ctl.save_rejection,
                             [Path(q).stem + tag + ".fits" for q in labels], overwrite=True)
-    # the header's lift lines describe the SR lift; the r = 1 target-resolution lift is not one
-    return _unped(sol.image, ped, opt.sr), sol, ped, lifts if opt.sr > 1 else []
+    return _unped(sol.image, ped, opt.sr), sol, ped
 
 
 def _seed_digest(seed: str) -> str | None:

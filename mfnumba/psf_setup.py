@@ -52,19 +52,40 @@ def resolve_psfs(psf, n: int, fwhm: float | None) -> tuple[list[np.ndarray], lis
     return out, [str(p) if isinstance(p, (str, os.PathLike)) else "array" for p in items]
 
 
-def common_psf_stack(psfs: Sequence[np.ndarray], frame_shape: tuple[int, int],
-                     names: Sequence[str]) -> np.ndarray:
-    """Zero-pad every PSF, centred, to the largest odd size; (N, K, K) float32."""
-    k = max(max(p.shape) for p in psfs)
+def check_psf_sizes(psfs: Sequence[np.ndarray], frame_shape: tuple[int, int],
+                    names: Sequence[str]) -> None:
+    """A PSF larger than the frames is bad input, named by where it came from."""
     for p, name in zip(psfs, names):
         if max(p.shape) > min(frame_shape):
             raise ShapeError(f"PSF {p.shape[0]}x{p.shape[1]} is larger than the "
                              f"{frame_shape[0]}x{frame_shape[1]} frames", path=name)
+
+
+def common_psf_stack(psfs: Sequence[np.ndarray], frame_shape: tuple[int, int],
+                     names: Sequence[str]) -> np.ndarray:
+    """Zero-pad every PSF, centred, to the largest odd size; (N, K, K) float32."""
+    k = max(max(p.shape) for p in psfs)
+    check_psf_sizes(psfs, frame_shape, names)
     out = np.zeros((len(psfs), k, k), dtype=np.float32)
     for i, p in enumerate(psfs):
         o0, o1 = (k - p.shape[0]) // 2, (k - p.shape[1]) // 2
         out[i, o0:o0 + p.shape[0], o1:o1 + p.shape[1]] = p
     return out
+
+
+def solver_kernels(psfs: Sequence[np.ndarray], opt: Options, frame_shape: tuple[int, int],
+                   sources: Sequence[str]) -> tuple[np.ndarray, list[LiftedPSF]]:
+    """The solver's (N, K, K) kernels, each PSF lifted (SR or target resolution) and sized once.
+
+    Returns the stack on the solve's grid and the lifts (empty without one).
+    """
+    check_psf_sizes(psfs, frame_shape, sources)
+    if not (opt.sr > 1 or opt.target_sigma > 0):
+        return common_psf_stack(psfs, frame_shape, sources), []
+    names = [f"frame {i}" for i in range(len(psfs))]
+    lifts = lift_psfs(psfs, opt, names)
+    fine = tuple(opt.sr * n for n in frame_shape)
+    return common_psf_stack([lp.psf for lp in lifts], fine, names), lifts
 
 
 def target_sigma(psfs: Sequence[np.ndarray], sigma: float) -> float:
