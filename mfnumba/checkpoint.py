@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputFileError, OptionError
+from .errors import InputFileError, OptionError, OutputError
 from .runfiles import atomic_path
 
 FORMAT = 2  # version of the checkpoint layout
@@ -117,10 +117,17 @@ def save(path: Path, solver, fp: dict, plan, budget=None) -> Path:
     meta["plan"] = dataclasses.asdict(plan)
     meta["budget"] = budget
     meta["format"] = FORMAT
-    with atomic_path(path, what="checkpoint") as tmp:
-        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
-            np.savez(fh, fingerprint=np.array(json.dumps(fp)), history=hist.reshape(-1, 8),
-                     meta=np.array(json.dumps(meta)), **state)
+    kept = path.exists()
+    try:
+        with atomic_path(path, what="checkpoint") as tmp:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+                np.savez(fh, fingerprint=np.array(json.dumps(fp)), history=hist.reshape(-1, 8),
+                         meta=np.array(json.dumps(meta)), **state)
+    except OutputError as exc:
+        if not kept:
+            raise
+        raise OutputError(f"{exc}; the previous checkpoint is kept: make room and rerun the "
+                          f"same command with --resume") from None
     return path
 
 
