@@ -210,7 +210,7 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         chroma = _chroma(seed, opt.sr) if luma else (lambda img: img)
         ctl = control or RunControl()
         if ctl.checkpoint is not None and ctl.digests is None:
-            ctl = dataclasses.replace(ctl, digests=frame_digests(reader))
+            ctl = dataclasses.replace(ctl, digests=checkpoint.frame_digests(reader))
         if ctl.snapshot is not None:
             user = ctl.snapshot
             ctl = dataclasses.replace(ctl, snapshot=lambda it, ch, img: user(it, ch, chroma(img)))
@@ -361,13 +361,6 @@ def _seed_digest(seed: str) -> str | None:
     if seed in ("median", "bootstrap", "mean"):
         return None
     return checkpoint.file_digest(seed)
-
-
-def frame_digests(reader) -> list[str]:
-    """Per-frame digests of every input value: file bytes, or pixels of in-memory frames."""
-    if isinstance(reader, StackReader):
-        return [checkpoint.file_digest(p) for p in reader.paths]
-    return [checkpoint.array_digest(reader.read(i)) for i in range(reader.n_frames)]
 
 
 def _unped(image, ped, r):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputFileError, OptionError, OutputError
-from .runfiles import atomic_path
+from .io.atomic import atomic_path
 
 FORMAT = 2  # version of the checkpoint layout
 
@@ -61,11 +61,12 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def frame_digests(frames, paths=None) -> list[str]:
-    """One digest per frame: of the file's bytes when it is a file, else of its pixels."""
-    if paths is not None and all(Path(p).is_file() for p in paths):
+def frame_digests(reader) -> list[str]:
+    """One digest per frame of a reader: of its file's bytes, or of its pixels when in memory."""
+    paths = getattr(reader, "paths", None)
+    if paths and all(Path(p).is_file() for p in paths):
         return [file_digest(p) for p in paths]
-    return [array_digest(np.asarray(f)) for f in frames]
+    return [array_digest(reader.read(i)) for i in range(reader.n_frames)]
 
 
 def fingerprint(*, frames: list[str], names, psfs: np.ndarray, options, seed: str | None = None,

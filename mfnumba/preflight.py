@@ -115,7 +115,7 @@ def check_run(frames, psf, *, options: Options, files: RunFiles, fwhm: float | N
                 ckpt_bytes=ckpt_bytes, snapshots=snaps, rejection_maps=rej)
     digests = None
     if files.checkpoint:
-        digests = [checkpoint.file_digest(p) for p in paths]
+        digests = [checkpoint.file_digest(p) for p in paths]  # as checkpoint.frame_digests
         if files.resume:
             _check_resume(files, digests, paths, opt)
     return Checked(paths, inputs, shape, channels, digests)

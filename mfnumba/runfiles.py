@@ -145,8 +145,9 @@ class RunFiles:
 
     # names ------------------------------------------------------------------
     def checkpoint_path(self, part: int | None = None) -> Path:
-        tail = "" if part is None else f".c{part}"
-        return self.output.with_name(f"{self.output.name}{tail}.ckpt.npz")
+        from .checkpoint import checkpoint_path  # one naming rule for the solver and the checks
+
+        return checkpoint_path(self.output, part)
 
     def snapshot_path(self, iteration: int, channel: int | None = None) -> Path:
         out = self.output
