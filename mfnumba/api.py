@@ -56,6 +56,7 @@ class Result:
     plan: memory.Plan | None = None
     rejected: np.ndarray | None = None  # per frame, the fraction of pixels rejected (last pass)
     stop_reason: str = ""  # why the iterations ended (see Solver.stop_reason)
+    events: list[str] = field(default_factory=list)  # device failures, as in HISTORY
 
 
 @dataclass
@@ -222,9 +223,11 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
             sol, ped = parts[0][1], max(p[2] for p in parts)
             iterations = max(p[1].iterations for p in parts)
             early = all(p[1].early_stopped for p in parts)
+            events = [e for p in parts for e in p[1].events]
         else:
             image, sol, ped = _solve(work, kernels[0][0], work_seed, channel=None, **run)
             iterations, early = sol.iterations, sol.early_stopped
+            events = sol.events
         # the header's lift lines describe the SR lift; the r = 1 target-resolution lift has its own
         lifts = kernels[0][1] if opt.sr > 1 else []
     finally:
@@ -232,15 +235,17 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         reader.close()
     image = np.ascontiguousarray(chroma(image), dtype=np.float32)
     seconds = time.perf_counter() - t0
+    # a run that failed over finished on the CPU: the header and result say where it ran
+    ran_on = sol.backend if events else backend.name
     header = build_header(headers[phot.reference], reader.channels, paths, opt, iterations, early,
-                          backend.name, sol.conv, ped, fwhms, psfset.sources, lifts,
-                          [sol.plan.describe()] + phot.notes + maps.notes,
+                          ran_on, sol.conv, ped, fwhms, psfset.sources, lifts,
+                          [sol.plan.describe()] + phot.notes + maps.notes + events,
                           reference=phot.reference, stop=sol.stop_reason, rejected=sol.rejected,
                           target=(target_sigma(psfset.psfs, opt.target_sigma)
                                   if opt.sr == 1 else opt.sr_sigma))
-    return Result(image, header, iterations, early, sol.history, fwhms, backend.name, sol.conv,
+    return Result(image, header, iterations, early, sol.history, fwhms, ran_on, sol.conv,
                   ped, seconds, seed=seed, plan=sol.plan, rejected=sol.rejected,
-                  stop_reason=sol.stop_reason)
+                  stop_reason=sol.stop_reason, events=events)
 
 
 def reference_index(reference: str | None, paths) -> int | None:

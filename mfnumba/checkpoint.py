@@ -113,7 +113,8 @@ def save(path: Path, solver, fp: dict, plan, budget=None) -> Path:
     leaves the previous checkpoint as it was.
     """
     state = solver.state()
-    hist = np.array([dataclasses.astuple(r) for r in state.pop("history")], dtype=np.float64)
+    # the numbers of each record; where it ran (``backend``) is not the run's state
+    hist = np.array([dataclasses.astuple(r)[:8] for r in state.pop("history")], dtype=np.float64)
     meta = {k: state.pop(k) for k in ("iteration", "calm", "conv", "early_stopped")}
     meta["plan"] = dataclasses.asdict(plan)
     meta["budget"] = budget

@@ -117,9 +117,11 @@ class _Reporter:
 
             self.progress = Progress(
                 TextColumn("iter {task.completed}/{task.total}"), BarColumn(),
-                TextColumn("δ {task.fields[delta]}  med|upd−1| {task.fields[upd]}"),
+                TextColumn("δ {task.fields[delta]}  med|upd−1| {task.fields[upd]}  "
+                           "{task.fields[backend]}"),
                 TimeRemainingColumn(), console=err_console, transient=False)
-            self.task = self.progress.add_task("deconv", total=iters, delta="–", upd="–")
+            self.task = self.progress.add_task("deconv", total=iters, delta="–", upd="–",
+                                               backend="")
             self.progress.start()
 
     def event(self, **kw) -> None:
@@ -130,11 +132,11 @@ class _Reporter:
         self.event(event="iteration", **rec.__dict__)
         if self.progress is not None:
             self.progress.update(self.task, completed=rec.iteration, delta=f"{rec.delta:.2f}",
-                                 upd=f"{rec.med_upd:.2e}")
+                                 upd=f"{rec.med_upd:.2e}", backend=rec.backend)
         elif not self.quiet:
-            log.info("iter %d/%d  delta %.2f  sigma %.4g  med|upd-1| %.3e  med|dx|/|x| %.3e  %.2fs",
-                     rec.iteration, self.iters, rec.delta, rec.sigma, rec.med_upd, rec.med_rel,
-                     rec.seconds)
+            log.info("iter %d/%d  delta %.2f  sigma %.4g  med|upd-1| %.3e  med|dx|/|x| %.3e  "
+                     "%.2fs  %s", rec.iteration, self.iters, rec.delta, rec.sigma, rec.med_upd,
+                     rec.med_rel, rec.seconds, rec.backend)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -10,7 +10,7 @@ peak of the arrays the run will allocate, phase by phase:
 * setup, before the solver: registration borders, PSFs from stars, the
   seed (the median's tile follows the budget), star and variance maps; each
   of them holds one frame (or one tile of every frame) at a time;
-* the solve: the estimate and its double buffer, the FFT buffers of one
+* the solve: the estimate and the pass's num and den, the FFT buffers of one
   tile (which scale with the batch), the OTF cache, the residual samples,
   and the frames and maps themselves when they stay in memory;
 * the output: copies of the result while it is finished and written.
@@ -213,7 +213,7 @@ def _solve_parts(s: _Run, tile: int | None, batch: int, cache_otfs: bool,
     C, B = s.channels, batch
     g0, g1, th, tw = _tile_grid(s.h, s.w, s.r, s.p, tile)
     grid, half = g0 * g1 * F32, g0 * (g1 // 2 + 1) * C64
-    held = 2 * C * s.extent()  # x and its double buffer
+    held = 3 * C * s.extent()  # x, and the pass's num and den over the extent (partials.py)
     held += C * grid * (1 + 2 * B + B + 2)  # x tile, weighted planes, prediction, num/den
     held += half * C * (1 + B + 2 * B + 2)  # X, P, S, NUM/DEN spectra
     held += B * C * th * tw * F32 * (s.r > 1)  # native prediction (SR)

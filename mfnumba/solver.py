@@ -17,7 +17,13 @@ from residual samples on a global grid gathered during the previous pass
 (the first from a forward pass over the seed), for the same reason.
 
 The solver follows a setup / step / run / finalize shape and holds the
-current estimate on the host between iterations.
+current estimate on the host between iterations. A pass is split at the
+map-reduce seam of :mod:`mfnumba.partials`: :meth:`Solver.partial_sums`
+gives one set of frames' num, den, samples and consensus statistics, the
+executor reduces the parts of all frames, and :meth:`Solver.apply` updates
+x. A device failure during a pass (``DeviceOOM``, ``DeviceLost``) is met by
+a smaller batch or a move to the CPU, and the pass is recomputed from the
+unchanged host estimate.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import numpy as np
 
 from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
 from . import interrupt
+from .backends.base import DeviceLost, DeviceOOM
 from .options import Options
+from .partials import LocalExecutor, Partial
 from .skyfloor import sky_floor
 
 log = logging.getLogger("mfnumba")
@@ -119,6 +127,7 @@ class IterationRecord:
     delta: float  # median Huber δ over frames (in σ units)
     sigma: float  # median noise scale over frames
     seconds: float
+    backend: str = "cpu"  # where the iteration ran (it changes on a failover)
 
 
 @dataclass
@@ -131,6 +140,8 @@ class SolveResult:
     plan: object = None  # the memory plan it ran under, when the API made one
     rejected: np.ndarray | None = None  # fraction of each frame's pixels rejected (last pass)
     stop_reason: str = "iters"  # "iters", "settled" (update) or "chi2" (fit no longer improving)
+    events: list[str] = field(default_factory=list)  # device failures and what was done
+    backend: str = "cpu"  # the backend it finished on
 
 
 class Solver:
@@ -150,8 +161,10 @@ class Solver:
 
     def __init__(self, problem: Problem, options: Options, backend,
                  *, callback: Callable[[IterationRecord], None] | None = None,
-                 tile: int | None = None, cache_otfs: bool = True):
+                 tile: int | None = None, cache_otfs: bool = True, executor=None):
         self.problem = problem
+        self.executor = LocalExecutor() if executor is None else executor
+        self.events: list[str] = []
         self.opt = options
         self.be = backend
         self.callback = callback
@@ -202,28 +215,42 @@ class Solver:
         if self.opt.sky_floor >= 0:
             self.floor_host = pad_to_extent(lift_seed(sky_floor(seed, g.r, self.opt.sky_floor), g.r), g)
             np.maximum(self.x_host, self.floor_host, out=self.x_host)
-        self._x_spare = np.empty_like(self.x_host)  # double buffer of the update
-        scale = float(np.median(np.abs(seed))) or 1.0
-        self.sigma_floor = 1e-7 * scale
-        self.poisson_floor = 1e-3 * scale
+        scale = float(np.median(np.abs(seed)))
+        self.set_floors(scale)
         self.noise = "map" if pr.var is not None else self.opt.noise
-        self.psfs = self.be.asarray(pr.psfs)
-        self._alloc()
-        self.otfs = None
         P = pr.n_frames * pr.channels
         self.sigma, self.delta = np.ones(P), np.full(P, abs(self.opt.huber_delta))
-        with interrupt.deferred():
-            self.conv = conv or self._choose_conv()
-            if self.conv == "fft" and self.cache_otfs:
-                self.otfs = self._otf_cache(range(pr.n_frames))
-            self._sweep(accumulate=False)  # noise scales of the seed's residuals
-        self._set_scales()
-        if self._consensus:  # the cross-frame consensus of the seed's residuals, at those scales
+        self._scale = self.sigma.copy()
+
+        def prepare():
+            self._on_device()
             with interrupt.deferred():
-                self._sweep(accumulate=False, gather=True)
+                self.conv = conv or self._choose_conv()
+                self._cache()
+        self._guarded(prepare)
+        self._set_scales(self._partials(accumulate=False))  # noise scales of the seed's residuals
+        if self._consensus:  # the cross-frame consensus of the seed's residuals, at those scales
+            self._take_consensus(self._partials(accumulate=False, gather=True))
         self.den_floor = 1e-6 * self._den_ref
         log.debug("solver: grid %s, %d tile(s), radius %d, batch %d, conv %s", self.grid,
                   len(self.tiles), g.p, self.batch, self.conv)
+
+    def set_floors(self, scale: float) -> None:
+        """The σ and Poisson floors, from the median |seed| (a worker gets the driver's)."""
+        self.seed_scale = scale = float(scale) or 1.0
+        self.sigma_floor = 1e-7 * scale
+        self.poisson_floor = 1e-3 * scale
+
+    def _on_device(self) -> None:
+        """PSFs and work buffers on the current backend (again after a failover)."""
+        self.psfs = self.be.asarray(self.problem.psfs)
+        self.otfs = None
+        self._alloc()
+
+    def _cache(self) -> None:
+        self.otfs = None
+        if self.conv == "fft" and self.cache_otfs:
+            self.otfs = self._otf_cache(range(self.problem.n_frames))
 
     def _alloc(self):
         """Work buffers, allocated once: the frame loop allocates nothing."""
@@ -231,7 +258,6 @@ class Solver:
         g0, g1 = self.grid
         h1 = g1 // 2 + 1
         self._x = be.zeros((C, g0, g1))
-        self._b = be.zeros((C, g0, g1)) if self.opt.sky_floor >= 0 else None
         self._wbuf = be.zeros((2, B * C, g0, g1))  # zero outside the frames
         self._yhat = be.zeros((B, C, g0, g1))
         self._nd = be.zeros((2, C, g0, g1))
@@ -243,6 +269,12 @@ class Solver:
         self._acc = be.zeros((2, C, g0, h1), np.complex64)
         self._last = None  # (tile frame shape) the buffers were last zeroed for
         self._cacc = be.zeros((3, C, t.h, t.w)) if self._consensus else None
+
+    def nd_buffer(self) -> np.ndarray:
+        """The host (2, C, E0, E1) num/den array a local pass writes into, allocated once."""
+        if getattr(self, "_nd_host", None) is None:
+            self._nd_host = np.zeros((2,) + self.x_host.shape, np.float32)
+        return self._nd_host
 
     def _choose_conv(self) -> str:
         method = self.opt.conv
@@ -258,17 +290,68 @@ class Solver:
             self._load_tile(tile)
             for _ in range(2):  # the first run pays for JIT and caches
                 t0 = time.perf_counter()
-                self._tile_pass(tile, range(self.batch), accumulate=True)
+                self._tile_pass(tile, range(self.batch), None, accumulate=True)
                 timings[cand] = time.perf_counter() - t0
         self.otfs = None
         log.debug("conv timing: %s", timings)
         return min(timings, key=timings.get)
 
+    # device failures ------------------------------------------------------------
+    def _guarded(self, fn):
+        """``fn()``, again after each device failure it recovers from (docs/architecture.md).
+
+        ``DeviceOOM``: free the device's pools, halve the batch and retry; at
+        batch 1, move to the CPU. ``DeviceLost``: move to the CPU at once.
+        ``fn`` must not change the estimate before it can fail (a pass only
+        reads x_host), so the retry recomputes the same thing.
+        """
+        while True:
+            try:
+                return fn()
+            except DeviceOOM as exc:
+                free = getattr(self.be, "free_memory", None)
+                if free is not None:
+                    free()
+                if self.batch > 1:
+                    self.batch //= 2
+                    self._event(f"{self.be.name}: out of device memory ({exc}); "
+                                f"batch halved to {self.batch}, iteration {self.iteration + 1} "
+                                "recomputed")
+                    self._on_device()
+                    self._cache()
+                else:
+                    self._to_cpu(f"out of device memory at batch 1 ({exc})")
+            except DeviceLost as exc:
+                self._to_cpu(f"device lost ({exc})")
+
+    def _to_cpu(self, why: str) -> None:
+        from .backends.cpu import CPUBackend
+
+        old = self.be
+        if old.name == "cpu":
+            raise RuntimeError(f"the CPU backend reported a device failure: {why}")
+        self.be = CPUBackend(getattr(old, "threads", None))
+        self.batch = min(self.problem.n_frames, self.opt.batch or 8)
+        self._event(f"{old.name}: {why}; moved to the CPU, iteration {self.iteration + 1} "
+                    "recomputed there")
+        free = getattr(old, "free_memory", None)
+        if free is not None:
+            try:
+                free()
+            except Exception:  # noqa: BLE001 -- a lost device may not even free
+                pass
+        self._on_device()
+        self._cache()
+
+    def _event(self, text: str) -> None:
+        log.warning("%s", text)
+        self.events.append(text)
+
     # one pass over the extent -------------------------------------------------
-    def _batches(self):
-        n, b = self.problem.n_frames, self.batch
-        for s in range(0, n, b):
-            yield range(s, min(n, s + b))
+    def _batches(self, frames: range):
+        b = self.batch
+        for s in range(frames.start, frames.stop, b):
+            yield range(s, min(frames.stop, s + b))
 
     def _load_tile(self, tile: Tile) -> None:
         """Copy the tile's model window into the FFT buffer (zero beyond it)."""
@@ -279,8 +362,6 @@ class Solver:
             self._last = (tile.geom.h, tile.geom.w)
         e0, e1 = tile.geom.extent
         self._x[:, :e0, :e1] = self.be.asarray(self.x_host[:, ys, xs])
-        if self.floor_host is not None:
-            self._b[:, :e0, :e1] = self.be.asarray(self.floor_host[:, ys, xs])
 
     def _otf_cache(self, idx: range):
         """OTFs of frames ``idx`` in one array, filled in place (no list-then-stack copy)."""
@@ -304,15 +385,18 @@ class Solver:
         psf = self.psfs[idx.start:idx.stop]
         return be.conv_forward_direct(self._x, psf, self._yhat[:nb], g.p, g.fine_shape)
 
-    def _tile_pass(self, tile: Tile, frames=None, accumulate: bool = True, gather: bool = False):
-        """Residual samples of every frame over the tile, and num/den when asked.
+    def _tile_pass(self, tile: Tile, frames: range, part: Partial | None,
+                   accumulate: bool = True, gather: bool = False):
+        """Frames ``frames`` over the tile: samples and consensus statistics into ``part``,
+        num/den into ``self._nd`` when ``accumulate``.
 
+        ``part`` None (timing the convolutions): nothing is sampled or gathered.
         ``gather``: the consensus statistics too (always with ``accumulate``
         when rejecting by consensus).
         """
         be, pr, g = self.be, self.problem, tile.geom
         C = pr.channels
-        gather = self._consensus and (gather or accumulate) and frames is None
+        gather = self._consensus and (gather or accumulate) and part is not None
         if gather:
             acc = self._cacc[:, :, :g.h, :g.w]
             acc.fill(0)
@@ -326,7 +410,7 @@ class Solver:
             self._nd.fill(0)
         own_r = (tile.own_rows[0] - tile.rows[0], tile.own_rows[1] - tile.rows[0])
         own_c = (tile.own_cols[0] - tile.cols[0], tile.own_cols[1] - tile.cols[0])
-        for idx in ([frames] if frames is not None else self._batches()):
+        for idx in self._batches(frames):
             interrupt.check()  # a signal during the kernels is raised here, between batches
             nb, planes = len(idx), slice(idx.start * C, idx.stop * C)
             otf = self._otf(idx) if self.conv == "fft" else None
@@ -340,7 +424,7 @@ class Solver:
                 yhat = be.block_sum(yhat, g.r, g.p,
                                     self._ynat[: nb * C * g.h * g.w].reshape(nb * C, g.h, g.w))
                 py = 0
-            if frames is None:
+            if part is not None:
                 z, q = be.residual_samples(y, yhat, py, self.noise, self.poisson_floor,
                                            self.res_step, (tile.rows[0], tile.cols[0]), own_r,
                                            own_c, var=maps["var"])
@@ -351,15 +435,17 @@ class Solver:
                 pr.release_maps()
                 continue
             out = self._wbuf[:, : nb * C]
-            if self._consensus and frames is None:
+            if gather:
                 rej, fin = be.consensus_weights(
                     y, yhat, py, self.sigma[planes], unit[planes], self.delta[planes],
                     self._huber, self.noise, self.poisson_floor, out, acc, cons=cons,
                     zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
                     mask=maps["mask"], var=maps["var"])
                 # counted over the tile's frame window: approximate where tiles overlap
-                self._rej[planes] += rej
-                self._fin[planes] += fin
+                for k in range(nb * C):
+                    p = planes.start + k
+                    part.rej[p] = part.rej.get(p, 0.0) + float(rej[k])
+                    part.fin[p] = part.fin.get(p, 0.0) + float(fin[k])
             else:
                 be.robust_weights(y, yhat, py, self.sigma[planes], self.delta[planes],
                                   self._huber, self.noise, self.poisson_floor, out,
@@ -377,42 +463,75 @@ class Solver:
             be.irfft2(self._acc, self.grid, out=self._nd, overwrite_input=True)
         if gather:  # the rows and columns this tile owns go to the whole-frame statistics
             (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
-            part = be.to_host(acc[:, :, own_r[0]:own_r[1], own_c[0]:own_c[1]])
-            self._cstat[:, :, r0:r1, c0:c1] = part
+            part.cstat[:, :, r0:r1, c0:c1] = be.to_host(acc[:, :, own_r[0]:own_r[1],
+                                                            own_c[0]:own_c[1]])
 
-    def _sweep(self, accumulate: bool, gather: bool = False):
-        """One pass over all tiles; with ``accumulate`` also the update into x."""
-        P = self.problem.n_frames * self.problem.channels
-        self._zs = [[] for _ in range(P)]
-        self._qs = [[] for _ in range(P)]
+    def partial_sums(self, frames: range, *, accumulate: bool = True, gather: bool = False,
+                     out: np.ndarray | None = None) -> Partial:
+        """The part of frames ``frames`` in one pass at the current estimate: the seam.
+
+        The pass reads ``x_host`` and changes no state of the solver but its
+        work buffers, so it can be recomputed after a device failure, and
+        parts of disjoint frame sets add up (:func:`mfnumba.partials.merge`)
+        to the part of their union. ``out``: the (2, C, E0, E1) array num
+        and den go into (else a new one).
+        """
+        C = self.problem.channels
         gather = self._consensus and (gather or accumulate)
-        if gather:
-            if getattr(self, "_cstat", None) is None:
-                self._cstat = np.zeros((3, self.problem.channels) + tuple(self.problem.shape),
-                                       np.float32)  # every pixel is rewritten by its own tile
-            self._rej, self._fin = np.zeros(P), np.zeros(P)
-        samples = ([], [], [])
-        # the cores partition the extent, so every pixel of the spare buffer is rewritten
-        x_new = self._x_spare if accumulate else None
+        self._zs = {p: [] for p in range(frames.start * C, frames.stop * C)}
+        self._qs = {p: [] for p in self._zs}
+        part = Partial()
+        if accumulate:
+            # the cores partition the extent, so every pixel of nd is rewritten
+            part.nd = np.empty((2,) + self.x_host.shape, np.float32) if out is None else out
+        if gather:  # every pixel is rewritten by its own tile
+            part.cstat = np.empty((3, C) + tuple(self.problem.shape), np.float32)
         for tile in self.tiles:
             self._load_tile(tile)
-            self._tile_pass(tile, accumulate=accumulate, gather=gather)
-            if not accumulate:
-                continue
-            cy, cx = tile.core_in_model
-            got = self.be.update(self._x, self._nd[0], self._nd[1], self.opt.kappa,
-                                 self.opt.relax, self.den_floor, ((cy.start, cy.stop),
-                                 (cx.start, cx.stop)), self.upd_step,
-                                 (tile.model[0].start, tile.model[1].start), floor=self._b)
-            for acc, s in zip(samples, got):
-                acc.append(s)
-            a, b, c, d = tile.core
-            x_new[:, a:b, c:d] = self.be.to_host(self._x[:, cy, cx])
-        if accumulate:
-            self._x_spare, self.x_host = self.x_host, x_new
-        if gather:
-            self._set_consensus()
-        return [np.concatenate(s) for s in samples] if accumulate else None
+            self._tile_pass(tile, frames, part, accumulate=accumulate, gather=gather)
+            if accumulate:
+                cy, cx = tile.core_in_model
+                a, b, c, d = tile.core
+                part.nd[:, :, a:b, c:d] = self.be.to_host(self._nd[:, :, cy, cx])
+        part.z = {p: np.concatenate(v) if v else np.empty(0) for p, v in self._zs.items()}
+        part.q = {p: np.concatenate(v) if v else np.empty(0) for p, v in self._qs.items()}
+        self._zs = self._qs = None
+        return part
+
+    def _partials(self, *, accumulate: bool, gather: bool = False) -> Partial:
+        """The reduced part of all frames, from the executor, surviving device failures."""
+        def run():
+            with interrupt.deferred():
+                return self.executor.partials(self, accumulate=accumulate, gather=gather)
+        return self._guarded(run)
+
+    def apply(self, part: Partial) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The driver's half of a pass: x updated from the reduced num and den.
+
+        Returns the update samples (|upd − 1|, |Δx|, |x|) on the global grid.
+        The update runs on the host estimate, in place: it is element-wise,
+        and nothing else reads x until the next pass.
+        """
+        num, den = part.nd[0], part.nd[1]
+        be = self.be
+        x = be.asarray(self.x_host)
+        floor = None if self.floor_host is None else be.asarray(self.floor_host)
+        e0, e1 = self.geom.extent
+        got = be.update(x, be.asarray(num), be.asarray(den), self.opt.kappa, self.opt.relax,
+                        self.den_floor, ((0, e0), (0, e1)), self.upd_step, (0, 0), floor=floor)
+        if x is not self.x_host:
+            self.x_host[...] = be.to_host(x)
+        if self._consensus and part.cstat is not None:
+            self._take_consensus(part)
+        return got
+
+    def _take_consensus(self, part: Partial) -> None:
+        P = self.problem.n_frames * self.problem.channels
+        self._cstat = part.cstat
+        self._rej = np.array([part.rej.get(k, 0.0) for k in range(P)])
+        self._fin = np.array([part.fin.get(k, 0.0) for k in range(P)])
+        self._set_consensus()
+        self._cstat = None
 
     def _set_consensus(self) -> None:
         """The consensus maps for the next pass, and the rejected fraction of each frame.
@@ -441,10 +560,10 @@ class Solver:
         frac = self._rej / np.maximum(self._fin, 1)
         self.rejected = frac.reshape(-1, C).mean(axis=1)
 
-    def _set_scales(self) -> None:
+    def _set_scales(self, part: Partial) -> None:
         """σ and δ per plane from the residual samples of the last pass."""
         o, C = self.opt, self.problem.channels
-        z = [np.concatenate(v) if v else np.empty(0) for v in self._zs]
+        z = [part.z.get(k, np.empty(0)) for k in range(self.problem.n_frames * C)]
         s = np.array([_MAD * np.median(np.abs(v - np.median(v))) if v.size else np.nan for v in z])
         if self.noise == "map":
             # σ is the map's; auto δ = |δ| · 1.4826 MAD(r/σ) follows the real scatter
@@ -458,7 +577,8 @@ class Solver:
         self.delta = abs(o.huber_delta) * scale if o.auto_delta else np.full_like(s, o.huber_delta)
         self._scale = sigma * scale
         if not hasattr(self, "_den_ref"):
-            q = np.array([np.median(np.concatenate(v)) if v else 0.0 for v in self._qs])
+            q = np.array([np.median(v) if v.size else 0.0 for v in
+                          (part.q.get(k, np.empty(0)) for k in range(len(z)))])
             self._den_ref = np.maximum((q / sigma ** 2).reshape(-1, C).sum(axis=0), 0.0)
 
     # iterations -------------------------------------------------------------------
@@ -466,11 +586,12 @@ class Solver:
         """One iteration: num and den over all frames and tiles, then the update."""
         t0 = time.perf_counter()
         o = self.opt
+        part = self._partials(accumulate=True)
         with interrupt.deferred():
-            su, sd, sx = self._sweep(accumulate=True)
+            su, sd, sx = self.apply(part)
         delta, sigma = float(np.median(self.delta)), float(np.median(self._scale))
-        chi2 = self._chi2()  # of the estimate this pass started from
-        self._set_scales()  # for the next iteration, from this pass's residuals
+        chi2 = self._chi2(part)  # of the estimate this pass started from
+        self._set_scales(part)  # for the next iteration, from this pass's residuals
         mx = float(np.median(sx))
         med_upd = float(np.median(su))
         med_rel = float(np.median(sd)) / mx if mx > 0 else 0.0
@@ -480,7 +601,7 @@ class Solver:
         ema_u = med_upd if prev is None else a * med_upd + (1 - a) * prev.ema_upd
         ema_r = med_rel if prev is None else a * med_rel + (1 - a) * prev.ema_rel
         rec = IterationRecord(self.iteration, med_upd, med_rel, ema_u, ema_r, delta, sigma,
-                              time.perf_counter() - t0)
+                              time.perf_counter() - t0, backend=self.be.name)
         self.history.append(rec)
         calm = ema_u < o.tol_upd and ema_r < o.tol_rel
         self._calm = self._calm + 1 if calm else 0
@@ -489,7 +610,7 @@ class Solver:
         self._chi_calm = self._chi_calm + 1 if flat else 0
         return rec
 
-    def _chi2(self) -> float:
+    def _chi2(self, part: Partial) -> float:
         """Mean over frames of the mean z² of the pass's residual samples, z in noise units.
 
         Each z² is capped at 25 so that outliers do not hold the number up;
@@ -497,9 +618,9 @@ class Solver:
         the noise, which is what the early stop watches.
         """
         vals = []
-        for k, v in enumerate(self._zs):
-            if v:
-                z = np.concatenate(v) / self._scale[k]
+        for k, v in part.z.items():
+            if v.size:
+                z = v / self._scale[k]
                 vals.append(float(np.mean(np.minimum(z * z, 25.0))))
         return float(np.mean(vals)) if vals else float("nan")
 
@@ -517,7 +638,6 @@ class Solver:
         if st["x"].shape != self.x_host.shape:
             raise ValueError(f"checkpoint estimate {st['x'].shape} != {self.x_host.shape}")
         self.x_host = np.array(st["x"], dtype=np.float32)
-        self._x_spare = np.empty_like(self.x_host)
         self.sigma, self.delta, self._scale = st["sigma"], st["delta"], st["scale"]
         self.den_floor = st["den_floor"]
         self.iteration, self._calm = int(st["iteration"]), int(st["calm"])
@@ -604,4 +724,5 @@ class Solver:
         ys, xs = self.geom.frame_slice
         image = np.ascontiguousarray(self.x_host[:, ys, xs], dtype=np.float32)
         return SolveResult(image, self.iteration, self.early_stopped, self.conv, list(self.history),
-                           rejected=np.array(self.rejected), stop_reason=self.stop_reason)
+                           rejected=np.array(self.rejected), stop_reason=self.stop_reason,
+                           events=list(self.events), backend=self.be.name)
