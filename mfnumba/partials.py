@@ -50,6 +50,16 @@ class Partial:
         return sum(a.nbytes for a in arrays if a is not None)
 
 
+def shifted(part: Partial, planes: int) -> Partial:
+    """``part`` with its planes renumbered by ``planes`` (a worker's share → the stack)."""
+    if planes:
+        part.z = {k + planes: v for k, v in part.z.items()}
+        part.q = {k + planes: v for k, v in part.q.items()}
+        part.rej = {k + planes: v for k, v in part.rej.items()}
+        part.fin = {k + planes: v for k, v in part.fin.items()}
+    return part
+
+
 def merge(a: Partial, b: Partial) -> Partial:
     """The part of the union of two disjoint sets of frames (``a`` is reused)."""
     overlap = a.z.keys() & b.z.keys()

@@ -241,6 +241,34 @@ class Solver:
         self.sigma_floor = 1e-7 * scale
         self.poisson_floor = 1e-3 * scale
 
+    # a worker's solver: the driver's choices instead of setup ---------------------
+    def settings(self) -> dict:
+        """What the driver decided in setup that a worker's solver must share (once)."""
+        return {"conv": self.conv, "seed_scale": self.seed_scale, "noise": self.noise,
+                "consensus": self._consensus, "batch": self.batch}
+
+    def pass_inputs(self, frames: range) -> dict:
+        """What a worker holding ``frames`` needs for the next pass, besides x."""
+        C = self.problem.channels
+        planes = slice(frames.start * C, frames.stop * C)
+        return {"sigma": self.sigma[planes], "delta": self.delta[planes],
+                "scale": self._scale[planes], "cons": self.cons_host}
+
+    def join(self, settings: dict, extent_shape: tuple[int, ...]) -> None:
+        """Take the driver's :meth:`settings` in place of :meth:`setup`."""
+        self.conv, self.noise = settings["conv"], settings["noise"]
+        self.set_floors(settings["seed_scale"])
+        self._consensus = settings["consensus"]  # the whole stack's, not this share's
+        self.batch = min(self.batch, settings["batch"])
+        self.x_host = np.zeros(extent_shape, np.float32)
+        self._guarded(lambda: (self._on_device(), self._cache()))
+
+    def load_pass(self, x: np.ndarray, inputs: dict) -> None:
+        """The estimate and :meth:`pass_inputs` of the pass about to be computed."""
+        self.x_host = x
+        self.sigma, self.delta, self._scale = inputs["sigma"], inputs["delta"], inputs["scale"]
+        self.cons_host = inputs["cons"]
+
     def _on_device(self) -> None:
         """PSFs and work buffers on the current backend (again after a failover)."""
         self.psfs = self.be.asarray(self.problem.psfs)
