@@ -189,7 +189,13 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     if stream:
         log.info("the frames and maps do not fit the memory budget: streaming them from disk")
     scratch = Scratch(on_disk=stream)
+    cluster = None
     try:
+        if opt.scheduler != "local":
+            from .distributed import connect  # Dask: only when asked for
+
+            cluster = connect(opt.scheduler, n_frames=reader.n_frames, threads=opt.threads)
+            log.info("scheduler %s: %d worker(s)", opt.scheduler, cluster.n_workers)
         base = WorkSource(reader, border_masks(reader, scratch))
         psfset = stack_psfs(psf, base, headers, fwhm, opt)
         # resolved (stack_psfs), lifted and sized once, here; the solves get the kernels
@@ -215,7 +221,8 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         if ctl.snapshot is not None:
             user = ctl.snapshot
             ctl = dataclasses.replace(ctl, snapshot=lambda it, ch, img: user(it, ch, chroma(img)))
-        run = dict(maps=maps, opt=opt, backend=backend, progress=progress, ctl=ctl, stream=stream)
+        run = dict(maps=maps, opt=opt, backend=backend, progress=progress, ctl=ctl, stream=stream,
+                   cluster=cluster)
         if psfset.per_channel:  # rgb with a PSF per channel: one solve per channel
             parts = [_solve(work.replace(channel=c), kernels[c][0], work_seed[c:c + 1],
                             channel=c, **run) for c in range(work.channels)]
@@ -231,6 +238,8 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         # the header's lift lines describe the SR lift; the r = 1 target-resolution lift has its own
         lifts = kernels[0][1] if opt.sr > 1 else []
     finally:
+        if cluster is not None:
+            cluster.close()
         scratch.close()
         reader.close()
     image = np.ascontiguousarray(chroma(image), dtype=np.float32)
@@ -284,7 +293,7 @@ def _chroma(seed: np.ndarray, r: int):
 
 
 def _solve(work: WorkSource, kernel, seed, *, maps, channel, opt, backend, progress,
-           ctl: RunControl, stream: bool):
+           ctl: RunControl, stream: bool, cluster=None):
     """One solver run on the working frames with the prepared kernels; (image, SolveResult, pedestal)."""
     names = [f"frame {i}" for i in range(kernel.shape[0])]
     sel = slice(None) if channel is None else slice(channel, channel + 1)
@@ -297,7 +306,8 @@ def _solve(work: WorkSource, kernel, seed, *, maps, channel, opt, backend, progr
     scale = float(np.median(np.abs(seed)))
     seed = np.maximum(seed, np.float32(1e-6 * max(scale, 1e-30)))
     src = work.replace(pedestal=ped)
-    data = src if stream else src.materialize()
+    # on a cluster the workers read the frames; the driver only times the convolution on them
+    data = src if stream or cluster is not None else src.materialize()
     problem = Problem(data, kernel, sr=opt.sr, var=var, protect=protect)
 
     ckpt = None if ctl.checkpoint is None else checkpoint.checkpoint_path(ctl.checkpoint, channel)
@@ -337,8 +347,15 @@ def _solve(work: WorkSource, kernel, seed, *, maps, channel, opt, backend, progr
         if progress is not None:
             progress(rec)
 
+    executor = None
+    if cluster is not None:
+        from .distributed import DaskExecutor
+
+        executor = DaskExecutor(cluster, src, problem, opt.replace(batch=mem.batch),
+                                backend=opt.backend, tile=mem.tile, cache_otfs=mem.cache_otfs,
+                                stream=stream, threads=None)
     solver = Solver(problem, opt.replace(batch=mem.batch), backend, callback=after_iteration,
-                    tile=mem.tile, cache_otfs=mem.cache_otfs)
+                    tile=mem.tile, cache_otfs=mem.cache_otfs, executor=executor)
     solver.setup(seed, conv=None if state is None else state["conv"])
     if state is not None:
         solver.restore(state)

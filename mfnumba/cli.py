@@ -118,10 +118,10 @@ class _Reporter:
             self.progress = Progress(
                 TextColumn("iter {task.completed}/{task.total}"), BarColumn(),
                 TextColumn("δ {task.fields[delta]}  med|upd−1| {task.fields[upd]}  "
-                           "{task.fields[backend]}"),
+                           "{task.fields[backend]}{task.fields[workers]}"),
                 TimeRemainingColumn(), console=err_console, transient=False)
             self.task = self.progress.add_task("deconv", total=iters, delta="–", upd="–",
-                                               backend="")
+                                               backend="", workers="")
             self.progress.start()
 
     def event(self, **kw) -> None:
@@ -132,11 +132,13 @@ class _Reporter:
         self.event(event="iteration", **rec.__dict__)
         if self.progress is not None:
             self.progress.update(self.task, completed=rec.iteration, delta=f"{rec.delta:.2f}",
-                                 upd=f"{rec.med_upd:.2e}", backend=rec.backend)
+                                 upd=f"{rec.med_upd:.2e}", backend=rec.backend,
+                                 workers=f" ×{rec.workers} workers" if rec.workers > 1 else "")
         elif not self.quiet:
             log.info("iter %d/%d  delta %.2f  sigma %.4g  med|upd-1| %.3e  med|dx|/|x| %.3e  "
-                     "%.2fs  %s", rec.iteration, self.iters, rec.delta, rec.sigma, rec.med_upd,
-                     rec.med_rel, rec.seconds, rec.backend)
+                     "%.2fs  %s%s", rec.iteration, self.iters, rec.delta, rec.sigma, rec.med_upd,
+                     rec.med_rel, rec.seconds, rec.backend,
+                     f" x{rec.workers} workers" if rec.workers > 1 else "")
 
     def close(self) -> None:
         if self.progress is not None:
@@ -211,6 +213,9 @@ def deconv(
                                     "and header.", "the best frame"),
     layout: str = typer.Option("auto", help="3-D frames: auto, chw or hwc."),
     backend: Optional[str] = _opt("auto, cpu or cuda.", "auto"),
+    scheduler: Optional[str] = _opt("Where the frames are summed: local (this process), dask (a "
+                                    "Dask cluster on this machine) or a Dask scheduler's address "
+                                    "(tcp://host:8786).", "local"),
     conv: Optional[str] = _opt("auto (both timed once), fft or direct.", "auto"),
     batch: Optional[int] = _opt("Frames per batch.", "planned"),
     mem_budget: Optional[str] = _opt("Memory budget of the whole process, e.g. 4GB.",
@@ -242,6 +247,7 @@ def deconv(
                    mem_budget=None if mem_budget is None else memory.parse_size(mem_budget),
                    low_mem=low_mem or None, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend,
                    conv=conv, batch=batch, threads=threads, normalize=normalize,
+                   scheduler=scheduler,
                    reference=reference, reject=reject, reject_z=reject_z, sky_floor=sky_floor,
                    target_sigma=target_sigma, tol_chi=tol_chi)
     if min_iters is not None and min_iters > opt.iters:

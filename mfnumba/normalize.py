@@ -55,6 +55,12 @@ class Photometry:
     def identity(cls, n: int, c: int, reference: int = 0) -> "Photometry":
         return cls(np.ones((n, c)), np.zeros((n, c, 3)), reference, np.zeros(n, int))
 
+    def share(self, frames: range) -> "Photometry":
+        """The coefficients of frames ``frames`` only (numbered from 0)."""
+        s = slice(frames.start, frames.stop)
+        return Photometry(self.scale[s].copy(), self.offset[s].copy(), self.reference,
+                          self.stars[s].copy(), list(self.notes))
+
     def plane(self, i: int, rows: slice, cols: slice, shape) -> np.ndarray:
         """(C, r, c) offset b_i over a tile of a frame of ``shape`` (h, w)."""
         h, w = shape

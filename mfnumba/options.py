@@ -105,6 +105,7 @@ class Options:
     sr_sigma: float = 0.7
     sr_iters: int = 250
     backend: str = "auto"
+    scheduler: str = "local"  # local, dask (a LocalCluster) or tcp://host:port (distributed.py)
     batch: int | None = None
     threads: int | None = None
     mem_budget: int | None = None  # bytes of the whole process; None: what it holds + 60 % of available

@@ -78,6 +78,9 @@ def check_run(frames, psf, *, options: Options, files: RunFiles, fwhm: float | N
     problem = backend_problem(opt.backend)
     if problem:
         raise OptionError(f"--backend {opt.backend}: {problem}")
+    from .distributed import check_scheduler
+
+    check_scheduler(opt.scheduler)
     if fwhm is not None and not fwhm > 0:
         raise OptionError(f"--fwhm {fwhm}: expected a positive number of pixels")
     if save_every < 0:

@@ -128,6 +128,7 @@ class IterationRecord:
     sigma: float  # median noise scale over frames
     seconds: float
     backend: str = "cpu"  # where the iteration ran (it changes on a failover)
+    workers: int = 1  # processes that computed its parts (a Dask cluster's workers)
 
 
 @dataclass
@@ -629,7 +630,8 @@ class Solver:
         ema_u = med_upd if prev is None else a * med_upd + (1 - a) * prev.ema_upd
         ema_r = med_rel if prev is None else a * med_rel + (1 - a) * prev.ema_rel
         rec = IterationRecord(self.iteration, med_upd, med_rel, ema_u, ema_r, delta, sigma,
-                              time.perf_counter() - t0, backend=self.be.name)
+                              time.perf_counter() - t0, backend=self.be.name,
+                              workers=getattr(self.executor, "workers", 1))
         self.history.append(rec)
         calm = ema_u < o.tol_upd and ema_r < o.tol_rel
         self._calm = self._calm + 1 if calm else 0
@@ -753,4 +755,5 @@ class Solver:
         image = np.ascontiguousarray(self.x_host[:, ys, xs], dtype=np.float32)
         return SolveResult(image, self.iteration, self.early_stopped, self.conv, list(self.history),
                            rejected=np.array(self.rejected), stop_reason=self.stop_reason,
-                           events=list(self.events), backend=self.be.name)
+                           events=list(self.events) + list(getattr(self.executor, "events", [])),
+                           backend=self.be.name)

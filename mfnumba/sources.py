@@ -57,6 +57,18 @@ class WorkSource:
     def replace(self, **changes) -> "WorkSource":
         return dataclasses.replace(self, **changes)
 
+    def share(self, frames: range) -> "WorkSource":
+        """Frames ``frames`` as a source of their own (what a cluster worker reads).
+
+        Its reader opens only those files; borders and photometry are copied,
+        so it pickles without the stack's scratch files.
+        """
+        s = slice(frames.start, frames.stop)
+        return self.replace(reader=self.reader.share(frames),
+                            borders=None if self.borders is None else np.array(self.borders[s]),
+                            photometry=None if self.photometry is None
+                            else self.photometry.share(frames))
+
     def _finish(self, block: np.ndarray, frames, rows, cols) -> np.ndarray:
         """(n, C, r, c) raw block -> working block."""
         if self.borders is not None:

@@ -363,8 +363,10 @@ class StackReader:
     (40, 1, 256, 256)
     """
 
-    def __init__(self, paths: Sequence, *, layout: str = "auto", max_open: int = 32):
+    def __init__(self, paths: Sequence, *, layout: str = "auto", max_open: int = 32,
+                 shape: tuple[int, int] | None = None):
         layout = check_layout(layout)
+        self._layout = layout
         self.paths = [Path(p) for p in paths]
         if not self.paths:
             raise OptionError("no frames given")
@@ -381,8 +383,13 @@ class StackReader:
                                  f"all frames must have the same number of channels", path=r.path)
         h = min(r.full_shape[0] for r in self._readers)
         w = min(r.full_shape[1] for r in self._readers)
+        if shape is not None:  # a share of a stack: the whole stack's common region
+            if shape[0] > h or shape[1] > w:
+                raise ShapeError(f"smaller than the stack's common {shape[0]} x {shape[1]} region",
+                                 path=self.paths[0])
+            h, w = int(shape[0]), int(shape[1])
         n_cropped = sum(r.full_shape != (h, w) for r in self._readers)
-        if n_cropped:
+        if n_cropped and shape is None:
             log.warning("cropped %d of %d frames to the common %d x %d (h x w) region at pixel (0, 0)",
                         n_cropped, len(self.paths), h, w)
         for r in self._readers:
@@ -404,6 +411,15 @@ class StackReader:
 
     def __len__(self) -> int:
         return len(self._readers)
+
+    def share(self, frames: range) -> "StackReader":
+        """Frames ``frames`` as a reader of their own, cropped to this stack's region."""
+        return StackReader(self.paths[frames.start:frames.stop], layout=self._layout,
+                           max_open=self._max_open, shape=self.shape)
+
+    def __reduce__(self):
+        # pickled (sent to a cluster worker) as its paths: the worker opens its own files
+        return (_reopen, (self.paths, self._layout, self._max_open, self.shape))
 
     def nbytes_frame(self) -> int:
         """float32 bytes of one ``(C, h, w)`` frame."""
@@ -495,8 +511,16 @@ class ArrayReader:
     def close(self) -> None:
         pass
 
+    def share(self, frames: range) -> "ArrayReader":
+        """Frames ``frames`` (a copy: it may be sent to another process)."""
+        return ArrayReader(np.array(self._frames[frames.start:frames.stop]))
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         pass
+
+
+def _reopen(paths, layout, max_open, shape) -> StackReader:
+    return StackReader(paths, layout=layout, max_open=max_open, shape=shape)

@@ -1,0 +1,175 @@
+"""The solve on a Dask cluster gives the in-process result (issue 12).
+
+A 2-process LocalCluster, an existing scheduler started here (``dask
+scheduler`` + ``dask worker`` on 127.0.0.1), a worker killed mid-run, and
+what moves per pass as Dask's scheduler counts it.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+from astropy.io import fits  # noqa: E402
+
+from mfnumba.api import deconvolve  # noqa: E402
+from mfnumba.backends.cpu import CPUBackend  # noqa: E402
+from mfnumba.distributed import Cluster, DaskExecutor, split  # noqa: E402
+from mfnumba.options import Options  # noqa: E402
+from mfnumba.sources import WorkSource  # noqa: E402
+from mfnumba.io.tiles import StackReader  # noqa: E402
+from mfnumba.solver import Problem, Solver  # noqa: E402
+
+from .test_failover import _problem  # noqa: E402
+
+OPT = dict(iters=5, early_stop=False, conv="fft")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    local = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                     dashboard_address=None)
+    client = distributed.Client(local)
+    yield Cluster(client, local)
+    client.close()
+    local.close()
+
+
+def _frames(tmp_path, rng, n=6):
+    """Frame files with spaces in their names, and the PSF they were blurred with (about)."""
+    problem, _ = _problem(rng, n=n, h=40, w=44)
+    paths = []
+    for i, f in enumerate(problem.frames[:, 0]):
+        paths.append(tmp_path / f"frame {i:02d}.fits")  # a space in the name: paths travel
+        fits.writeto(paths[-1], f)
+    return [str(p) for p in paths], problem.psfs[0]
+
+
+def test_split_covers_every_frame_once():
+    for n, k in [(7, 3), (2, 5), (16, 16), (5, 1)]:
+        shares = split(n, k)
+        assert [i for r in shares for i in r] == list(range(n))
+        assert len(shares) == min(n, k) and max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_a_local_cluster_gives_the_in_process_result(tmp_path, rng):
+    paths, psf = _frames(tmp_path, rng)
+    want = deconvolve(paths, psf, options=Options(**OPT))
+    got = deconvolve(paths, psf, options=Options(scheduler="dask", **OPT))
+    np.testing.assert_allclose(got.image, want.image, rtol=2e-4, atol=1e-4 * want.image.max())
+    assert got.header["MF_ITERS"] == want.header["MF_ITERS"] == 5
+    assert [r.workers for r in got.history] == [2] * 5  # a 2-core machine: 2 worker processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_existing_scheduler_gives_the_in_process_result(tmp_path, rng):
+    paths, psf = _frames(tmp_path, rng, n=5)
+    port = _free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    dask = [sys.executable, "-m", "dask"]
+    procs = [subprocess.Popen(dask + ["scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                      "--no-dashboard"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    try:
+        procs.append(subprocess.Popen(dask + ["worker", addr, "--nworkers", "2", "--nthreads", "1",
+                                              "--no-dashboard", "--memory-limit", "0"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with distributed.Client(addr, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        want = deconvolve(paths, psf, options=Options(**OPT))
+        got = deconvolve(paths, psf, options=Options(scheduler=addr, **OPT))
+        np.testing.assert_allclose(got.image, want.image, rtol=2e-4, atol=1e-4 * want.image.max())
+        assert got.history[-1].workers == 2
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _stack(tmp_path, rng, n):
+    """Frames on disk, the same frames in memory, and their PSFs."""
+    problem, _ = _problem(rng, n=n, h=40, w=44)
+    tmp_path.mkdir(exist_ok=True)
+    paths = []
+    for i, f in enumerate(problem.frames[:, 0]):
+        paths.append(str(tmp_path / f"f{i:02d}.fits"))
+        fits.writeto(paths[-1], f)
+    return paths, problem.frames, problem.psfs
+
+
+def _dask_solver(cluster, paths, psfs, seed, opt, callback=None):
+    src = WorkSource(StackReader(paths))
+    problem = Problem(src, psfs)  # the driver streams: the workers read the frames
+    ex = DaskExecutor(cluster, src, problem, opt, backend="cpu")
+    s = Solver(problem, opt, CPUBackend(), executor=ex, callback=callback)
+    s.setup(seed)
+    return s, ex
+
+
+def _local(frames, psfs, seed, opt):
+    s = Solver(Problem(frames, psfs), opt, CPUBackend())
+    s.setup(seed)
+    return s.run()
+
+
+def test_a_killed_worker_still_gives_the_same_result(cluster, tmp_path, rng):
+    paths, frames, psfs = _stack(tmp_path, rng, 6)
+    seed = np.median(frames, axis=0)
+    opt = Options(iters=6, early_stop=False, conv="fft", batch=3)
+    want = _local(frames, psfs, seed, opt)
+    killed = []
+
+    def kill_one(rec):
+        if rec.iteration == 2:
+            pids = cluster.client.run(os.getpid)
+            victim = sorted(pids)[0]
+            os.kill(pids[victim], signal.SIGKILL)
+            killed.append(victim)
+            deadline = time.monotonic() + 30
+            while victim in cluster.client.scheduler_info()["workers"] and \
+                    time.monotonic() < deadline:
+                time.sleep(0.2)
+
+    s, ex = _dask_solver(cluster, paths, psfs, seed, opt, callback=kill_one)
+    got = s.run()
+    assert killed and any(killed[0] in e and "left" in e for e in ex.events)
+    assert got.iterations == 6 and any("left" in e for e in got.events)
+    np.testing.assert_allclose(got.image, want.image, rtol=2e-4, atol=1e-4 * want.image.max())
+    cluster.client.wait_for_workers(2, timeout=60)  # the nanny brings it back for the others
+
+
+@pytest.mark.parametrize("reject", ["consensus", "huber"])
+def test_per_pass_only_x_goes_out_and_one_part_comes_back(reject, cluster, tmp_path, rng):
+    out = {}
+    for n in (4, 8):
+        paths, frames, psfs = _stack(tmp_path / str(n), rng, n)
+        opt = Options(iters=2, early_stop=False, conv="fft", reject=reject)
+        s, ex = _dask_solver(cluster, paths, psfs, np.median(frames, axis=0), opt)
+        s.run()
+        x = s.x_host.nbytes
+        cons = 0 if s.cons_host is None else s.cons_host.nbytes
+        # the last pass, as the scheduler counts it: x (and the consensus maps) to each worker
+        assert ex.sent[-1] == len(ex.states) * (x + cons) > 0
+        # back: one reduced part: num/den over the extent, the statistics, the samples
+        samples = 2 * 8 * n * int(np.ceil(frames.shape[-2] / s.res_step)) * \
+            int(np.ceil(frames.shape[-1] / s.res_step))
+        stats = 1.5 * cons  # Σz², max z², counts against the maps' two planes
+        assert 2 * x <= ex.received[-1] <= 2 * x + stats + samples + 4096
+        out[n] = ex.sent[-1]
+    assert out[4] == out[8]  # twice the frames: the same traffic out
