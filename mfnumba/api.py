@@ -26,7 +26,8 @@ from .options import Options
 from .psf import measure_fwhm
 from .geometry import Geometry
 from .io.tiles import ArrayReader, StackReader
-from .prepare import Scratch, border_masks, build_maps, stack_psfs
+from ._pool import FramePool, usable_cpus
+from .prepare import Scratch, border_masks, build_maps, protection_used, stack_psfs
 from .psf_setup import solver_kernels, target_sigma
 from .seed import make_seed_streaming
 from .sources import WorkSource
@@ -129,13 +130,33 @@ def _plan_setup(reader, channels: int, opt: Options, psf_from_stars: bool) -> me
     h, w = reader.shape
     streamable = isinstance(reader, StackReader)
     plan = memory.plan(h=h, w=w, r=opt.sr, p=50 * opt.sr, channels=channels, n_frames=reader.n_frames,
-                       n_maps=int(opt.masks) + int(opt.variance), budget=opt.mem_budget,
+                       n_maps=_n_maps(opt, reader.n_frames), budget=opt.mem_budget,
                        batch=opt.batch, low_mem=opt.low_mem,
                        streaming=(True if opt.low_mem else None) if streamable else False,
                        channels_in=reader.channels, setup=True, psf_from_stars=psf_from_stars,
                        seed=opt.seed)
     log.debug("%s", plan.describe("memory plan before the setup"))
     return plan
+
+
+def _n_maps(opt: Options, n_frames: int) -> int:
+    return int(protection_used(opt, n_frames)) + int(opt.variance)
+
+
+def _prep_pool(reader, opt: Options, setup: memory.Plan, psf_from_stars: bool) -> FramePool:
+    """The processes that measure the frames (PSFs, maps), as many as the budget's room pays for."""
+    h, w = reader.shape
+    n_maps = _n_maps(opt, reader.n_frames)
+    if not (psf_from_stars or n_maps):
+        return FramePool(1)
+    per = memory.prep_worker_bytes(h=h, w=w, channels=reader.channels, n_maps=n_maps,
+                                   psf_from_stars=psf_from_stars)
+    workers = memory.prep_workers(requested=opt.prep_workers, n_frames=reader.n_frames,
+                                  pixels=h * w, cpus=usable_cpus(),
+                                  room=setup.budget - setup.predicted, per_worker=per)
+    if workers > 1:
+        log.info("preparation: %d worker processes (%s each)", workers, memory.fmt_size(per))
+    return FramePool(workers)
 
 
 def _pedestal(seed: np.ndarray) -> float:
@@ -155,7 +176,8 @@ def _pedestal(seed: np.ndarray) -> float:
 
 def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float | None = None,
                progress: Callable[[IterationRecord], None] | None = None,
-               layout: str = "auto", control: RunControl | None = None) -> Result:
+               layout: str = "auto", control: RunControl | None = None,
+               prep_progress: Callable[[str, int, int], bool | None] | None = None) -> Result:
     """Robust multi-frame deconvolution of a registered stack.
 
     Parameters
@@ -170,6 +192,10 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         Called with an :class:`IterationRecord` after every iteration.
     control : RunControl, optional
         Checkpoints, resume and intermediate snapshots.
+    prep_progress : callable, optional
+        ``prep_progress(step, done, total)`` after each frame of the
+        per-frame preparation steps (PSF estimation, maps); returning True
+        leaves out the INFO lines on them (see :class:`mfnumba._pool.FrameProgress`).
 
     Examples
     --------
@@ -188,9 +214,10 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     if stream:
         log.info("the frames and maps do not fit the memory budget: streaming them from disk")
     scratch = Scratch(on_disk=stream)
+    pool = _prep_pool(reader, opt, setup, psf is None and fwhm is None)
     try:
         base = WorkSource(reader, border_masks(reader, scratch))
-        psfset = stack_psfs(psf, base, headers, fwhm, opt)
+        psfset = stack_psfs(psf, base, headers, fwhm, opt, pool=pool, report=prep_progress)
         # resolved (stack_psfs), lifted and sized once, here; the solves get the kernels
         kernels = [solver_kernels(ch, opt, (h, w), psfset.sources) for ch in psfset.per_channel] \
             if psfset.per_channel else [solver_kernels(psfset.psfs, opt, (h, w), psfset.sources)]
@@ -205,7 +232,9 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         work = norm.replace(luma=True) if luma else norm
         work_seed = seed.mean(axis=0, keepdims=True) if luma else seed
         # the maps are measured on the raw frames; σ on the reference scale is σ / a_i
-        maps = build_maps(work.replace(photometry=None), headers, opt, scratch, reader.channels)
+        maps = build_maps(work.replace(photometry=None), headers, opt, scratch, reader.channels,
+                          pool=pool, report=prep_progress)
+        pool.close()  # the workers' memory is the solve's
         _rescale_variance(maps.var, phot, luma)
         chroma = _chroma(seed, opt.sr) if luma else (lambda img: img)
         ctl = control or RunControl()
@@ -228,6 +257,7 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         # the header's lift lines describe the SR lift; the r = 1 target-resolution lift has its own
         lifts = kernels[0][1] if opt.sr > 1 else []
     finally:
+        pool.close()
         scratch.close()
         reader.close()
     image = np.ascontiguousarray(chroma(image), dtype=np.float32)
