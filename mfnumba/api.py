@@ -213,8 +213,8 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     stream = isinstance(reader, StackReader) and not setup.in_memory
     if stream:
         log.info("the frames and maps do not fit the memory budget: streaming them from disk")
-    scratch = Scratch(on_disk=stream)
     pool = _prep_pool(reader, opt, setup, psf is None and fwhm is None)
+    scratch = Scratch(on_disk=stream)
     try:
         base = WorkSource(reader, border_masks(reader, scratch))
         psfset = stack_psfs(psf, base, headers, fwhm, opt, pool=pool, report=prep_progress)
