@@ -45,6 +45,22 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def idle_cpus() -> int:
+    """Usable cores not busy with other work: the cores less the 1-minute load average.
+
+    This process's own share of the load is given back. On a shared
+    machine a worker on a busy core runs at half speed and pays nothing
+    back for its start (``bench/RESULTS.md``), so the automatic choice
+    counts only the idle ones.
+    """
+    cpus = usable_cpus()
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # Windows
+        return cpus
+    return max(1, min(cpus, int(cpus - load + 1.5)))
+
+
 class FrameProgress:
     """Progress of a per-frame step: a callback per frame, INFO lines every tenth.
 

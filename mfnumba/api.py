@@ -26,7 +26,7 @@ from .options import Options
 from .psf import measure_fwhm
 from .geometry import Geometry
 from .io.tiles import ArrayReader, StackReader
-from ._pool import FramePool, usable_cpus
+from ._pool import FramePool, idle_cpus
 from .prepare import Scratch, border_masks, build_maps, protection_used, stack_psfs
 from .psf_setup import solver_kernels, target_sigma
 from .seed import make_seed_streaming
@@ -152,7 +152,7 @@ def _prep_pool(reader, opt: Options, setup: memory.Plan, psf_from_stars: bool) -
     per = memory.prep_worker_bytes(h=h, w=w, channels=reader.channels, n_maps=n_maps,
                                    psf_from_stars=psf_from_stars)
     workers = memory.prep_workers(requested=opt.prep_workers, n_frames=reader.n_frames,
-                                  pixels=h * w, cpus=usable_cpus(),
+                                  pixels=h * w, cpus=idle_cpus(),
                                   room=setup.budget - setup.predicted, per_worker=per)
     if workers > 1:
         log.info("preparation: %d worker processes (%s each)", workers, memory.fmt_size(per))

@@ -299,7 +299,7 @@ def prep_workers(*, requested: int, n_frames: int, pixels: int, cpus: int, room:
                  per_worker: int) -> int:
     """How many processes measure the frames in the setup (1: this one alone).
 
-    ``requested`` 0 is automatic: one per CPU core, one per frame at most,
+    ``requested`` 0 is automatic: one per idle CPU core (``cpus``), one per frame at most,
     and none for a stack of fewer than ``PREP_POOL_PIXELS`` pixels in all,
     where starting the processes costs more than it saves. Any number is
     bounded by the frames and by ``room`` (bytes the memory plan leaves

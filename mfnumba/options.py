@@ -91,8 +91,8 @@ class Options:
         the frames' mean χ² per iteration stays below this for 2 iterations.
     prep_workers
         Processes that measure the frames before the solve (PSFs, maps):
-        0 picks one per CPU core as the memory budget allows (none for a
-        small stack), 1 measures them in this process. The result does not
+        0 picks one per idle CPU core as the memory budget allows (none
+        for a small stack or a busy machine), 1 measures them in this process. The result does not
         depend on it. A script that calls :func:`mfnumba.deconvolve` with
         more than one needs the ``if __name__ == "__main__":`` guard.
     """

@@ -166,3 +166,13 @@ def test_prep_workers_option_is_validated():
         Options(prep_workers=-1)
     assert Options().prep_workers == 0
     assert _pool.usable_cpus() >= 1
+
+
+def test_the_automatic_choice_counts_only_idle_cores(monkeypatch):
+    monkeypatch.setattr(_pool, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # this process alone
+    assert _pool.idle_cpus() == 8
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.2, 4.0, 4.0))
+    assert _pool.idle_cpus() == 5
+    monkeypatch.setattr(os, "getloadavg", lambda: (40.0, 40.0, 40.0))
+    assert _pool.idle_cpus() == 1
