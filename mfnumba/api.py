@@ -26,7 +26,8 @@ from .options import Options
 from .psf import measure_fwhm
 from .geometry import Geometry
 from .io.tiles import ArrayReader, StackReader
-from .prepare import Scratch, border_masks, build_maps, stack_psfs
+from ._pool import FramePool, auto_may_spawn, idle_cpus
+from .prepare import Scratch, border_masks, build_maps, protection_used, stack_psfs
 from .psf_setup import solver_kernels, target_sigma
 from .seed import make_seed_streaming
 from .sources import WorkSource
@@ -130,13 +131,35 @@ def _plan_setup(reader, channels: int, opt: Options, psf_from_stars: bool) -> me
     h, w = reader.shape
     streamable = isinstance(reader, StackReader)
     plan = memory.plan(h=h, w=w, r=opt.sr, p=50 * opt.sr, channels=channels, n_frames=reader.n_frames,
-                       n_maps=int(opt.masks) + int(opt.variance), budget=opt.mem_budget,
+                       n_maps=_n_maps(opt, reader.n_frames), budget=opt.mem_budget,
                        batch=opt.batch, low_mem=opt.low_mem,
                        streaming=(True if opt.low_mem else None) if streamable else False,
                        channels_in=reader.channels, setup=True, psf_from_stars=psf_from_stars,
                        seed=opt.seed)
     log.debug("%s", plan.describe("memory plan before the setup"))
     return plan
+
+
+def _n_maps(opt: Options, n_frames: int) -> int:
+    return int(protection_used(opt, n_frames)) + int(opt.variance)
+
+
+def _prep_pool(reader, opt: Options, setup: memory.Plan, psf_from_stars: bool) -> FramePool:
+    """The processes that measure the frames (PSFs, maps), as many as the budget's room pays for."""
+    h, w = reader.shape
+    n_maps = _n_maps(opt, reader.n_frames)
+    if not (psf_from_stars or n_maps):
+        return FramePool(1)
+    per = memory.prep_worker_bytes(h=h, w=w, channels=reader.channels, n_maps=n_maps,
+                                   psf_from_stars=psf_from_stars)
+    # automatic: processes only where spawn's re-import of the main module is harmless
+    requested = opt.prep_workers if opt.prep_workers or auto_may_spawn() else 1
+    workers = memory.prep_workers(requested=requested, n_frames=reader.n_frames,
+                                  pixels=h * w, cpus=idle_cpus(),
+                                  room=setup.budget - setup.predicted, per_worker=per)
+    if workers > 1:
+        log.info("preparation: %d worker processes (%s each)", workers, memory.fmt_size(per))
+    return FramePool(workers)
 
 
 def _pedestal(seed: np.ndarray) -> float:
@@ -156,7 +179,8 @@ def _pedestal(seed: np.ndarray) -> float:
 
 def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float | None = None,
                progress: Callable[[IterationRecord], None] | None = None,
-               layout: str = "auto", control: RunControl | None = None) -> Result:
+               layout: str = "auto", control: RunControl | None = None,
+               prep_progress: Callable[[str, int, int], bool | None] | None = None) -> Result:
     """Robust multi-frame deconvolution of a registered stack.
 
     Parameters
@@ -171,6 +195,10 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         Called with an :class:`IterationRecord` after every iteration.
     control : RunControl, optional
         Checkpoints, resume and intermediate snapshots.
+    prep_progress : callable, optional
+        ``prep_progress(step, done, total)`` after each frame of the
+        per-frame preparation steps (PSF estimation, maps); returning True
+        leaves out the INFO lines on them (see :class:`mfnumba._pool.FrameProgress`).
 
     Examples
     --------
@@ -188,16 +216,12 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     stream = isinstance(reader, StackReader) and not setup.in_memory
     if stream:
         log.info("the frames and maps do not fit the memory budget: streaming them from disk")
+    pool = _prep_pool(reader, opt, setup, psf is None and fwhm is None)
     scratch = Scratch(on_disk=stream)
     cluster = None
     try:
-        if opt.scheduler != "local":
-            from .distributed import connect  # Dask: only when asked for
-
-            cluster = connect(opt.scheduler, n_frames=reader.n_frames, threads=opt.threads)
-            log.info("scheduler %s: %d worker(s)", opt.scheduler, cluster.n_workers)
         base = WorkSource(reader, border_masks(reader, scratch))
-        psfset = stack_psfs(psf, base, headers, fwhm, opt)
+        psfset = stack_psfs(psf, base, headers, fwhm, opt, pool=pool, report=prep_progress)
         # resolved (stack_psfs), lifted and sized once, here; the solves get the kernels
         kernels = [solver_kernels(ch, opt, (h, w), psfset.sources) for ch in psfset.per_channel] \
             if psfset.per_channel else [solver_kernels(psfset.psfs, opt, (h, w), psfset.sources)]
@@ -212,7 +236,9 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         work = norm.replace(luma=True) if luma else norm
         work_seed = seed.mean(axis=0, keepdims=True) if luma else seed
         # the maps are measured on the raw frames; σ on the reference scale is σ / a_i
-        maps = build_maps(work.replace(photometry=None), headers, opt, scratch, reader.channels)
+        maps = build_maps(work.replace(photometry=None), headers, opt, scratch, reader.channels,
+                          pool=pool, report=prep_progress)
+        pool.close()  # the workers' memory is the solve's
         _rescale_variance(maps.var, phot, luma)
         chroma = _chroma(seed, opt.sr) if luma else (lambda img: img)
         ctl = control or RunControl()
@@ -221,6 +247,11 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
         if ctl.snapshot is not None:
             user = ctl.snapshot
             ctl = dataclasses.replace(ctl, snapshot=lambda it, ch, img: user(it, ch, chroma(img)))
+        if opt.scheduler != "local":  # after the preparation: its processes are gone
+            from .distributed import connect  # Dask: only when asked for
+
+            cluster = connect(opt.scheduler, n_frames=reader.n_frames, threads=opt.threads)
+            log.info("scheduler %s: %d worker(s)", opt.scheduler, cluster.n_workers)
         run = dict(maps=maps, opt=opt, backend=backend, progress=progress, ctl=ctl, stream=stream,
                    cluster=cluster)
         if psfset.per_channel:  # rgb with a PSF per channel: one solve per channel
@@ -240,6 +271,7 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     finally:
         if cluster is not None:
             cluster.close()
+        pool.close()
         scratch.close()
         reader.close()
     image = np.ascontiguousarray(chroma(image), dtype=np.float32)

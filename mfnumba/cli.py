@@ -106,23 +106,35 @@ def _signal_name(signum) -> str:
 
 
 class _Reporter:
-    """Progress bar on a terminal, one line per iteration otherwise, JSON lines on request."""
+    """Progress bars on a terminal, lines otherwise, JSON lines on request.
+
+    Called with an iteration record after every iteration; :meth:`prep`
+    is the per-frame progress of the preparation (PSFs, maps).
+    """
 
     def __init__(self, iters: int, quiet: bool, json_log=None):
         self.iters, self.quiet = iters, quiet
         self.json = json_log  # a runfiles log handle (write_line, close) or None
         self.progress = None
+        self.task = None
+        self._steps: dict[str, object] = {}  # preparation step -> its bar
         if not quiet and err_console.is_terminal:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
-                TextColumn("iter {task.completed}/{task.total}"), BarColumn(),
-                TextColumn("δ {task.fields[delta]}  med|upd−1| {task.fields[upd]}  "
-                           "{task.fields[backend]}{task.fields[workers]}"),
+                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                 TimeRemainingColumn(), console=err_console, transient=False)
-            self.task = self.progress.add_task("deconv", total=iters, delta="–", upd="–",
-                                               backend="", workers="")
             self.progress.start()
+
+    def prep(self, what: str, done: int, total: int) -> bool:
+        """A frame of a preparation step is done; True when a bar shows it (no lines then)."""
+        if self.progress is None:
+            return False
+        if what not in self._steps:
+            self._steps[what] = self.progress.add_task(what, total=total, info="frames")
+        self.progress.update(self._steps[what], completed=done,
+                             description=f"{what} {done}/{total}")
+        return True
 
     def event(self, **kw) -> None:
         if self.json:
@@ -131,9 +143,12 @@ class _Reporter:
     def __call__(self, rec) -> None:
         self.event(event="iteration", **rec.__dict__)
         if self.progress is not None:
-            self.progress.update(self.task, completed=rec.iteration, delta=f"{rec.delta:.2f}",
-                                 upd=f"{rec.med_upd:.2e}", backend=rec.backend,
-                                 workers=f" ×{rec.workers} workers" if rec.workers > 1 else "")
+            if self.task is None:
+                self.task = self.progress.add_task("deconv", total=self.iters, info="")
+            where = rec.backend + (f" ×{rec.workers} workers" if rec.workers > 1 else "")
+            self.progress.update(self.task, completed=rec.iteration,
+                                 description=f"iter {rec.iteration}/{self.iters}",
+                                 info=f"δ {rec.delta:.2f}  med|upd−1| {rec.med_upd:.2e}  {where}")
         elif not self.quiet:
             log.info("iter %d/%d  delta %.2f  sigma %.4g  med|upd-1| %.3e  med|dx|/|x| %.3e  "
                      "%.2fs  %s%s", rec.iteration, self.iters, rec.delta, rec.sigma, rec.med_upd,
@@ -223,6 +238,9 @@ def deconv(
     low_mem: bool = typer.Option(False, "--low-mem", help="Smallest memory footprint.",
                                  show_default="off"),
     threads: Optional[int] = _opt("CPU threads.", "all"),
+    prep_workers: Optional[int] = _opt("Processes that measure the frames before the solve "
+                                       "(PSFs, maps); 0: one per core as the memory budget "
+                                       "allows, 1: none.", "0"),
     checkpoint: Optional[bool] = _opt("Save the state after every iteration.",
                                       "on for more than 5 iterations",
                                       "--checkpoint/--no-checkpoint"),
@@ -237,17 +255,18 @@ def deconv(
     json_log: Optional[Path] = _opt("Write JSON lines of the run to this file.", "none"),
 ):
     """Deconvolve a registered stack into one sharp FITS image."""
-    from . import memory
+    from . import _pool, memory
     from .runfiles import RunFiles
 
     _setup_logging(quiet)
+    _pool.allow_auto()  # this command's main module is guarded: spawned workers are safe
     opt = _options(preset, iters=iters, min_iters=min_iters, early_stop=early_stop, rho=rho,
                    huber_delta=huber_delta, kappa=kappa, relax=relax, noise=noise, seed=seed,
                    color=color, masks=masks, variance=variance, sr=sr,
                    mem_budget=None if mem_budget is None else memory.parse_size(mem_budget),
                    low_mem=low_mem or None, sr_sigma=sr_sigma, sr_iters=sr_iters, backend=backend,
-                   conv=conv, batch=batch, threads=threads, normalize=normalize,
-                   scheduler=scheduler,
+                   conv=conv, batch=batch, threads=threads, prep_workers=prep_workers,
+                   normalize=normalize, scheduler=scheduler,
                    reference=reference, reject=reject, reject_z=reject_z, sky_floor=sky_floor,
                    target_sigma=target_sigma, tol_chi=tol_chi)
     if min_iters is not None and min_iters > opt.iters:
@@ -290,7 +309,7 @@ def _run(frames, psf, fwhm, layout, opt, files, save_every: int, quiet: bool) ->
                          save_every=save_every, snapshot=snapshot if save_every else None,
                          digests=checked.digests, save_rejection=files.rejection_dir)
         res = deconvolve(checked.frames, psf, options=opt, fwhm=fwhm, progress=rep,
-                         layout=layout, control=ctl)
+                         layout=layout, control=ctl, prep_progress=rep.prep)
         write_fits(output, res.image, res.header, overwrite=True)  # checked in preflight
         files.remove_checkpoints()
         rep.event(event="done", iterations=res.iterations, early_stopped=res.early_stopped,

@@ -15,6 +15,13 @@ peak of the arrays the run will allocate, phase by phase:
   and the frames and maps themselves when they stay in memory;
 * the output: copies of the result while it is finished and written.
 
+The per-frame steps of the setup (PSFs, maps) may run in worker processes
+(:mod:`mfnumba._pool`); the budget covers them too: each costs its own
+interpreter and libraries, the frame it measures and its scratch, and the
+frame and result on their way between the processes
+(:func:`prep_worker_bytes`), and :func:`prep_workers` starts only as many
+as the room the plan leaves pays for.
+
 The planner prefers, in order: frames in memory, cached OTFs, large tiles
 (less halo), large batches; it never plans above the budget and refuses,
 with the size it would need, when even the smallest plan does not fit.
@@ -48,6 +55,8 @@ SCALE_SAMPLES = 1 << 20  # the bootstrap's noise-scale samples per channel (seed
 BORDER_PLANES = 3  # border_mask: NaN/zero tests, labels, dilation
 PSF_PLANES = 8  # estimate_psfs: sep background, extraction, stamps
 MAPS_PLANES = 7  # variance_map: 6 planes (sep background and rms, float64 sums); star_protection 2
+PREP_WORKER_BASE = 100 * MiB  # a spawned preparation worker after its imports (measured 82 MiB)
+PREP_POOL_PIXELS = 8 << 20  # frames x pixels below which a pool's start (~2 s) outweighs its gain
 OUTPUT_COPIES = 3  # finalize, pedestal removal and chroma, the writer's copy
 PAGE_SLOP = 4 * MiB  # a mapped read maps whole large folios around the rows it touches
 
@@ -266,6 +275,57 @@ def _tile_grid(h: int, w: int, r: int, p: int, tile: int | None) -> tuple[int, i
     tiles = plan_tiles(Geometry.of(h, w, p, r), tile)
     return (max(t.geom.grid[0] for t in tiles), max(t.geom.grid[1] for t in tiles),
             max(t.geom.h for t in tiles), max(t.geom.w for t in tiles))
+
+
+def prep_worker_bytes(*, h: int, w: int, channels: int, n_maps: int,
+                      psf_from_stars: bool) -> int:
+    """Bytes one preparation worker adds to the run (both processes together).
+
+    The worker: its interpreter and libraries, the frame it was sent (and
+    the pickle it came in), the larger step's scratch, its result and that
+    result's pickle. This process: the frame it keeps until the result is
+    back, that frame's pickle, and the result's pickle and array.
+    """
+    plane = h * w * F32
+    frame = channels * plane
+    lum = plane if channels > 1 else 0
+    scratch = max(PSF_PLANES * plane if psf_from_stars else 0,
+                  MAPS_PLANES * plane if n_maps else 0) + lum
+    result = n_maps * frame
+    return PREP_WORKER_BASE + 4 * frame + scratch + 4 * result
+
+
+def prep_workers(*, requested: int, n_frames: int, pixels: int, cpus: int, room: int,
+                 per_worker: int) -> int:
+    """How many processes measure the frames in the setup (1: this one alone).
+
+    ``requested`` 0 is automatic: one per idle CPU core (``cpus``), one per frame at most,
+    and none for a stack of fewer than ``PREP_POOL_PIXELS`` pixels in all,
+    where starting the processes costs more than it saves. Any number is
+    bounded by the frames and by ``room`` (bytes the memory plan leaves
+    under the budget) over ``per_worker`` (:func:`prep_worker_bytes`).
+    Fewer than 2 workers: no pool.
+
+    Examples
+    --------
+    >>> prep_workers(requested=0, n_frames=16, pixels=16 << 20, cpus=4, room=2 << 30,
+    ...              per_worker=600 << 20)
+    3
+    """
+    if requested == 1 or n_frames < 2:
+        return 1
+    if requested == 0:
+        if n_frames * pixels < PREP_POOL_PIXELS:
+            return 1
+        want = cpus
+    else:
+        want = requested
+    fit = max(0, room) // max(1, per_worker)
+    got = int(min(want, n_frames, fit))
+    if got < min(want, n_frames):
+        log.debug("preparation: %d worker process(es) fit the memory budget (%s each), of %d",
+                  got, fmt_size(per_worker), min(want, n_frames))
+    return got if got >= 2 else 1
 
 
 # --- the planner ---------------------------------------------------------------------

@@ -89,6 +89,12 @@ class Options:
     tol_chi
         Early stop when the fit no longer improves: the relative decrease of
         the frames' mean χ² per iteration stays below this for 2 iterations.
+    prep_workers
+        Processes that measure the frames before the solve (PSFs, maps):
+        0 picks one per idle CPU core as the memory budget allows (none
+        for a small stack or a busy machine), 1 measures them in this process. The result does not
+        depend on it. A script that calls :func:`mfnumba.deconvolve` with
+        more than one needs the ``if __name__ == "__main__":`` guard.
     """
 
     iters: int = 100
@@ -123,6 +129,7 @@ class Options:
     tol_rel: float = 5e-4
     ema: float = 0.5
     tol_chi: float = 5e-4
+    prep_workers: int = 0
     eps: float = 1e-12
 
     def __post_init__(self):
@@ -148,6 +155,8 @@ class Options:
         _check(isinstance(self.sr_iters, int) and self.sr_iters >= 1, "sr-iters", self.sr_iters, ">= 1")
         _check(self.batch is None or self.batch >= 1, "batch", self.batch, ">= 1")
         _check(self.threads is None or self.threads >= 1, "threads", self.threads, ">= 1")
+        _check(isinstance(self.prep_workers, int) and self.prep_workers >= 0, "prep-workers",
+               self.prep_workers, "an integer >= 0 (0: automatic)")
         _check(self.mem_budget is None or self.mem_budget > 0, "mem-budget", self.mem_budget, "> 0")
         _check(self.tol_upd > 0 and self.tol_rel > 0, "tolerance", (self.tol_upd, self.tol_rel), "> 0")
         _check(0.0 < self.ema <= 1.0, "ema", self.ema, "in (0, 1]")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ._pool import FramePool
 from .errors import InputFileError
 from .gain import header_gain
 from .io.scratch import open_scratch_map
@@ -172,16 +172,19 @@ class PSFSet:
     per_channel: list[list[np.ndarray]] = field(default_factory=list)
 
 
-def _estimated(src: WorkSource, headers, planes, *, required: bool = True):
+def _estimated(src: WorkSource, headers, planes, *, required: bool = True,
+               pool: FramePool | None = None, report=None):
     """Each frame's PSF per plane (None: luminance), from one read of each frame."""
     from .psf_frames import estimate_stack  # lazy: scipy.spatial, only without PSF files
 
     names = [_name(src.paths, i) for i in range(src.n_frames)]
     return estimate_stack(src.read, src.n_frames, names=names, headers=headers, planes=planes,
-                          fallback_fwhms=[header_fwhm(h) for h in headers], required=required)
+                          fallback_fwhms=[header_fwhm(h) for h in headers], required=required,
+                          pool=pool, report=report)
 
 
-def stack_psfs(psf, src: WorkSource, headers, fwhm: float | None, opt: Options) -> PSFSet:
+def stack_psfs(psf, src: WorkSource, headers, fwhm: float | None, opt: Options, *,
+               pool: FramePool | None = None, report=None) -> PSFSet:
     """PSFs from ``--psf`` or ``--fwhm``; without either, from each frame's stars.
 
     See :mod:`mfnumba.psf_frames`: frames without stars borrow, outliers are
@@ -189,7 +192,8 @@ def stack_psfs(psf, src: WorkSource, headers, fwhm: float | None, opt: Options) 
     an error. With ``--color rgb`` every channel gets its own PSFs when each
     channel has usable stars in at least half of the frames (seeing is
     chromatic); else all channels share the luminance's. Warnings come once
-    per frame, naming the channel.
+    per frame, naming the channel. ``pool`` and ``report``: see
+    :func:`build_maps`.
     """
     from .psf_frames import emit_warnings, plane_label
 
@@ -200,7 +204,7 @@ def stack_psfs(psf, src: WorkSource, headers, fwhm: float | None, opt: Options) 
     names = [_name(src.paths, i) for i in range(n)]
     if opt.color == "rgb" and src.channels > 1:
         chans = list(range(src.channels))
-        per = _estimated(src, headers, chans, required=False)
+        per = _estimated(src, headers, chans, required=False, pool=pool, report=report)
         weak = [plane_label(c, src.channels) for c, own in zip(chans, per.own) if 2 * own < n]
         if not weak:
             emit_warnings(per, names)
@@ -214,7 +218,7 @@ def stack_psfs(psf, src: WorkSource, headers, fwhm: float | None, opt: Options) 
             return out
         log.warning("rgb: channel(s) %s have usable stars in fewer than half of the frames; "
                     "all channels share the luminance PSFs", ", ".join(weak))
-    lum = _estimated(src, headers, [None])
+    lum = _estimated(src, headers, [None], pool=pool, report=report)
     emit_warnings(lum, names)
     return PSFSet([e.psf for e in lum.estimates[0]], [e.note for e in lum.estimates[0]])
 
@@ -226,50 +230,80 @@ class Maps:
     notes: list[str] = field(default_factory=list)
 
 
-def build_maps(work: WorkSource, headers, opt: Options, scratch: Scratch,
-               channels_in: int) -> Maps:
+def protection_used(opt: Options, n_frames: int) -> bool:
+    """Whether the solver will read star-protection maps: ``--masks``, and no consensus.
+
+    A consensus (``--reject consensus`` with at least 3 frames) decides
+    which pixels to reject from the other frames' residuals and never looks
+    at the protection map, so it is not built: at 4096² it is the slowest
+    map (2.2 s a frame).
+    """
+    from .solver import _MIN_FRAMES  # the solver's rule for a consensus
+
+    return opt.masks and not (opt.reject == "consensus" and n_frames >= _MIN_FRAMES)
+
+
+def build_maps(work: WorkSource, headers, opt: Options, scratch: Scratch, channels_in: int, *,
+               pool: FramePool | None = None, report=None) -> Maps:
     """Star protection (``--masks``) and variance maps (``--variance``) for ``work``.
 
-    Protection is found on each frame's luminance and shared by its channels;
-    variance is per channel, with the gain from EGAIN/GAIN (the luminance of
-    C channels has C times the gain) or estimated from the sky's
-    pixel-to-pixel noise (:mod:`mfnumba.gain`). How each frame's gain was
-    obtained goes to ``notes`` (HISTORY).
+    Protection is found on each frame's luminance and shared by its channels,
+    and only where the solver uses it (:func:`protection_used`); variance is
+    per channel, with the gain from EGAIN/GAIN (the luminance of C channels
+    has C times the gain) or estimated from the sky's pixel-to-pixel noise
+    (:mod:`mfnumba.gain`). How each frame's gain was obtained goes to
+    ``notes`` (HISTORY).
+
+    The frames are measured one at a time here, or in ``pool``'s worker
+    processes, with the same result; ``report(what, done, total)`` is
+    called after each frame (:class:`mfnumba._pool.FrameProgress`).
     """
     maps = Maps()
     n, c = work.n_frames, work.channels
     shape = (n, c) + work.shape
-    if opt.masks:
+    masks = protection_used(opt, n)
+    if opt.masks and not masks:
+        log.debug("star masks: not built, --reject consensus does not use them")
+    if masks:
         maps.protect = scratch.empty("protect", shape)
     if opt.variance:
         maps.var = scratch.empty("var", shape)
-    if not (opt.masks or opt.variance):
+    if not (masks or opt.variance):
         return maps
     lum_factor = channels_in if (work.luma and channels_in > 1) else 1
-    what = " and ".join(w for w, on in (("star masks", opt.masks), ("variance maps", opt.variance))
+    what = " and ".join(w for w, on in (("star masks", masks), ("variance maps", opt.variance))
                         if on)
-    step, t0 = max(1, -(-n // 10)), time.monotonic()
-    for i in range(n):
-        frame = work.read(i)
-        if opt.masks:
-            lum = np.nanmean(frame, axis=0) if c > 1 else frame[0]
-            maps.protect[i] = star_protection(lum, mask=np.isfinite(lum))
-        if opt.variance:
-            maps.notes.append(f"frame {i}: " + _variance_maps(maps.var, i, frame, headers[i],
-                                                              lum_factor))
-        if n >= 10 and (i + 1) % step == 0 and i + 1 < n:
-            log.info("%s: %d/%d frames (%d %%), %.0f s", what, i + 1, n, round(100 * (i + 1) / n),
-                     time.monotonic() - t0)
+    jobs = ((work.read(i), i, headers[i], masks, opt.variance, lum_factor) for i in range(n))
+    for i, (protect, var, note) in (pool or FramePool(1)).map(_frame_maps, jobs, what,
+                                                              report=report, n=n):
+        if protect is not None:
+            maps.protect[i] = protect
+        if var is not None:
+            maps.var[i] = var
+            maps.notes.append(f"frame {i}: {note}")
     return maps
 
 
-def _variance_maps(out, i: int, frame: np.ndarray, header, lum_factor: int) -> str:
-    """Fill ``out[i]`` channel by channel; returns the HISTORY note on the gain."""
+def _frame_maps(frame: np.ndarray, i: int, header, masks: bool, variance: bool,
+                lum_factor: int):
+    """One frame's maps, run where the pool puts it: (protection, (C, h, w) variance, note)."""
+    protect = var = note = None
+    if masks:
+        lum = np.nanmean(frame, axis=0) if frame.shape[0] > 1 else frame[0]
+        protect = star_protection(lum, mask=np.isfinite(lum))
+    if variance:
+        var = np.empty(frame.shape, np.float32)
+        note = _variance_maps(var, i, frame, header, lum_factor)
+    return protect, var, note
+
+
+def _variance_maps(out: np.ndarray, i: int, frame: np.ndarray, header, lum_factor: int) -> str:
+    """Fill frame i's ``out`` (C, h, w) channel by channel; returns the HISTORY note on the gain."""
     found = header_gain(header)
     g = None if found is None else found[0] * lum_factor
     gains, hows = [], []
     for ch in range(frame.shape[0]):
-        out[i, ch], used, how = noise_variance(frame[ch], gain=g, mask=np.isfinite(frame[ch]))
+        out[ch], used, how = noise_variance(frame[ch], gain=g, mask=np.isfinite(frame[ch]))
         gains.append(used)
         hows.append(how)
     value = "/".join(f"{x:.4g}" for x in gains) + " e-/ADU"

@@ -27,13 +27,13 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from ._pool import FramePool
 from .errors import InputFileError, ShapeError
 from .psf_estimate import FALLBACK_BETA, PSFEstimate, measure_frame
 from .psf import measure_fwhm, moffat_psf
@@ -44,7 +44,6 @@ OUTLIER = 0.25        # a frame's FWHM this far (relative) from the stack's is q
 STRONG_LOCUS = 8      # ... unless this many sources sit on its locus ...
 TIGHT_SPREAD = 0.05   # ... with a scatter in ln(size) below this
 MIN_FOR_STACK = 3     # frames with their own stars needed for a stack median
-PROGRESS_SECONDS = 10.0
 TIME_KEYS = ("MJD-OBS", "JD", "JD-OBS", "MJD")
 CHANNEL_LABELS = {3: ("R", "G", "B")}
 
@@ -110,22 +109,6 @@ def _short(name: str) -> str:
     return Path(str(name)).name
 
 
-class _Progress:
-    """INFO lines every tenth of the frames (or every ``PROGRESS_SECONDS``), not every frame."""
-
-    def __init__(self, n: int, what: str):
-        self.n, self.what, self.t0 = n, what, time.monotonic()
-        self.last = self.t0
-        self.step = max(1, math.ceil(n / 10))
-
-    def done(self, k: int) -> None:
-        now = time.monotonic()
-        if self.n >= 10 and (k % self.step == 0 or now - self.last > PROGRESS_SECONDS) and k < self.n:
-            log.info("%s: %d/%d frames (%d %%), %.0f s", self.what, k, self.n,
-                     round(100 * k / self.n), now - self.t0)
-            self.last = now
-
-
 def _moffat(fwhm: float, size, method: str, note: str) -> PSFEstimate:
     psf = moffat_psf(fwhm, beta=FALLBACK_BETA, size=size)
     return PSFEstimate(psf, measure_fwhm(psf), method, 0, note)
@@ -140,10 +123,26 @@ def _plane_image(frame: np.ndarray, plane):
     return frame.mean(axis=0, dtype=np.float32), frame.max(axis=0)
 
 
+def _as_chw(frame) -> np.ndarray:
+    frame = np.asarray(frame)
+    return frame[None] if frame.ndim == 2 else frame
+
+
+def _measure_planes(frame: np.ndarray, planes, header, name: str, size, max_stars: int):
+    """One frame's work, run where the pool puts it: (channels, [(estimate, reason)] per plane)."""
+    got = []
+    for plane in planes:
+        img, peak = _plane_image(frame, plane)
+        got.append(measure_frame(img, peak, header=header, name=name, size=size,
+                                 max_stars=max_stars))
+    return frame.shape[0], got
+
+
 def estimate_stack(read: Callable[[int], np.ndarray], n: int, *, names: Sequence[str],
                    headers: Sequence, planes: Sequence = (None,), size: int | None = None,
                    max_stars: int = 60, fallback_fwhms: Sequence[float | None] | None = None,
-                   required: bool = True) -> StackPSFs:
+                   required: bool = True, pool: FramePool | None = None,
+                   report: Callable[[str, int, int], bool | None] | None = None) -> StackPSFs:
     """Each frame's PSF per plane, checked across frames; none can abort the run.
 
     Parameters
@@ -164,6 +163,12 @@ def estimate_stack(read: Callable[[int], np.ndarray], n: int, *, names: Sequence
     required : bool
         Raise when a plane has no usable star in any frame (else its
         estimates are None).
+    pool : FramePool, optional
+        Where the frames are measured (default: here, one after another);
+        the results do not depend on it.
+    report : callable, optional
+        ``report(what, done, total)`` after each frame (see
+        :class:`mfnumba._pool.FrameProgress`).
 
     Returns
     -------
@@ -183,18 +188,11 @@ def estimate_stack(read: Callable[[int], np.ndarray], n: int, *, names: Sequence
     first: list[list[PSFEstimate | None]] = [[None] * n for _ in planes]
     reasons: list[list[str]] = [[""] * n for _ in planes]
     what = "PSF estimation" + (" per channel" if planes != [None] else "")
-    progress = _Progress(n, what)
-    for i in range(n):
-        frame = np.asarray(read(i))
-        if frame.ndim == 2:
-            frame = frame[None]
-        channels = frame.shape[0]
-        for p, plane in enumerate(planes):
-            img, peak = _plane_image(frame, plane)
-            first[p][i], reasons[p][i] = measure_frame(img, peak, header=headers[i],
-                                                       name=names[i], size=size,
-                                                       max_stars=max_stars)
-        progress.done(i + 1)
+    jobs = ((_as_chw(read(i)), planes, headers[i], names[i], size, max_stars) for i in range(n))
+    for i, (channels, got) in (pool or FramePool(1)).map(_measure_planes, jobs, what,
+                                                         report=report, n=n):
+        for p, (est, reason) in enumerate(got):
+            first[p][i], reasons[p][i] = est, reason
     warnings: list[list[str]] = [[] for _ in range(n)]
     out = StackPSFs(planes, [], [], warnings, reasons)
     for p, plane in enumerate(planes):
@@ -234,8 +232,7 @@ def _cross_check(ests, read, plane, *, names, headers, size, max_stars, label, w
             continue
         again = None
         if prior is not None:
-            frame = np.asarray(read(i))
-            img, peak = _plane_image(frame[None] if frame.ndim == 2 else frame, plane)
+            img, peak = _plane_image(_as_chw(read(i)), plane)
             again, _ = measure_frame(img, peak, header=headers[i], name=names[i], size=size,
                                      max_stars=max_stars, prior=prior)
         if again is not None and abs(again.fwhm / stack_fwhm - 1) < abs(e.fwhm / stack_fwhm - 1):
