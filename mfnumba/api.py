@@ -278,6 +278,10 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     seconds = time.perf_counter() - t0
     # a run that failed over finished on the CPU: the header and result say where it ran
     ran_on = sol.backend if events else backend.name
+    if opt.scheduler != "local":
+        workers = sol.history[-1].workers if sol.history else 0
+        events = [f"frames summed on a Dask cluster ({opt.scheduler}): {workers} worker(s) "
+                  "in the last iteration"] + events
     header = build_header(headers[phot.reference], reader.channels, paths, opt, iterations, early,
                           ran_on, sol.conv, ped, fwhms, psfset.sources, lifts,
                           [sol.plan.describe()] + phot.notes + maps.notes + events,

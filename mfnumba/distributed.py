@@ -50,13 +50,25 @@ def _dask():
 
 
 def check_scheduler(spec: str) -> None:
-    """Refuse an unknown ``--scheduler`` value or a missing Dask before any pixel work."""
+    """Refuse an unknown ``--scheduler``, a missing Dask or a scheduler that does not answer,
+    before any pixel work."""
     if spec == "local":
         return
     if spec != "dask" and "://" not in spec:
         raise OptionError(f"--scheduler {spec!r}: expected local, dask or an address such as "
                           "tcp://host:8786")
     _dask()
+    if spec.startswith("tcp://"):  # a TCP probe: seconds, no client yet
+        import socket
+        from urllib.parse import urlsplit
+
+        where = urlsplit(spec)
+        try:
+            with socket.create_connection((where.hostname, where.port or 8786),
+                                          timeout=_CONNECT_TIMEOUT / 4):
+                pass
+        except (OSError, ValueError) as exc:
+            raise OptionError(f"--scheduler {spec}: cannot reach the scheduler ({exc})") from None
 
 
 @dataclass

@@ -173,3 +173,46 @@ def test_per_pass_only_x_goes_out_and_one_part_comes_back(reject, cluster, tmp_p
         assert 2 * x <= ex.received[-1] <= 2 * x + stats + samples + 4096
         out[n] = ex.sent[-1]
     assert out[4] == out[8]  # twice the frames: the same traffic out
+
+
+def test_a_cluster_run_interrupted_resumes_from_its_checkpoint(tmp_path, rng):
+    from mfnumba.api import RunControl
+    from mfnumba.errors import Interrupted
+
+    paths, psf = _frames(tmp_path, rng, n=5)
+    opt = Options(scheduler="dask", iters=6, early_stop=False, conv="fft")
+    whole = deconvolve(paths, psf, options=opt.replace(scheduler="local"))
+    out = tmp_path / "out.fits"
+
+    def stop_at_3(rec):
+        if rec.iteration == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        deconvolve(paths, psf, options=opt, progress=stop_at_3,
+                   control=RunControl(checkpoint=out))
+    resumed = deconvolve(paths, psf, options=opt, control=RunControl(checkpoint=out, resume=True))
+    assert resumed.iterations == 6 and len(resumed.history) == 6
+    np.testing.assert_allclose(resumed.image, whole.image, rtol=2e-4,
+                               atol=1e-4 * whole.image.max())
+    history = "\n".join(str(v) for v in resumed.header["HISTORY"])
+    assert "Dask cluster (dask): 2 worker(s)" in history
+
+
+def test_the_command_line_runs_on_a_cluster_and_refuses_a_bad_scheduler(tmp_path, rng):
+    from typer.testing import CliRunner
+
+    from mfnumba.cli import app
+
+    paths, _ = _frames(tmp_path, rng, n=4)
+    out = tmp_path / "out file.fits"
+    args = ["deconv", *paths, "--fwhm", "2.6", "-o", str(out), "--iters", "3", "-q"]
+    res = CliRunner().invoke(app, args + ["--scheduler", "dask"])
+    assert res.exit_code == 0, res.output
+    assert fits.getheader(out)["MF_ITERS"] == 3
+    bad = CliRunner().invoke(app, args + ["--scheduler", "yarn", "--overwrite"])
+    assert bad.exit_code == 2 and "--scheduler 'yarn'" in bad.output
+    port = _free_port()  # nothing listens there
+    gone = CliRunner().invoke(app, args + ["--scheduler", f"tcp://127.0.0.1:{port}",
+                                           "--overwrite"])
+    assert gone.exit_code == 2 and "cannot reach the scheduler" in gone.output
