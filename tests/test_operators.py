@@ -104,11 +104,15 @@ def test_rfft2_irfft2_and_otf_match_numpy(backend, shape, rng):
 def test_spectral_multiply_and_accumulate_match_reference(backend, rng):
     be = backend
     B, C, g0, g1 = 3, 2, 12, 9
-    cplx = lambda *s: (rng.standard_normal(s) + 1j * rng.standard_normal(s)).astype(np.complex64)  # noqa: E731
+
+    def cplx(*shape):
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+
     X, otf, S, acc = cplx(C, g0, g1), cplx(B + 1, g0, g1), cplx(2, B, C, g0, g1), cplx(2, C, g0, g1)
     out = be.spectral_multiply(be.asarray(X, np.complex64), be.asarray(otf[:B], np.complex64),
                                be.zeros((B, C, g0, g1), np.complex64))
-    np.testing.assert_allclose(be.to_host(out), ref.ref_spectral_multiply(X, otf[:B]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(be.to_host(out), ref.ref_spectral_multiply(X, otf[:B]), rtol=1e-6,
+                               atol=1e-6)
     # the OTF batch may be longer than S's (the solver's last, partial batch)
     got = be.spectral_accumulate(be.asarray(acc.copy(), np.complex64), be.asarray(otf, np.complex64),
                                  be.asarray(S, np.complex64))
@@ -273,7 +277,8 @@ def test_update_kernel_clip_relax_and_stats(backend, rng):
     expect = (1 - alpha) * x + alpha * x * upd
     np.testing.assert_allclose(got, expect, rtol=1e-6)
     assert np.median(su) == pytest.approx(np.median(np.abs(upd - 1)), rel=1e-6)
-    assert np.median(sd) / np.median(sx) == pytest.approx(np.median(np.abs(expect - x)) / np.median(x), rel=1e-5)
+    assert np.median(sd) / np.median(sx) == pytest.approx(
+        np.median(np.abs(expect - x)) / np.median(x), rel=1e-5)
 
 
 def test_update_kernel_region_and_global_sample_grid(backend, rng):
