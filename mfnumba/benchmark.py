@@ -7,7 +7,7 @@ simulated stack (:mod:`mfnumba.simulate`) and the same solver grid:
   options otherwise: what a run does), the median over ``iters`` steps
   after one warm-up step (JIT, FFT plans, NVRTC), the device synchronised
   after each;
-* the *floor* (docs/architecture.md, *The FFT floor*): per frame one
+* the *floor* (docs/architecture.md, *The three-FFT floor*): per frame one
   ``irfft2`` (ŷ) and two ``rfft2`` (w·y, w·ŷ) of the solver's grid, batched
   as the solver batches them, with that backend's own transforms into
   preallocated buffers; timed the same way.
