@@ -1,56 +1,27 @@
-"""Backend calls and a solver frame-iteration, CPU vs CUDA, in one run.
+"""Backend calls and a solver frame-iteration, CPU vs CUDA, in one run, as Markdown.
+
+A wrapper around :mod:`mfnumba.benchmark` (what ``mfnumba bench`` runs):
+the stack, the solver step and the 3-half-FFT floor are measured there, the
+same way; this script adds every backend call the solver makes, timed on a
+batch as the solver holds it (one channel, ``--frames`` frames in one
+batch), and prints Markdown for bench/RESULTS.md.
 
 Run ``python -m bench.bench_cuda`` (1024², 8 frames, 31×31 PSFs) or with
 ``--quick`` (256², 4 frames), ``--size``, ``--frames``, ``--psf``,
-``--json PATH``. Every backend call the solver makes is timed on a batch as
-the solver holds it (one channel, ``--frames`` frames in one batch), on the
-CPU backend and, when :func:`mfnumba.backends.cuda.cuda_status` says a GPU
-is usable, on the CUDA backend; then a full ``Solver.step`` per frame. Each
-backend's 3-half-FFT floor (docs/architecture.md, *The three-FFT floor*)
-is measured with its own transforms in the same run: per frame one irfft2
-of ŷ and two rfft2 of the weighted planes, batched like the solver.
-
-Times are medians over ``--reps`` after a warm-up (JIT, plans, NVRTC); on
-CUDA every repetition ends with ``synchronize()``. Printed as Markdown; the
-figures belong in bench/RESULTS.md with the machine they ran on.
+``--json PATH``. Times are medians over ``--reps`` after a warm-up (JIT,
+plans, NVRTC); on CUDA every repetition ends with ``synchronize()``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import time
 
 import numpy as np
 
-from mfnumba.backends.cpu import CPUBackend
-from mfnumba.backends.cuda import CUDABackend, cuda_status
-from mfnumba.options import Options
-from mfnumba.solver import Problem, Solver
-
-from .bench_solver import make_stack
+from mfnumba import benchmark
 
 _DIRECT_K = 9  # direct convolution is timed with a small PSF, where it can win
-
-
-def _sync(be):
-    if hasattr(be, "synchronize"):
-        be.synchronize()
-
-
-def _time(be, fn, reps: int) -> float:
-    """Median ms of fn() over reps, after one warm-up call; synchronised."""
-    fn()
-    _sync(be)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(be)
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
 
 
 def time_calls(be, frames, psfs, reps: int) -> dict[str, float]:
@@ -104,19 +75,8 @@ def time_calls(be, frames, psfs, reps: int) -> dict[str, float]:
         f"conv_adjoint_direct ({_DIRECT_K}×{_DIRECT_K})": lambda: be.conv_adjoint_direct(
             ws, small, acs, ps, gs),
     }
-    out = {name: _time(be, fn, reps) for name, fn in t.items()}
-    # the floor: per frame one irfft2 (ŷ) and two rfft2 (w·y, w·ŷ)
-    out["3-half-FFT floor per frame"] = (out[f"irfft2 ŷ ({B} planes)"]
-                                         + out[f"rfft2 weights ({2 * B} planes)"]) / B
+    out = {name: benchmark.median_ms(be, fn, reps) for name, fn in t.items()}
     return out
-
-
-def time_solver(be, frames, psfs, batch: int, reps: int) -> float:
-    """ms per frame-iteration of Solver.step (FFT path, maps off)."""
-    opt = Options(conv="fft", early_stop=False, iters=reps + 8, batch=batch)
-    s = Solver(Problem(frames[:, None], psfs), opt, be)
-    s.setup(np.nanmedian(frames, axis=0)[None].astype(np.float32))
-    return _time(be, s.step, reps) / frames.shape[0]
 
 
 def main(argv=None) -> dict:
@@ -130,19 +90,19 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     if a.quick:
         a.size, a.frames, a.reps = 256, 4, 3
-    frames, psfs = make_stack(a.frames, a.size, a.psf)
-    ok, why, devices = cuda_status()
-    backends = {"cpu": CPUBackend()}
-    if ok:
-        backends["cuda"] = CUDABackend()
-    res = {name: time_calls(be, frames, psfs, a.reps) for name, be in backends.items()}
+    rep = benchmark.run_bench(size=a.size, frames=a.frames, iters=a.reps, psf=a.psf)
+    data, psfs = benchmark.make_stack(a.size, a.frames, a.psf)
+    backends = {name: benchmark.make_backend(name)[0] for name, r in rep.results.items() if r.available}
+    res = {}
     for name, be in backends.items():
-        res[name]["solver frame-iteration"] = time_solver(be, frames, psfs, a.frames, a.reps)
-        res[name]["solver / floor"] = (res[name]["solver frame-iteration"]
-                                       / res[name]["3-half-FFT floor per frame"])
-    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": os.cpu_count(), "cuda": ok, "cuda_why": why, "devices": devices},
-              "size": a.size, "frames": a.frames, "psf": a.psf, "reps": a.reps, "ms": res}
+        r = rep.results[name]
+        res[name] = time_calls(be, data[:, 0], psfs, a.reps)
+        res[name]["3-half-FFT floor per frame"] = r.floor_ms
+        res[name]["solver frame-iteration"] = r.step_ms
+        res[name]["solver / floor"] = r.ratio
+    cuda = rep.results["cuda"]
+    report = {"machine": dict(rep.machine, cuda=cuda.available, cuda_why=cuda.why),
+              "size": a.size, "frames": a.frames, "psf": rep.psf, "reps": a.reps, "ms": res}
     _print(report, list(backends))
     if a.json:
         with open(a.json, "w") as f:
@@ -155,8 +115,7 @@ def _print(rep, names):
     print(f"# bench_cuda: {rep['size']}² × {rep['frames']} frames, PSF {rep['psf']}², "
           f"median of {rep['reps']}\n")
     print(f"- machine: {m['platform']}, {m['cpus']} CPUs")
-    print(f"- CUDA: {'; '.join(m['devices'])} ({m['cuda_why']})" if m["cuda"]
-          else f"- CUDA: unavailable ({m['cuda_why']})")
+    print(f"- CUDA: {m['cuda_why']}" if m["cuda"] else f"- CUDA: unavailable ({m['cuda_why']})")
     print()
     head = "| call (one batch) | " + " | ".join(f"{n} ms" for n in names)
     if "cuda" in names:

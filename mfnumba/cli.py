@@ -1,4 +1,4 @@
-"""Command line: ``mfnumba deconv | simulate | demo | info``.
+"""Command line: ``mfnumba deconv | simulate | demo | info | bench``.
 
 The CLI parses, reports and writes; the science lives in :mod:`mfnumba.api`.
 Exit status: 0 success, 2 bad input (one line naming the file and the
@@ -406,6 +406,37 @@ def _numba_ran() -> bool:
         return True
     except ValueError:
         return False
+
+
+@app.command()
+@_guard
+def bench(
+    size: int = typer.Option(256, help="Frame side of the simulated stack (px)."),
+    frames: int = typer.Option(4, help="Frames in the stack."),
+    iters: int = typer.Option(5, help="Timed repetitions, after one warm-up."),
+    psf: Optional[int] = typer.Option(None, help="PSF side (odd px); default: the simulation's."),
+    backend: str = typer.Option("all", help="cpu, cuda or all."),
+    json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE",
+                                            help="Also write the figures to FILE as JSON."),
+):
+    """Time a solver iteration against its 3-half-FFT floor, CPU vs CUDA, in one run."""
+    if backend not in ("cpu", "cuda", "all"):
+        raise OptionError(f"--backend {backend}: expected cpu, cuda or all")
+    if size < 32 or frames < 1 or iters < 1:
+        raise OptionError("--size must be >= 32, --frames and --iters >= 1")
+    from .benchmark import BACKENDS, print_report, run_bench
+
+    names = BACKENDS if backend == "all" else (backend,)
+    if backend == "cuda":
+        from .backends.cuda import cuda_status
+
+        ok, why, _ = cuda_status()
+        if not ok:
+            raise OptionError(f"--backend cuda: {why}; use --backend cpu or all")
+    report = run_bench(size=size, frames=frames, iters=iters, psf=psf, backends=names)
+    print_report(report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
 
 def main() -> None:  # pragma: no cover - console entry

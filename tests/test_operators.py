@@ -1,99 +1,141 @@
-"""The forward operator, its adjoint and the fused kernels of the CPU backend."""
+"""Every backend's operators and fused kernels: dot tests and parity with tests/reference.py.
+
+Each test runs through the ``backend`` fixture (CPU always, CUDA where a
+device is usable): host inputs go in with ``asarray`` / ``zeros``, results
+come back with ``to_host``. ``PARITY`` names, for every method of the
+Backend protocol, the test comparing it with its slow twin.
+"""
 
 import numpy as np
 import pytest
 
-from mfnumba.backends.cpu import CPUBackend
-from mfnumba.solver import Geometry, Problem
+from mfnumba.backends.base import Backend
+from mfnumba.geometry import Geometry
 
 from . import reference as ref
+from ._dottest import Operator, direct_conv, dottest, fft_conv
 from .conftest import gaussian_psf
 
-
-def _geom(h, w, k):
-    frames = np.zeros((1, 1, h, w), np.float32)
-    psfs = np.zeros((1, k, k), np.float32)
-    return Geometry.for_problem(Problem(frames, psfs))
+CONV = {"fft": fft_conv, "direct": direct_conv}
 
 
-def _embed(xe, geom):
-    x = np.zeros((1,) + geom.grid, np.float32)
-    e0, e1 = geom.extent
-    x[0, :e0, :e1] = xe
-    return x
+def _psfs(rng, n, k):
+    """n non-symmetric PSFs (a flip or a shift does not map one onto itself)."""
+    psf = rng.random((n, k, k)).astype(np.float32)
+    return psf / psf.sum(axis=(1, 2), keepdims=True)
 
 
-def _forward(be, method, xe, psf, geom):
-    """Backend forward: (h, w) prediction of the extent-shaped model xe."""
-    x = _embed(xe, geom)
-    p = geom.p
-    if method == "fft":
-        otf = be.otf(psf, geom.grid)[None]
-        P = be.spectral_multiply(be.rfft2(x), otf, np.zeros((1, 1) + otf.shape[-2:], np.complex64))
-        full = be.irfft2(P, geom.grid)
-    else:
-        full = be.conv_forward_direct(x, psf[None], np.zeros((1, 1) + geom.grid, np.float32), p,
-                                      (geom.h, geom.w))
-    return full[0, 0, p:p + geom.h, p:p + geom.w]
-
-
-def _adjoint(be, method, r, psf, geom):
-    """Backend adjoint: extent-shaped Hᵀr."""
-    p = geom.p
-    a = np.zeros((2, 1, 1) + geom.grid, np.float32)
-    a[0, 0, 0, p:p + geom.h, p:p + geom.w] = r
-    if method == "fft":
-        otf = be.otf(psf, geom.grid)[None]
-        acc = np.zeros((2, 1) + otf.shape[-2:], np.complex64)
-        be.spectral_accumulate(acc, otf, be.rfft2(a))
-        out = be.irfft2(acc, geom.grid)
-    else:
-        out = np.zeros((2, 1) + geom.grid, np.float32)
-        be.conv_adjoint_direct(a, psf[None], out, p, geom.extent)
-    e0, e1 = geom.extent
-    return out[0, 0, :e0, :e1]
+# the operators ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("method", ["fft", "direct"])
-@pytest.mark.parametrize("h,w,k", [(33, 40, 7), (32, 31, 9), (48, 48, 5), (25, 36, 11)])
-def test_adjoint_dot(method, h, w, k, rng):
-    """<Hx, u> = <x, Hᵀu> for a non-symmetric PSF on odd and even sizes."""
-    be = CPUBackend()
-    geom = _geom(h, w, k)
-    psf = rng.random((k, k)).astype(np.float32)
-    psf /= psf.sum()
-    xe = rng.random(geom.extent).astype(np.float32)
-    u = rng.standard_normal((h, w)).astype(np.float32)
-    lhs = np.vdot(_forward(be, method, xe, psf, geom).astype(np.float64), u)
-    rhs = np.vdot(xe.astype(np.float64), _adjoint(be, method, u, psf, geom))
-    assert abs(lhs - rhs) <= 1e-5 * (abs(lhs) + abs(rhs))
+@pytest.mark.parametrize("h,w,k,n,c", [(33, 40, 7, 1, 1), (32, 31, 9, 3, 1), (48, 48, 5, 2, 2),
+                                       (25, 36, 11, 1, 3)])
+def test_convolution_dot_test(backend, method, h, w, k, n, c, rng):
+    """<Hx, y> = <x, Hᵀy> on odd and even sizes, batches of frames and several channels."""
+    geom = Geometry.of(h, w, k // 2)
+    dottest(backend, CONV[method](_psfs(rng, n, k), geom, channels=c), rng=rng)
+
+
+def test_dot_test_catches_a_wrong_adjoint(backend, rng):
+    """Convolution as its own adjoint (the PSF not flipped) fails: the test can fail."""
+    psfs = _psfs(rng, 2, 7)
+    geom = Geometry.of(20, 23, 3)
+    good = fft_conv(psfs, geom)
+    flipped = fft_conv(np.ascontiguousarray(psfs[:, ::-1, ::-1]), geom)
+    wrong = Operator("H with H_flippedᵀ", good.shape_in, good.shape_out, good.forward,
+                     flipped.adjoint)
+    with pytest.raises(AssertionError, match="H with"):
+        dottest(backend, wrong, rng=rng)
 
 
 @pytest.mark.parametrize("method", ["fft", "direct"])
-def test_forward_and_adjoint_match_reference(method, rng):
-    be = CPUBackend()
-    geom = _geom(30, 27, 9)
-    psf = rng.random((9, 9)).astype(np.float32)
-    psf /= psf.sum()
+def test_forward_and_adjoint_match_reference(backend, method, rng):
+    geom = Geometry.of(30, 27, 4)
+    psfs = _psfs(rng, 2, 9)
+    H = CONV[method](psfs, geom)
     xe = rng.random(geom.extent).astype(np.float32)
-    r = rng.standard_normal((30, 27)).astype(np.float32)
-    np.testing.assert_allclose(_forward(be, method, xe, psf, geom), ref.forward(xe, psf), rtol=2e-5, atol=2e-6)
-    np.testing.assert_allclose(_adjoint(be, method, r, psf, geom), ref.adjoint(r, psf), rtol=2e-4, atol=2e-5)
+    r = rng.standard_normal((2, 1, 30, 27)).astype(np.float32)
+    got = H.forward(backend, xe[None])
+    for b in range(2):
+        np.testing.assert_allclose(got[b, 0], ref.forward(xe, psfs[b]), rtol=2e-5, atol=2e-6)
+    want = ref.adjoint(r[0, 0], psfs[0]) + ref.adjoint(r[1, 0], psfs[1])
+    np.testing.assert_allclose(H.adjoint(backend, r)[0], want, rtol=2e-4, atol=2e-5)
 
 
-def test_forward_preserves_flux_of_interior_source():
+def test_forward_preserves_flux_of_interior_source(backend):
     """A point source far from the edges keeps its flux (PSF sums to 1)."""
-    be = CPUBackend()
-    geom = _geom(40, 40, 7)
-    xe = np.zeros(geom.extent, np.float32)
-    xe[23, 20] = 1000.0
-    y = _forward(be, "fft", xe, gaussian_psf(2.5, 7), geom)
+    geom = Geometry.of(40, 40, 3)
+    xe = np.zeros((1,) + geom.extent, np.float32)
+    xe[0, 23, 20] = 1000.0
+    y = fft_conv(gaussian_psf(2.5, 7)[None], geom).forward(backend, xe)
     assert abs(y.sum() - 1000.0) < 1e-2
 
 
-def test_huber_weights_kernel(rng):
+# Fourier domain -----------------------------------------------------------------------------
+
+
+def test_transfer_round_trip(backend, rng):
+    a = rng.standard_normal((2, 5, 6))
+    d = backend.asarray(a)
+    assert d.dtype == np.float32 and isinstance(d, backend.xp.ndarray)
+    np.testing.assert_array_equal(backend.to_host(d), a.astype(np.float32))
+    z = backend.to_host(backend.zeros((3, 4), np.complex64))
+    assert z.dtype == np.complex64 and z.shape == (3, 4) and not z.any()
+
+
+@pytest.mark.parametrize("shape", [(24, 30), (25, 27)])
+def test_rfft2_irfft2_and_otf_match_numpy(backend, shape, rng):
+    be = backend
+    x = rng.standard_normal((2, 3) + shape).astype(np.float32)
+    X = be.rfft2(be.asarray(x), out=be.zeros((2, 3, shape[0], shape[1] // 2 + 1), np.complex64))
+    np.testing.assert_allclose(be.to_host(X), np.fft.rfft2(x), rtol=1e-4, atol=1e-4)
+    keep = be.to_host(X).copy()
+    back = be.irfft2(X, shape, out=be.zeros((2, 3) + shape))
+    np.testing.assert_allclose(be.to_host(back), x, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(be.to_host(X), keep)  # overwrite_input=False keeps A
+    psf = _psfs(rng, 1, 7)[0]
+    embed = np.zeros(shape)
+    embed[:7, :7] = psf
+    want = np.fft.rfft2(np.roll(embed, (-3, -3), axis=(0, 1)))  # centre at (0, 0)
+    np.testing.assert_allclose(be.to_host(be.otf(psf, shape)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_spectral_multiply_and_accumulate_match_reference(backend, rng):
+    be = backend
+    B, C, g0, g1 = 3, 2, 12, 9
+
+    def cplx(*shape):
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+
+    X, otf, S, acc = cplx(C, g0, g1), cplx(B + 1, g0, g1), cplx(2, B, C, g0, g1), cplx(2, C, g0, g1)
+    out = be.spectral_multiply(be.asarray(X, np.complex64), be.asarray(otf[:B], np.complex64),
+                               be.zeros((B, C, g0, g1), np.complex64))
+    np.testing.assert_allclose(be.to_host(out), ref.ref_spectral_multiply(X, otf[:B]), rtol=1e-6,
+                               atol=1e-6)
+    # the OTF batch may be longer than S's (the solver's last, partial batch)
+    got = be.spectral_accumulate(be.asarray(acc.copy(), np.complex64), be.asarray(otf, np.complex64),
+                                 be.asarray(S, np.complex64))
+    np.testing.assert_allclose(be.to_host(got), ref.ref_spectral_accumulate(acc, otf, S), rtol=1e-5,
+                               atol=1e-5)
+
+
+# element-wise, fused ---------------------------------------------------------------------
+
+
+def _frames(rng, P=2, h=20, w=24, p=3):
+    yh = (rng.random((P, h, w)) * 50 + 100).astype(np.float32)
+    y = (yh + rng.standard_normal((P, h, w)) * 5).astype(np.float32)
+    y[0, 3, 4] += 300.0
+    y[-1, 7, :3] = np.nan
+    grid = np.zeros((P, h + 2 * p, w + 2 * p), np.float32)
+    grid[:, p:p + h, p:p + w] = yh
+    return y, yh, grid, p
+
+
+def test_huber_weights_kernel(backend):
     """ψ(z)/z = 1 inside δ, δ/|z| outside, and weight 0 on NaN."""
-    be = CPUBackend()
+    be = backend
     h, w, p = 6, 7, 2
     y = np.full((1, h, w), 10.0, np.float32)
     yhat = np.zeros((1, h + 2 * p, w + 2 * p), np.float32)
@@ -101,12 +143,12 @@ def test_huber_weights_kernel(rng):
     z = np.linspace(-6, 6, h * w).reshape(h, w).astype(np.float32)
     y[0] += z  # sigma = 1 => z is the standardised residual
     y[0, 2, 3] = np.nan
-    out = np.zeros((2, 1, h + 2 * p, w + 2 * p), np.float32)
     delta = 2.0
-    be.robust_weights(y, yhat, p, np.array([1.0]), np.array([delta]), True, "mad", 0.0, out)
+    out = be.to_host(be.robust_weights(be.asarray(y), be.asarray(yhat), p, np.array([1.0]),
+                                       np.array([delta]), True, "mad", 0.0,
+                                       be.zeros((2, 1, h + 2 * p, w + 2 * p))))
     wy = out[0, 0, p:p + h, p:p + w]
-    wyh = out[1, 0, p:p + h, p:p + w]
-    wgt = wyh / 10.0
+    wgt = out[1, 0, p:p + h, p:p + w] / 10.0
     expect = np.where(np.abs(z) <= delta, 1.0, delta / np.abs(z))
     expect[2, 3] = 0.0
     np.testing.assert_allclose(wgt, expect, rtol=1e-6)
@@ -119,57 +161,193 @@ def test_huber_weights_kernel(rng):
     assert not out[:, :, mask].any()
 
 
-def test_weights_match_reference_with_nan_and_mask(rng):
-    be = CPUBackend()
-    h, w, p = 20, 24, 3
-    yh = (rng.random((h, w)) * 50 + 100).astype(np.float32)
-    y = (yh + rng.standard_normal((h, w)) * 5).astype(np.float32)
-    y[3, 4] += 300.0
-    y[7, :3] = np.nan
+@pytest.mark.parametrize("noise", ["mad", "poisson", "map"])
+def test_residual_samples_match_reference(backend, noise, rng):
+    be = backend
+    y, yh, grid, p = _frames(rng, P=3)
+    var = (rng.random(y.shape) + 1).astype(np.float32) if noise == "map" else None
+    args = (p, noise, 1.0, 3, (2, 1), (1, 19), (0, 23))
+    z, q = be.residual_samples(be.asarray(y), be.asarray(grid), *args,
+                               var=None if var is None else be.asarray(var))
+    zr, qr = ref.ref_residual_samples(y, grid, *args, var=var)
+    assert len(z) == len(q) == 3
+    for got, want in zip(z + q, zr + qr):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_match_reference_with_nan_and_mask(backend, rng):
+    be = backend
+    y, yh, grid, p = _frames(rng, P=1)
+    h, w = y.shape[1:]
     mask = rng.random((h, w)).astype(np.float32)
-    grid = np.zeros((1, h + 2 * p, w + 2 * p), np.float32)
-    grid[0, p:p + h, p:p + w] = yh
     for noise in ("mad", "poisson"):
-        z, _ = be.residual_samples(y[None], grid, p, noise, 1.0, 1, (0, 0), (0, h), (0, w))
+        z, _ = be.residual_samples(be.asarray(y), be.asarray(grid), p, noise, 1.0, 1, (0, 0),
+                                   (0, h), (0, w))
         s = np.array([ref.mad_sigma(z[0])])
-        wref, sref, _ = ref.weights(y, yh, rho="huber", delta=-2.5, noise=noise, floor=1.0, mask=mask)
+        wref, sref, _ = ref.weights(y[0], yh[0], rho="huber", delta=-2.5, noise=noise, floor=1.0,
+                                    mask=mask)
         np.testing.assert_allclose(s[0], sref, rtol=1e-5)
-        out = np.zeros((2, 1) + grid.shape[-2:], np.float32)
-        be.robust_weights(y[None], grid, p, s, np.array([2.5]), True, noise, 1.0, out,
-                          mask=mask[None])
-        np.testing.assert_allclose(out[1, 0, p:p + h, p:p + w], wref * yh, rtol=1e-5, atol=1e-12)
-        np.testing.assert_allclose(out[0, 0, p:p + h, p:p + w], wref * np.nan_to_num(y), rtol=1e-5,
-                                   atol=1e-12)
+        out = be.to_host(be.robust_weights(be.asarray(y), be.asarray(grid), p, s, np.array([2.5]),
+                                           True, noise, 1.0, be.zeros((2, 1) + grid.shape[-2:]),
+                                           mask=be.asarray(mask[None])))
+        np.testing.assert_allclose(out[1, 0, p:p + h, p:p + w], wref * yh[0], rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(out[0, 0, p:p + h, p:p + w], wref * np.nan_to_num(y[0]),
+                                   rtol=1e-5, atol=1e-12)
 
 
-def test_update_kernel_clip_relax_and_stats(rng):
-    be = CPUBackend()
+@pytest.mark.parametrize("r", [1, 2])
+def test_weights_with_variance_protection_and_replication_match_reference(backend, r, rng):
+    """Variance map, star protection, SR replication U and an output offset p_out."""
+    be = backend
+    y, yh, grid, p = _frames(rng, P=2)
+    P, h, w = y.shape
+    var = (np.maximum(yh, 1) * rng.uniform(0.8, 1.2, y.shape)).astype(np.float32)
+    prot = (rng.random(y.shape) ** 3).astype(np.float32)
+    sigma, delta, po = np.array([1.0, 1.0]), np.array([2.0, 3.0]), 4
+    fine = (r * h + 2 * po + 1, r * w + 2 * po)
+    dev = {k: be.asarray(v) for k, v in dict(y=y, grid=grid, var=var, prot=prot).items()}
+    out = be.to_host(be.robust_weights(dev["y"], dev["grid"], p, sigma, delta, True, "map", 1.0,
+                                       be.zeros((2, P) + fine), p_out=po, r=r, var=dev["var"],
+                                       protect=dev["prot"]))
+    for k in range(P):
+        # with a variance map the reference takes δ in units of the MAD of z (σ = 1 here)
+        s = ref.mad_sigma((y[k] - yh[k]) / np.sqrt(var[k]))
+        wk, _, d = ref.weights(y[k], yh[k], rho="huber", delta=delta[k] / s, var=var[k],
+                               protect=prot[k])
+        assert d == pytest.approx(delta[k])
+        for slot, v in enumerate((wk * np.nan_to_num(y[k]), wk * yh[k])):
+            want = ref.ref_replicate(v[None].astype(np.float32), r, po, fine)[0]
+            np.testing.assert_allclose(out[slot, k], want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("with_cons,with_var", [(False, False), (True, True)])
+def test_consensus_weights_match_reference(backend, with_cons, with_var, rng):
+    be = backend
+    y, yh, grid, p = _frames(rng, P=4, h=17, w=19)
+    y[2, 5, :] += 200.0  # a trail in one plane
+    P, h, w = y.shape
+    C = 2
+    sigma, unit = rng.uniform(2.5, 3.5, P), rng.uniform(0.9, 1.1, P)
+    var = rng.uniform(0.8, 1.2, y.shape).astype(np.float32) if with_var else None
+    mask = rng.uniform(0.5, 1.0, y.shape).astype(np.float32)
+    cons = None
+    if with_cons:
+        cons = np.zeros((2, C, h, w), np.float32)
+        cons[0] = rng.uniform(0.2, 3.0, (C, h, w))
+        cons[1, :, 4:7, :] = 1.0
+    dev = lambda a: None if a is None else be.asarray(a)  # noqa: E731
+    out, acc = be.zeros((2, P) + grid.shape[1:]), be.zeros((3, C, h, w))
+    rej, fin = be.consensus_weights(dev(y), dev(grid), p, sigma, unit, np.full(P, 2.5), False,
+                                    "map" if with_var else "mad", 0.0, out, acc, cons=dev(cons),
+                                    zt=5.0, lo_frac=0.5, channels=C, mask=dev(mask), var=dev(var))
+    want_w, want_rej, want_fin, stats = ref.consensus_weights(
+        y, yh.astype(np.float64), sigma, unit, cons=cons, var=var, mask=mask, channels=C)
+    out, acc = be.to_host(out), be.to_host(acc)
+    core = (slice(None), slice(p, p + h), slice(p, p + w))
+    np.testing.assert_allclose(out[0][core], want_w * np.nan_to_num(y), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out[1][core], want_w * yh, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(rej, want_rej)
+    np.testing.assert_array_equal(fin, want_fin)
+    for got, want in zip(acc, stats):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert rej[2] >= w - 1  # the trail is rejected
+
+
+# the update ---------------------------------------------------------------------------------
+
+
+def _run_update(be, x, num, den, *args, floor=None):
+    """(x after the update, the samples); x itself is left alone."""
+    xd = be.asarray(x.copy())
+    samples = be.update(xd, be.asarray(num), be.asarray(den), *args,
+                        floor=None if floor is None else be.asarray(floor))
+    return be.to_host(xd), samples
+
+
+def test_update_kernel_clip_relax_and_stats(backend, rng):
     x = (rng.random((1, 10, 12)) + 0.5).astype(np.float32)
     num = (rng.random((1, 10, 12)) * 4).astype(np.float32)
     den = np.ones((1, 10, 12), np.float32)
     den[0, 0, 0] = 0.0  # no data: unchanged
-    x0 = x.copy()
     kappa, alpha = 2.0, 0.7
-    su, sd, sx = be.update(x, num, den, kappa, alpha, np.array([1e-6]), ((0, 10), (0, 12)), 1, (0, 0))
+    got, (su, sd, sx) = _run_update(backend, x, num, den, kappa, alpha, np.array([1e-6]),
+                                    ((0, 10), (0, 12)), 1, (0, 0))
     upd = np.clip(num / np.where(den > 0, den, 1), 1 / kappa, kappa)
     upd[0, 0, 0] = 1.0
-    expect = (1 - alpha) * x0 + alpha * x0 * upd
-    np.testing.assert_allclose(x, expect, rtol=1e-6)
+    expect = (1 - alpha) * x + alpha * x * upd
+    np.testing.assert_allclose(got, expect, rtol=1e-6)
     assert np.median(su) == pytest.approx(np.median(np.abs(upd - 1)), rel=1e-6)
-    assert np.median(sd) / np.median(sx) == pytest.approx(np.median(np.abs(expect - x0)) / np.median(x0), rel=1e-5)
+    assert np.median(sd) / np.median(sx) == pytest.approx(
+        np.median(np.abs(expect - x)) / np.median(x), rel=1e-5)
 
 
-def test_update_kernel_region_and_global_sample_grid(rng):
+def test_update_kernel_region_and_global_sample_grid(backend, rng):
     """Only the region changes; samples sit on the global grid whatever the origin."""
-    be = CPUBackend()
     x = (rng.random((1, 20, 20)) + 0.5).astype(np.float32)
-    num = np.full_like(x, 3.0)
-    den = np.ones_like(x)
-    x0 = x.copy()
-    su, sd, sx = be.update(x, num, den, 2.0, 1.0, np.array([1e-6]), ((4, 15), (3, 11)), 3, (10, 7))
-    changed = x != x0
+    got, (su, sd, sx) = _run_update(backend, x, np.full_like(x, 3.0), np.ones_like(x), 2.0, 1.0,
+                                    np.array([1e-6]), ((4, 15), (3, 11)), 3, (10, 7))
+    changed = got != x
     assert changed[0, 4:15, 3:11].all() and changed.sum() == 11 * 8
     rows = [i for i in range(4, 15) if (10 + i) % 3 == 0]
     cols = [j for j in range(3, 11) if (7 + j) % 3 == 0]
     assert su.size == len(rows) * len(cols)
-    np.testing.assert_allclose(np.sort(sx), np.sort(x0[0][np.ix_(rows, cols)].ravel()), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(sx), np.sort(x[0][np.ix_(rows, cols)].ravel()), rtol=1e-6)
+
+
+def test_update_matches_reference(backend, rng):
+    C, g = 2, (22, 27)
+    x = (rng.random((C,) + g) + 0.5).astype(np.float32)
+    num, den = rng.random((2, C) + g).astype(np.float32)
+    den[1, 5, :] = 0.0  # no data
+    args = (2.0, 0.7, np.array([1e-3, 2e-3]), ((2, 20), (3, 25)), 4, (1, 2))
+    got, samples = _run_update(backend, x, num, den, *args)
+    want, *want_samples = ref.ref_update(x, num, den, *args)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    for s, w in zip(samples, want_samples):
+        np.testing.assert_allclose(s, w, rtol=1e-5, atol=1e-7)
+
+
+def test_update_with_floor_matches_reference(backend, rng):
+    C, h, w = 2, 20, 23
+    x = rng.uniform(50, 200, (C, h, w)).astype(np.float32)
+    num, den = rng.uniform(0.5, 3, (2, C, h, w)).astype(np.float32)
+    floor = rng.uniform(20, 50, (C, h, w)).astype(np.float32)
+    got, _ = _run_update(backend, x, num, den, 1.7, 0.8, np.full(C, 1e-6), ((0, h), (0, w)), 3,
+                         (0, 0), floor=floor)
+    want = ref.update_with_floor(x.astype(np.float64), num, den, kappa=1.7, relax=0.8,
+                                 den_floor=1e-6, floor=floor)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert (got >= floor - 1e-4).all()  # never below the floor
+
+
+# every protocol method has its parity test ------------------------------------------------
+
+PARITY = {
+    "asarray": "test_transfer_round_trip", "to_host": "test_transfer_round_trip",
+    "zeros": "test_transfer_round_trip",
+    "rfft2": "test_rfft2_irfft2_and_otf_match_numpy", "irfft2": "test_rfft2_irfft2_and_otf_match_numpy",
+    "otf": "test_rfft2_irfft2_and_otf_match_numpy",
+    "spectral_multiply": "test_spectral_multiply_and_accumulate_match_reference",
+    "spectral_accumulate": "test_spectral_multiply_and_accumulate_match_reference",
+    "conv_forward_direct": "test_forward_and_adjoint_match_reference",
+    "conv_adjoint_direct": "test_forward_and_adjoint_match_reference",
+    "residual_samples": "test_residual_samples_match_reference",
+    "robust_weights": "test_weights_with_variance_protection_and_replication_match_reference",
+    "consensus_weights": "test_consensus_weights_match_reference",
+    "block_sum": "tests/test_sr.py::test_block_sum_and_replicate_match_reference",
+    "replicate": "tests/test_sr.py::test_block_sum_and_replicate_match_reference",
+    "update": "test_update_matches_reference",
+}
+
+
+def test_every_protocol_method_has_a_parity_test():
+    import inspect
+
+    from . import test_sr
+
+    methods = {n for n, f in vars(Backend).items() if callable(f) and not n.startswith("_")}
+    assert methods == set(PARITY)
+    for test in PARITY.values():
+        module, name = (test_sr, test.split("::")[1]) if "::" in test else (None, test)
+        fn = getattr(module, name) if module else globals()[name]
+        assert "backend" in inspect.signature(fn).parameters, test

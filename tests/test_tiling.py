@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from mfnumba.backends.cpu import CPUBackend
 from mfnumba.geometry import Geometry, plan_tiles
 from mfnumba.options import Options
 from mfnumba.simulate import SimConfig, simulate_stack
@@ -36,8 +35,8 @@ def stack():
     return sim, frames
 
 
-def _run(frames, psfs, opt, tile, sr=1, var=None, protect=None):
-    s = Solver(Problem(frames, psfs, sr=sr, var=var, protect=protect), opt, CPUBackend(), tile=tile)
+def _run(backend, frames, psfs, opt, tile, sr=1, var=None, protect=None):
+    s = Solver(Problem(frames, psfs, sr=sr, var=var, protect=protect), opt, backend, tile=tile)
     s.setup(np.median(frames, axis=0))
     res = s.run()
     return res, len(s.tiles)
@@ -45,26 +44,26 @@ def _run(frames, psfs, opt, tile, sr=1, var=None, protect=None):
 
 @pytest.mark.parametrize("conv", ["fft", "direct"])
 @pytest.mark.parametrize("delta,reject", [(2.0, "huber"), (-2.5, "huber"), (-2.5, "consensus")])
-def test_tiled_equals_untiled(stack, conv, delta, reject):
+def test_tiled_equals_untiled(backend, stack, conv, delta, reject):
     sim, frames = stack
     psfs = np.stack(sim.psfs)
     opt = Options(iters=5, early_stop=False, conv=conv, huber_delta=delta, reject=reject)
     var = np.maximum(frames, 1.0).astype(np.float32)
     prot = (np.random.default_rng(0).random(frames.shape) ** 4).astype(np.float32)
     for maps in ({}, {"var": var, "protect": prot}):
-        full, n1 = _run(frames, psfs, opt, None, **maps)
-        tiled, n2 = _run(frames, psfs, opt, 19, **maps)
+        full, n1 = _run(backend, frames, psfs, opt, None, **maps)
+        tiled, n2 = _run(backend, frames, psfs, opt, 19, **maps)
         assert n1 == 1 and n2 >= 9
         np.testing.assert_allclose(tiled.image, full.image, rtol=2e-4, atol=2e-3)
         assert [h.med_upd for h in tiled.history] == pytest.approx([h.med_upd for h in full.history],
                                                                     rel=1e-3)
 
 
-def test_tiled_equals_untiled_with_sr(stack):
+def test_tiled_equals_untiled_with_sr(backend, stack):
     sim, frames = stack
     psfs = np.stack([lift_psf(p, 2, iters=60).psf for p in sim.psfs])
     opt = Options(iters=4, early_stop=False, conv="fft", huber_delta=2.0, sr=2)
-    full, _ = _run(frames, psfs, opt, None, sr=2)
-    tiled, n = _run(frames, psfs, opt, 37, sr=2)
+    full, _ = _run(backend, frames, psfs, opt, None, sr=2)
+    tiled, n = _run(backend, frames, psfs, opt, 37, sr=2)
     assert n >= 9 and full.image.shape == (1, 120, 104)
     np.testing.assert_allclose(tiled.image, full.image, rtol=2e-4, atol=2e-3)
