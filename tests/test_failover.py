@@ -161,3 +161,4 @@ def test_failover_reaches_history_and_the_result(tmp_path, monkeypatch, rng):
     assert res.backend == "cpu" and len(res.events) == 1
     history = "\n".join(str(v) for v in res.header["HISTORY"])
     assert "device lost" in history and "moved to the CPU" in history
+

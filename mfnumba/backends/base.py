@@ -39,6 +39,14 @@ class Backend(Protocol):
     name: str
     xp: object  # the array module (numpy or cupy)
 
+    # housekeeping -----------------------------------------------------------
+    def synchronize(self) -> None:
+        """Wait for all work queued on the device (timing, before a host read)."""
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) bytes of the memory the backend's arrays live in."""
+    def free_memory(self) -> None:
+        """Release cached plans and pooled blocks (the solver calls it on DeviceOOM)."""
+
     # transfer -------------------------------------------------------------
     def asarray(self, a, dtype=np.float32): ...
     def to_host(self, a) -> np.ndarray: ...

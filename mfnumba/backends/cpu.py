@@ -30,6 +30,25 @@ class CPUBackend:
         self.threads = int(threads) if threads else numba.config.NUMBA_NUM_THREADS
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
 
+    # housekeeping -----------------------------------------------------------
+    def synchronize(self) -> None:
+        """Nothing is queued: every CPU call has finished when it returns."""
+
+    def mem_info(self) -> tuple[int, int]:
+        """(available, total) bytes of host memory."""
+        import os
+
+        from ..rss import available_memory
+
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # no sysconf: the available as total
+            total = available_memory()
+        return available_memory(), int(total)
+
+    def free_memory(self) -> None:
+        """Nothing is pooled on the CPU."""
+
     # transfer -------------------------------------------------------------
     def asarray(self, a, dtype=np.float32):
         return np.ascontiguousarray(a, dtype=dtype)

@@ -374,7 +374,6 @@ class CUDABackend:
         return out
 
     @_api
-    @_api
     def consensus_weights(self, y, yhat, p, sigma, unit, delta, huber, noise, floor, out, acc,
                           cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, p_out=None,
                           r=1, var=None):
@@ -395,13 +394,16 @@ class CUDABackend:
         h_args = [host(a) for a in args]
         h_kwargs = {k: host(v) for k, v in kwargs.items()}
         ids = {id(a): i for i, a in enumerate(args)}
-        got = getattr(CPUBackend(), method)(*h_args, **h_kwargs)
+        if getattr(self, "_cpu", None) is None:  # one, made once: it sets Numba's threads
+            self._cpu = CPUBackend(self.threads)
+        got = getattr(self._cpu, method)(*h_args, **h_kwargs)
         for dev in written:
             i = ids.get(id(dev))
             dev[...] = cupy.asarray(h_args[i] if i is not None else h_kwargs[
                 next(k for k, v in kwargs.items() if v is dev)])
         return got
 
+    @_api
     def block_sum(self, a, r, offset, out):
         self._launch(L.block_sum(self._in(a), int(r), int(offset),
                                  self._out(out, np.float32, "block_sum out")))
