@@ -69,6 +69,8 @@ def build_header(first: fits.Header, channels: int, paths, opt: Options, iterati
     import numba
     import scipy
 
+    from .prepare import protection_used  # --masks is moot under a consensus
+
     hdr = scale_wcs(reference_header(first), opt.sr)
     removed = []
     for key in PER_FRAME_KEYS:
@@ -83,7 +85,7 @@ def build_header(first: fits.Header, channels: int, paths, opt: Options, iterati
         ("MF_COLOR", opt.color if channels > 1 else "mono", "colour mode"),
         ("MF_RHO", opt.rho, "loss: huber or l2"),
         ("MF_HDEL", opt.huber_delta, "Huber delta (<0: auto, x MAD)"),
-        ("MF_MASK", opt.masks, "star masks used"),
+        ("MF_MASK", protection_used(opt, len(paths)), "star masks used"),
         ("MF_VAR", opt.variance, "variance maps used"),
         ("MF_SR", opt.sr, "super-resolution factor"),
         ("MF_SRSIG", opt.sr_sigma, "SR PSF-lift Gaussian sigma (fine px)"),
