@@ -77,19 +77,39 @@ def get_backend(name: str, threads: int | None = None):
     """The backend for ``--backend``.
 
     ``cuda`` is the CuPy backend when a device is usable (else an OptionError
-    saying why). ``auto`` stays on the CPU for now: the CUDA backend has
-    not yet been validated on a device and the solver does not yet fall back
-    to the CPU on a device fault, so it is offered only when asked for.
+    saying why). ``auto`` is the CuPy backend when a device is usable *and*
+    it passes :func:`mfnumba.backends.selftest.solver_parity` (a small solve
+    equal to the CPU's), else the CPU: macOS, no CuPy, no device, or a
+    device that computes wrong all get the CPU without having to know. A
+    run that starts on the device and loses it moves to the CPU by itself
+    (``Solver._guarded``).
     """
-    if name == "cuda":
-        from .backends.cuda import CUDABackend, cuda_status  # CuPy is slow to import
+    if name == "cpu":
+        return CPUBackend(threads)
+    from .backends.cuda import CUDABackend, cuda_status  # CuPy is slow to import
 
-        ok, why, _ = cuda_status()
+    ok, why, _ = cuda_status()
+    if name == "cuda":
         if not ok:
             raise OptionError(f"--backend cuda: {why}; use --backend cpu or auto")
         log.info("backend cuda: %s", why)
         return CUDABackend()
-    return CPUBackend(threads)
+    if not ok:
+        log.debug("backend auto: the CPU (%s)", why)
+        return CPUBackend(threads)
+    from .backends.selftest import solver_parity
+
+    try:
+        device = CUDABackend()
+    except Exception as exc:  # noqa: BLE001 -- a device that cannot even start: the CPU
+        log.warning("backend auto: the CUDA device did not start (%s); using the CPU", exc)
+        return CPUBackend(threads)
+    problem = solver_parity(device)
+    if problem is not None:
+        log.warning("backend auto: the CUDA backend %s; using the CPU", problem)
+        return CPUBackend(threads)
+    log.info("backend auto: cuda (%s)", why)
+    return device
 
 
 def _open(frames, layout: str = "auto"):

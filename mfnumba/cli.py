@@ -227,7 +227,8 @@ def deconv(
     reference: Optional[str] = _opt("Reference frame (index or file name): its photometric scale "
                                     "and header.", "the best frame"),
     layout: str = typer.Option("auto", help="3-D frames: auto, chw or hwc."),
-    backend: Optional[str] = _opt("auto, cpu or cuda.", "auto"),
+    backend: Optional[str] = _opt("auto (CUDA where usable and checked, else the CPU), cpu or "
+                                  "cuda.", "auto"),
     scheduler: Optional[str] = _opt("Where the frames are summed: local (this process), dask (a "
                                     "Dask cluster on this machine) or a Dask scheduler's address "
                                     "(tcp://host:8786).", "local"),
@@ -392,8 +393,10 @@ def info():
     from .backends.cuda import cuda_status
 
     ok, why, devices = cuda_status()
-    state = f"available with --backend cuda: {why}" if ok else f"unavailable: {why}"
-    typer.echo(f"backends: cpu (available, the default), cuda ({state})")
+    state = (f"available: {why}; --backend auto takes it once a small solve on it equals the "
+             "CPU's" if ok else f"unavailable: {why}")
+    auto = "cuda when it passes that check, else cpu" if ok else "cpu"
+    typer.echo(f"backends: cpu (available), cuda ({state}); --backend auto (the default): {auto}")
     for dev in devices:
         typer.echo(f"  {dev}")
 
