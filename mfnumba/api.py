@@ -407,9 +407,8 @@ def _solve(work: WorkSource, kernel, seed, *, maps, channel, opt, backend, progr
     if cluster is not None:
         from .distributed import DaskExecutor
 
-        executor = DaskExecutor(cluster, src, problem, opt.replace(batch=mem.batch),
-                                backend=opt.backend, tile=mem.tile, cache_otfs=mem.cache_otfs,
-                                stream=stream, threads=None)
+        # each worker plans its own share's memory under its Dask memory limit
+        executor = DaskExecutor(cluster, src, problem, opt, backend=opt.backend)
     solver = Solver(problem, opt.replace(batch=mem.batch), backend, callback=after_iteration,
                     tile=mem.tile, cache_otfs=mem.cache_otfs, executor=executor)
     solver.setup(seed, conv=None if state is None else state["conv"])

@@ -148,20 +148,34 @@ def _make_worker(spec: dict):
     from .solver import Problem
     from .worker import FrameWorker
 
+    from distributed import get_worker
+
     _register_sizes()
+    worker = get_worker()
+    plan = _worker_plan(spec, worker)
     source = spec["source"]
-    frames = source if spec["stream"] else source.materialize()
+    frames = source.materialize() if plan.in_memory else source
     problem = Problem(frames, spec["psfs"], sr=spec["sr"], var=spec["var"],
                       protect=spec["protect"], mask=spec["mask"])
-    threads = spec["threads"]
-    if threads is None:  # the worker's own threads, not every core of its machine per worker
-        from distributed import get_worker
-
-        threads = get_worker().state.nthreads
+    # the worker's own threads, not every core of its machine in every worker
+    threads = spec["threads"] or worker.state.nthreads
     backend = get_backend(spec["backend"], threads)
-    return FrameWorker(problem, spec["options"], backend, offset=spec["offset"],
-                       settings=spec["settings"], extent_shape=spec["extent_shape"],
-                       tile=spec["tile"], cache_otfs=spec["cache_otfs"])
+    return FrameWorker(problem, spec["options"].replace(batch=plan.batch), backend,
+                       offset=spec["offset"], settings=spec["settings"],
+                       extent_shape=spec["extent_shape"], tile=plan.tile,
+                       cache_otfs=plan.cache_otfs)
+
+
+def _worker_plan(spec: dict, worker):
+    """The memory plan of this worker's share, under its Dask memory limit (the model per worker)."""
+    from . import memory
+
+    limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None) or None
+    plan = memory.plan(budget=limit, n_frames=spec["source"].n_frames, setup=False,
+                       **spec["plan"])
+    log.info("dask worker %s: frames %d-%d, %s", worker.address, spec["offset"],
+             spec["offset"] + spec["source"].n_frames - 1, plan.describe())
+    return plan
 
 
 def _sizes(dask_scheduler, keys):
@@ -208,18 +222,21 @@ class DaskExecutor:
     options : Options
     backend : str
         ``--backend`` for the workers (each resolves it on its own machine).
-    tile, cache_otfs, stream
-        The memory plan's choices, applied on every worker.
+    threads : int, optional
+        Threads of each worker's backend (default: the Dask worker's own).
+
+    Each worker plans its share's memory under its Dask memory limit
+    (:func:`_worker_plan`): frames in memory or read by tiles, tile, batch
+    and OTF cache are chosen there, per worker, as the local planner does.
     """
 
     name = "dask"
 
     def __init__(self, cluster: Cluster, source, problem, options, *, backend: str = "cpu",
-                 tile: int | None = None, cache_otfs: bool = True, stream: bool = True,
                  threads: int | None = None):
         self.cluster, self.client = cluster, cluster.client
         self.source, self.problem, self.opt = source, problem, options
-        self.backend, self.tile, self.cache_otfs, self.stream = backend, tile, cache_otfs, stream
+        self.backend = backend
         self.threads = threads
         self.shares: list[range] = []
         self.states = None
@@ -242,15 +259,20 @@ class DaskExecutor:
         self.addresses = set(addrs)
         self.shares = split(self.problem.n_frames, len(addrs))
         settings = solver.settings()
+        pr = self.problem
+        n_maps = sum(a is not None for a in (pr.var, pr.protect, pr.mask))
+        plan_sizes = dict(h=pr.shape[0], w=pr.shape[1], r=pr.sr, p=pr.radius, channels=pr.channels,
+                          n_maps=n_maps, low_mem=self.opt.low_mem,
+                          channels_in=getattr(self.source.reader, "channels", pr.channels))
         sub = lambda a, r: None if a is None else np.ascontiguousarray(a[r.start:r.stop])  # noqa: E731
         self.states = []
         for r, addr in zip(self.shares, addrs):
-            spec = {"source": self.source.share(r), "stream": self.stream, "sr": self.problem.sr,
+            spec = {"source": self.source.share(r), "sr": self.problem.sr,
                     "psfs": sub(self.problem.psfs, r), "var": sub(self.problem.var, r),
                     "protect": sub(self.problem.protect, r), "mask": sub(self.problem.mask, r),
                     "backend": self.backend, "threads": self.threads, "options": self.opt,
                     "offset": r.start, "settings": settings, "extent_shape": solver.x_host.shape,
-                    "tile": self.tile, "cache_otfs": self.cache_otfs}
+                    "plan": plan_sizes}
             # the share lives in the task's graph: Dask can rebuild it on another worker
             self.states.append(self.client.submit(_make_worker, spec, workers=[addr],
                                                   allow_other_workers=True, pure=False,

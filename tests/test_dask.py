@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +217,28 @@ def test_the_command_line_runs_on_a_cluster_and_refuses_a_bad_scheduler(tmp_path
     gone = CliRunner().invoke(app, args + ["--scheduler", f"tcp://127.0.0.1:{port}",
                                            "--overwrite"])
     assert gone.exit_code == 2 and "cannot reach the scheduler" in gone.output
+
+
+def test_each_worker_plans_its_share_under_its_own_memory_limit(tmp_path, rng):
+    """The memory model per worker: a tight Dask memory limit reads the share by tiles."""
+    from types import SimpleNamespace
+
+    from mfnumba import memory
+    from mfnumba.distributed import _worker_plan
+
+    paths, _, _ = _stack(tmp_path, rng, 6)
+    share = WorkSource(StackReader(paths)).share(range(2, 5))
+    assert share.n_frames == 3 and share.paths == [Path(p) for p in paths[2:5]]
+    sizes = dict(h=40, w=44, r=1, p=4, channels=1, n_maps=1, low_mem=False, channels_in=1)
+    spec = {"source": share, "offset": 2, "plan": sizes}
+
+    def worker(limit):
+        return SimpleNamespace(address="tcp://w", memory_manager=SimpleNamespace(memory_limit=limit))
+
+    roomy = _worker_plan(spec, worker(None))
+    assert roomy.in_memory
+    base = memory.measure_baseline() + memory.code_reserve()
+    tight = memory.plan(budget=None, n_frames=3, setup=False, **sizes)
+    small = _worker_plan(spec, worker(base + (tight.predicted - base) // 2 + (1 << 20)))
+    assert small.predicted <= small.budget and (not small.in_memory or small.batch < roomy.batch
+                                                or small.tile is not None)
