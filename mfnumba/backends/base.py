@@ -15,6 +15,7 @@ backend (a later issue) with CuPy and RawModule kernels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -30,6 +31,71 @@ class DeviceOOM(DeviceError):
 
 class DeviceLost(DeviceError):
     """The device is busy, gone or failed a launch: fall back to the CPU."""
+
+
+NOISE_MODES = ("mad", "poisson", "map")
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """The variance V of a pixel, by which residuals are scaled.
+
+    ``mode``: ``"mad"`` (V = 1: one scale per frame, σ, measured from the
+    residuals), ``"poisson"`` (V = max(ŷ, floor)) or ``"map"`` (V = the
+    ``var`` map handed with the call). ``floor``: the Poisson floor.
+    :attr:`code` is the mode as the kernels take it (0, 1, 2).
+
+    >>> NoiseModel("poisson", 1e-3).code
+    1
+    """
+
+    mode: str
+    floor: float
+
+    def __post_init__(self):
+        if self.mode not in NOISE_MODES:
+            raise ValueError(f"noise mode {self.mode!r}: expected one of {', '.join(NOISE_MODES)}")
+        object.__setattr__(self, "floor", float(self.floor))
+
+    @property
+    def code(self) -> int:
+        return NOISE_MODES.index(self.mode)
+
+
+@dataclass(frozen=True)
+class SampleGrid:
+    """A window of an array and the pixels of it that lie on a global sample grid.
+
+    The array's pixel (i, j) is pixel ``(origin[0] + i, origin[1] + j)`` of
+    the whole image; it is a sample when both are multiples of ``step``, so
+    that blocks (tiles) cut from one image sample one grid. ``rows`` and
+    ``cols`` are the half-open window ``[r0, r1) × [c0, c1)`` in the array's
+    own indices: the block's owned part for :meth:`Backend.residual_samples`,
+    the region updated for :meth:`Backend.update`.
+
+    >>> SampleGrid(step=4, origin=(0, 0), rows=(0, 64), cols=(0, 64))
+    SampleGrid(step=4, origin=(0, 0), rows=(0, 64), cols=(0, 64))
+    """
+
+    step: int
+    origin: tuple[int, int]
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+
+    def __post_init__(self):
+        step = int(self.step)
+        if step < 1:
+            raise ValueError(f"sample step {self.step!r}: expected an integer >= 1")
+        object.__setattr__(self, "step", step)
+        for name in ("origin", "rows", "cols"):
+            pair = tuple(int(v) for v in getattr(self, name))
+            if len(pair) != 2:
+                raise ValueError(f"sample grid {name} {getattr(self, name)!r}: expected two integers")
+            object.__setattr__(self, name, pair)
+        for name in ("rows", "cols"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"sample grid {name} {(lo, hi)}: expected 0 <= start <= stop")
 
 
 @runtime_checkable
