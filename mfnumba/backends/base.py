@@ -8,6 +8,11 @@ back with ``backend.to_host``. Layout conventions used by every method:
   sits at offset ``(p, p)`` inside it, p = PSF radius;
 * spectra are half spectra ``(…, F0, F1 // 2 + 1)`` complex64.
 
+Methods take their arrays positionally and every other argument by keyword.
+Two small frozen structs carry what used to travel as strings and long
+positional lists: :class:`NoiseModel` (how the variance V of a pixel is
+found) and :class:`SampleGrid` (which pixels of a window are sampled).
+
 The solver is written once against these methods; the CPU backend
 implements them with NumPy, SciPy's pocketfft and Numba kernels, the CUDA
 backend (a later issue) with CuPy and RawModule kernels.
@@ -136,23 +141,21 @@ class Backend(Protocol):
         """``acc[k, c] += Σ_b psf_b ⋆ a[k, b, c]`` over the model extent."""
 
     # element-wise, fused ---------------------------------------------------
-    def residual_samples(self, y, yhat, p: int, noise: str, floor: float, step: int,
-                         origin: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int],
+    def residual_samples(self, y, yhat, *, p: int, noise: NoiseModel, grid: SampleGrid,
                          var=None):
-        """Per plane, host arrays (z0, q) at the pixels of rows × cols lying on the
-        global sample grid (``(origin + i) % step == 0``): z0 = (y - ŷ)/√V and
-        q = ŷ/V, V = 1 (``mad``), max(ŷ, floor) (``poisson``) or ``var`` (``map``)."""
-    def robust_weights(self, y, yhat, p: int, sigma, delta, huber: bool, noise: str,
-                       floor: float, out, mask=None, p_out=None, r: int = 1, var=None,
-                       protect=None):
+        """Per plane, host arrays (z0, q) at the samples of ``grid`` (its window
+        and step, in y's indices): z0 = (y - ŷ)/√V and q = ŷ/V, V from
+        ``noise`` (``var`` for ``map``); ŷ is read at offset p."""
+    def robust_weights(self, y, yhat, out, *, p: int, noise: NoiseModel, sigma, delta,
+                       huber: bool, mask=None, var=None, protect=None, p_out=None, r: int = 1):
         """``out[0] = U(w·y)``, ``out[1] = U(w·ŷ)`` embedded at offset ``p_out``
         (default p), with ``w = ψ(z)/z · m / σ²``, σ² = sigma² V, the Huber
         factor bounded below by ``protect``, m = mask or 1, w = 0 where y is
-        NaN; ŷ is read at offset p; U replicates over r×r blocks."""
-    def consensus_weights(self, y, yhat, p: int, sigma, unit, delta, huber: bool, noise: str,
-                          floor: float, out, acc, cons=None, zt: float = 5.0,
-                          lo_frac: float = 0.5, channels: int = 1, mask=None, p_out=None,
-                          r: int = 1, var=None):
+        NaN; ŷ is read at offset p; U replicates over r×r blocks. ``sigma``
+        and ``delta``: one per plane."""
+    def consensus_weights(self, y, yhat, out, acc, *, p: int, noise: NoiseModel, sigma, unit,
+                          delta, huber: bool, cons=None, zt: float = 5.0, lo_frac: float = 0.5,
+                          channels: int = 1, mask=None, var=None, p_out=None, r: int = 1):
         """:meth:`robust_weights` with cross-frame consensus rejection: w = 0 where
         z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, √cons[0]), or > lo_frac·L where
         cons[1] marks a nearby outlier; ``acc`` (3, C, h, w) gathers Σz², max z²
@@ -162,9 +165,9 @@ class Backend(Protocol):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
     def replicate(self, u, r: int, offset: int, out):
         """U, the adjoint of D: ``out[k, offset + r i + a, offset + r j + b] = u[k, i, j]``."""
-    def update(self, x, num, den, kappa: float, alpha: float, den_floor, region, step: int,
-               origin: tuple[int, int], floor=None):
-        """In place over ``region`` ((y0, y1), (x0, x1)), with s = x - floor
+    def update(self, x, num, den, *, kappa: float, alpha: float, den_floor, grid: SampleGrid,
+               floor=None):
+        """In place over the window ``grid.rows × grid.cols``, with s = x - floor
         (floor = 0 when None): ``x = floor + (1-α) s + α s · clip(num/den,
-        1/κ, κ)``; returns host samples of |upd-1|, |x'-x| and |x| on the
-        global sample grid."""
+        1/κ, κ)``, upd = 1 where den <= den_floor (one per channel); returns host
+        samples of |upd-1|, |x'-x| and |x| on ``grid``'s samples."""
