@@ -20,6 +20,7 @@ import json
 import numpy as np
 
 from mfnumba import benchmark
+from mfnumba.backends.base import NoiseModel, SampleGrid
 
 _DIRECT_K = 9  # direct convolution is timed with a small PSF, where it can win
 
@@ -56,6 +57,7 @@ def time_calls(be, frames, psfs, reps: int) -> dict[str, float]:
     yh = yhat.reshape(B, *g)
     be.rfft2(x, out=X)
     step = max(1, int(np.sqrt(h * w / (1 << 14))))
+    mad = NoiseModel("mad", 1.0)
     t = {
         "rfft2 x (1 plane)": lambda: be.rfft2(x, out=X),
         f"rfft2 weights ({2 * B} planes)": lambda: be.rfft2(wbuf, out=S),
@@ -64,12 +66,15 @@ def time_calls(be, frames, psfs, reps: int) -> dict[str, float]:
         "otf (1 PSF)": lambda: be.otf(psfs[0], g),
         "spectral_multiply": lambda: be.spectral_multiply(X, otf, P),
         "spectral_accumulate": lambda: be.spectral_accumulate(acc, otf, S.reshape(2, B, 1, g[0], h1)),
-        "residual_samples": lambda: be.residual_samples(y, yh, p, "mad", 1.0, step, (0, 0), (0, h), (0, w)),
-        "robust_weights": lambda: be.robust_weights(y, yh, p, sigma, delta, True, "mad", 1.0, wbuf),
+        "residual_samples": lambda: be.residual_samples(
+            y, yh, p=p, noise=mad, grid=SampleGrid(step=step, origin=(0, 0), rows=(0, h), cols=(0, w))),
+        "robust_weights": lambda: be.robust_weights(y, yh, wbuf, p=p, noise=mad, sigma=sigma,
+                                                    delta=delta, huber=True),
         "block_sum (r = 2)": lambda: be.block_sum(fine, 2, 0, nat),
         "replicate (r = 2)": lambda: be.replicate(nat, 2, 0, fine),
-        "update": lambda: be.update(x, nd[0], nd[1], 2.0, 1.0, np.array([1e-6]),
-                                    ((0, g[0]), (0, g[1])), step, (0, 0)),
+        "update": lambda: be.update(x, nd[0], nd[1], kappa=2.0, alpha=1.0, den_floor=np.array([1e-6]),
+                                    grid=SampleGrid(step=step, origin=(0, 0), rows=(0, g[0]),
+                                                    cols=(0, g[1]))),
         f"conv_forward_direct ({_DIRECT_K}×{_DIRECT_K})": lambda: be.conv_forward_direct(
             xs, small, ys, ps, (h, w)),
         f"conv_adjoint_direct ({_DIRECT_K}×{_DIRECT_K})": lambda: be.conv_adjoint_direct(

@@ -38,7 +38,7 @@ import numpy as np
 
 from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
 from . import interrupt
-from .backends.base import DeviceLost, DeviceOOM
+from .backends.base import DeviceLost, DeviceOOM, NoiseModel, SampleGrid
 from .options import Options
 from .partials import LocalExecutor, Partial
 from .skyfloor import sky_floor
@@ -218,7 +218,7 @@ class Solver:
             np.maximum(self.x_host, self.floor_host, out=self.x_host)
         scale = float(np.median(np.abs(seed)))
         self.set_floors(scale)
-        self.noise = "map" if pr.var is not None else self.opt.noise
+        self.noise = NoiseModel("map" if pr.var is not None else self.opt.noise, self.poisson_floor)
         P = pr.n_frames * pr.channels
         self.sigma, self.delta = np.ones(P), np.full(P, abs(self.opt.huber_delta))
         self._scale = self.sigma.copy()
@@ -245,7 +245,7 @@ class Solver:
     # a worker's solver: the driver's choices instead of setup ---------------------
     def settings(self) -> dict:
         """What the driver decided in setup that a worker's solver must share (once)."""
-        return {"conv": self.conv, "seed_scale": self.seed_scale, "noise": self.noise,
+        return {"conv": self.conv, "seed_scale": self.seed_scale, "noise": self.noise.mode,
                 "consensus": self._consensus, "batch": self.batch}
 
     def pass_inputs(self, frames: range) -> dict:
@@ -257,8 +257,9 @@ class Solver:
 
     def join(self, settings: dict, extent_shape: tuple[int, ...]) -> None:
         """Take the driver's :meth:`settings` in place of :meth:`setup`."""
-        self.conv, self.noise = settings["conv"], settings["noise"]
+        self.conv = settings["conv"]
         self.set_floors(settings["seed_scale"])
+        self.noise = NoiseModel(settings["noise"], self.poisson_floor)
         self._consensus = settings["consensus"]  # the whole stack's, not this share's
         self.batch = min(self.batch, settings["batch"])
         self.x_host = np.zeros(extent_shape, np.float32)
@@ -437,8 +438,10 @@ class Solver:
             self._acc.fill(0)
         else:
             self._nd.fill(0)
-        own_r = (tile.own_rows[0] - tile.rows[0], tile.own_rows[1] - tile.rows[0])
-        own_c = (tile.own_cols[0] - tile.cols[0], tile.own_cols[1] - tile.cols[0])
+        # the window this tile owns, sampled on the frame's global residual grid
+        own = SampleGrid(step=self.res_step, origin=(tile.rows[0], tile.cols[0]),
+                         rows=(tile.own_rows[0] - tile.rows[0], tile.own_rows[1] - tile.rows[0]),
+                         cols=(tile.own_cols[0] - tile.cols[0], tile.own_cols[1] - tile.cols[0]))
         for idx in self._batches(frames):
             interrupt.check()  # a signal during the kernels is raised here, between batches
             nb, planes = len(idx), slice(idx.start * C, idx.stop * C)
@@ -454,9 +457,8 @@ class Solver:
                                     self._ynat[: nb * C * g.h * g.w].reshape(nb * C, g.h, g.w))
                 py = 0
             if part is not None:
-                z, q = be.residual_samples(y, yhat, py, self.noise, self.poisson_floor,
-                                           self.res_step, (tile.rows[0], tile.cols[0]), own_r,
-                                           own_c, var=maps["var"])
+                z, q = be.residual_samples(y, yhat, p=py, noise=self.noise, grid=own,
+                                           var=maps["var"])
                 for k, (zk, qk) in enumerate(zip(z, q)):
                     self._zs[planes.start + k].append(zk)
                     self._qs[planes.start + k].append(qk)
@@ -466,8 +468,8 @@ class Solver:
             out = self._wbuf[:, : nb * C]
             if gather:
                 rej, fin = be.consensus_weights(
-                    y, yhat, py, self.sigma[planes], unit[planes], self.delta[planes],
-                    self._huber, self.noise, self.poisson_floor, out, acc, cons=cons,
+                    y, yhat, out, acc, p=py, noise=self.noise, sigma=self.sigma[planes],
+                    unit=unit[planes], delta=self.delta[planes], huber=self._huber, cons=cons,
                     zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
                     mask=maps["mask"], var=maps["var"])
                 # counted over the tile's frame window: approximate where tiles overlap
@@ -476,9 +478,9 @@ class Solver:
                     part.rej[p] = part.rej.get(p, 0.0) + float(rej[k])
                     part.fin[p] = part.fin.get(p, 0.0) + float(fin[k])
             else:
-                be.robust_weights(y, yhat, py, self.sigma[planes], self.delta[planes],
-                                  self._huber, self.noise, self.poisson_floor, out,
-                                  p_out=g.p, r=g.r, **maps)
+                be.robust_weights(y, yhat, out, p=py, noise=self.noise, sigma=self.sigma[planes],
+                                  delta=self.delta[planes], huber=self._huber, p_out=g.p, r=g.r,
+                                  **maps)
             pr.release_maps()  # maps in scratch files: their pages leave our resident memory
             if not accumulate:
                 continue
@@ -492,8 +494,8 @@ class Solver:
             be.irfft2(self._acc, self.grid, out=self._nd, overwrite_input=True)
         if gather:  # the rows and columns this tile owns go to the whole-frame statistics
             (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
-            part.cstat[:, :, r0:r1, c0:c1] = be.to_host(acc[:, :, own_r[0]:own_r[1],
-                                                            own_c[0]:own_c[1]])
+            part.cstat[:, :, r0:r1, c0:c1] = be.to_host(acc[:, :, own.rows[0]:own.rows[1],
+                                                            own.cols[0]:own.cols[1]])
 
     def partial_sums(self, frames: range, *, accumulate: bool = True, gather: bool = False,
                      out: np.ndarray | None = None) -> Partial:
@@ -546,8 +548,10 @@ class Solver:
         x = be.asarray(self.x_host)
         floor = None if self.floor_host is None else be.asarray(self.floor_host)
         e0, e1 = self.geom.extent
-        got = be.update(x, be.asarray(num), be.asarray(den), self.opt.kappa, self.opt.relax,
-                        self.den_floor, ((0, e0), (0, e1)), self.upd_step, (0, 0), floor=floor)
+        got = be.update(x, be.asarray(num), be.asarray(den), kappa=self.opt.kappa,
+                        alpha=self.opt.relax, den_floor=self.den_floor,
+                        grid=SampleGrid(step=self.upd_step, origin=(0, 0), rows=(0, e0),
+                                        cols=(0, e1)), floor=floor)
         if x is not self.x_host:
             self.x_host[...] = be.to_host(x)
         if self._consensus and part.cstat is not None:
@@ -594,7 +598,7 @@ class Solver:
         o, C = self.opt, self.problem.channels
         z = [part.z.get(k, np.empty(0)) for k in range(self.problem.n_frames * C)]
         s = np.array([_MAD * np.median(np.abs(v - np.median(v))) if v.size else np.nan for v in z])
-        if self.noise == "map":
+        if self.noise.mode == "map":
             # σ is the map's; auto δ = |δ| · 1.4826 MAD(r/σ) follows the real scatter
             sigma = np.ones_like(s)
             scale = np.where(np.isfinite(s) & (s > 0), s, 1.0)
@@ -738,10 +742,12 @@ class Solver:
                 self.cons_host[:, :, tile.rows[0]:tile.rows[1], tile.cols[0]:tile.cols[1]])
             planes = slice(idx.start * C, idx.stop * C)
             w = self._wbuf[:, : nb * C]
-            be.consensus_weights(y, yhat, py, self.sigma[planes], (self._scale / self.sigma)[planes],
-                                 self.delta[planes], False, self.noise, self.poisson_floor, w,
-                                 self._cacc[:, :, :g.h, :g.w], cons=cons, zt=self.opt.reject_z,
-                                 lo_frac=_GROW, channels=C, p_out=g.p, r=g.r, var=var)
+            be.consensus_weights(y, yhat, w, self._cacc[:, :, :g.h, :g.w], p=py, noise=self.noise,
+                                 sigma=self.sigma[planes],
+                                 unit=(self._scale / self.sigma)[planes],
+                                 delta=self.delta[planes], huber=False, cons=cons,
+                                 zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p,
+                                 r=g.r, var=var)
             wy = be.to_host(w[1])[:, g.p:g.p + g.r * g.h:g.r, g.p:g.p + g.r * g.w:g.r]
             rej = (np.isfinite(np.asarray(y)) & (wy == 0)).reshape(nb, C, g.h, g.w)
             (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from mfnumba.backends.base import NoiseModel, SampleGrid
 from mfnumba.backends.cpu import CPUBackend
 
 from . import reference as ref
@@ -35,9 +36,10 @@ def test_consensus_weights_match_reference(with_cons, with_var, rng):
     be = CPUBackend()
     out = np.zeros((2, P, h + 2 * p, w + 2 * p), np.float32)
     acc = np.zeros((3, C, h, w), np.float32)
-    rej, fin = be.consensus_weights(y, yhat, p, sigma, unit, np.full(P, 2.5), False,
-                                    "map" if with_var else "mad", 0.0, out, acc, cons=cons,
-                                    zt=5.0, lo_frac=0.5, channels=C, mask=mask, var=var)
+    rej, fin = be.consensus_weights(y, yhat, out, acc, p=p,
+                                    noise=NoiseModel("map" if with_var else "mad", 0.0),
+                                    sigma=sigma, unit=unit, delta=np.full(P, 2.5), huber=False,
+                                    cons=cons, zt=5.0, lo_frac=0.5, channels=C, mask=mask, var=var)
     want_w, want_rej, want_fin, (zsum, zmax, gaps) = ref.consensus_weights(
         y, yhat[:, p:p + h, p:p + w].astype(np.float64), sigma, unit, cons=cons, var=var,
         mask=mask, channels=C)
@@ -62,12 +64,13 @@ def test_update_with_floor_matches_reference(rng):
     want = ref.update_with_floor(x.astype(np.float64), num, den, kappa=1.7, relax=0.8,
                                  den_floor=1e-6, floor=floor)
     got = x.copy()
-    be.update(got, num, den, 1.7, 0.8, np.full(C, 1e-6), ((0, h), (0, w)), 3, (0, 0),
+    grid = SampleGrid(step=3, origin=(0, 0), rows=(0, h), cols=(0, w))
+    be.update(got, num, den, kappa=1.7, alpha=0.8, den_floor=np.full(C, 1e-6), grid=grid,
               floor=floor)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert (got >= floor - 1e-4).all()  # never below the floor
     plain = x.copy()
-    be.update(plain, num, den, 1.7, 0.8, np.full(C, 1e-6), ((0, h), (0, w)), 3, (0, 0))
+    be.update(plain, num, den, kappa=1.7, alpha=0.8, den_floor=np.full(C, 1e-6), grid=grid)
     np.testing.assert_allclose(plain, ref.update_with_floor(x.astype(np.float64), num, den,
                                                             kappa=1.7, relax=0.8,
                                                             den_floor=1e-6), rtol=1e-5)

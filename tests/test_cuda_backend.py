@@ -17,7 +17,7 @@ import pytest
 from mfnumba.backends import _cuda_errors as E
 from mfnumba.backends import _cuda_source as S
 from mfnumba.backends import cuda
-from mfnumba.backends.base import DeviceLost, DeviceOOM
+from mfnumba.backends.base import DeviceLost, DeviceOOM, NoiseModel, SampleGrid
 from mfnumba.backends.cpu import CPUBackend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,22 +278,26 @@ def test_gpu_element_kernels(backends, rng):
     grid = np.zeros((P, h + 2 * p, w + 2 * p), np.float32)
     grid[:, p:p + h, p:p + w] = nat / 4
     sigma, delta = rng.random(P) + 1, rng.random(P) + 1
-    for noise in ("mad", "poisson", "map"):
-        zg, qg = g.residual_samples(y, g.asarray(grid), p, noise, 1.0, 3, (1, 2), (0, h), (0, w), var=var)
-        zc, qc = c.residual_samples(y, grid, p, noise, 1.0, 3, (1, 2), (0, h), (0, w), var=var)
+    samples = SampleGrid(step=3, origin=(1, 2), rows=(0, h), cols=(0, w))
+    for mode in ("mad", "poisson", "map"):
+        noise = NoiseModel(mode, 1.0)
+        zg, qg = g.residual_samples(y, g.asarray(grid), p=p, noise=noise, grid=samples, var=var)
+        zc, qc = c.residual_samples(y, grid, p=p, noise=noise, grid=samples, var=var)
         for a, b in zip(zg + qg, zc + qc):
             np.testing.assert_allclose(a, b, rtol=1e-6)
         og = g.zeros((2, P) + fine.shape[1:])
         oc = np.zeros((2, P) + fine.shape[1:], np.float32)
-        g.robust_weights(y, g.asarray(grid), p, sigma, delta, True, noise, 1.0, og, mask=mask, r=r, var=var)
-        c.robust_weights(y, grid, p, sigma, delta, True, noise, 1.0, oc, mask=mask, r=r, var=var)
+        kw = dict(p=p, noise=noise, sigma=sigma, delta=delta, huber=True, mask=mask, var=var, r=r)
+        g.robust_weights(y, g.asarray(grid), og, **kw)
+        c.robust_weights(y, grid, oc, **kw)
         _close(og, oc, 1e-6, 0)
     x = (rng.random((2, 30, 32)) + 0.5).astype(np.float32)
     num, den = (rng.random((2, 2, 30, 32)) * 2).astype(np.float32)
     xg = g.asarray(x)
-    got = g.update(xg, g.asarray(num), g.asarray(den), 2.0, 0.8, np.array([1e-3, 1e-3]),
-                   ((2, 28), (1, 30)), 4, (5, 6))
-    want = c.update(x, num, den, 2.0, 0.8, np.array([1e-3, 1e-3]), ((2, 28), (1, 30)), 4, (5, 6))
+    kw = dict(kappa=2.0, alpha=0.8, den_floor=np.array([1e-3, 1e-3]),
+              grid=SampleGrid(step=4, origin=(5, 6), rows=(2, 28), cols=(1, 30)))
+    got = g.update(xg, g.asarray(num), g.asarray(den), **kw)
+    want = c.update(x, num, den, **kw)
     _close(xg, x, 1e-6, 0)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

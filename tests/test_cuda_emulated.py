@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from mfnumba.backends import _cuda_errors as E
-from mfnumba.backends.base import DeviceOOM
+from mfnumba.backends.base import DeviceOOM, NoiseModel, SampleGrid
 from mfnumba.backends.cpu import CPUBackend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,23 +297,26 @@ def test_every_method_matches_cpu(emu, rng):
     mask = rng.random((P, h, w)).astype(np.float32)
     prot = (rng.random((P, h, w)) * 0.4).astype(np.float32)
     sigma, delta = rng.random(P) + 1, rng.random(P) + 1
-    for noise in ("mad", "poisson", "map"):
-        zg, qg = be.residual_samples(y, nat_c, 0, noise, 1.0, 3, (2, 1), (1, h), (0, w - 1), var=var)
-        zc, qc = cpu.residual_samples(y, nat_c, 0, noise, 1.0, 3, (2, 1), (1, h), (0, w - 1), var=var)
+    samples = SampleGrid(step=3, origin=(2, 1), rows=(1, h), cols=(0, w - 1))
+    for mode in ("mad", "poisson", "map"):
+        noise = NoiseModel(mode, 1.0)
+        zg, qg = be.residual_samples(y, nat_c, p=0, noise=noise, grid=samples, var=var)
+        zc, qc = cpu.residual_samples(y, nat_c, p=0, noise=noise, grid=samples, var=var)
         for u, v in zip(zg + qg, zc + qc):
             np.testing.assert_array_equal(u, v)
         wbuf = np.zeros((2, P + 2) + g, np.float32)[:, :P]  # the solver's strided batch view
-        be.robust_weights(y, nat_c, 0, sigma, delta, True, noise, 1.0, wbuf, mask=mask, p_out=p,
-                          r=r, var=var, protect=prot)
-        want = cpu.robust_weights(y, nat_c, 0, sigma, delta, True, noise, 1.0,
-                                  np.zeros((2, P) + g, np.float32), mask=mask, p_out=p, r=r,
-                                  var=var, protect=prot)
+        kw = dict(p=0, noise=noise, sigma=sigma, delta=delta, huber=True, mask=mask, var=var,
+                  protect=prot, p_out=p, r=r)
+        be.robust_weights(y, nat_c, wbuf, **kw)
+        want = cpu.robust_weights(y, nat_c, np.zeros((2, P) + g, np.float32), **kw)
         np.testing.assert_allclose(wbuf, want, rtol=1e-6, atol=0)
     x0 = rng.random((C,) + g).astype(np.float32) + 0.5
     xs = [x0.copy(), x0.copy()]
     num, den = rng.random((2, C) + g).astype(np.float32)
-    got = be.update(xs[0], num, den, 2.0, 0.7, np.array([1e-3, 1e-3]), ((2, 20), (3, 25)), 4, (1, 2))
-    want = cpu.update(xs[1], num, den, 2.0, 0.7, np.array([1e-3, 1e-3]), ((2, 20), (3, 25)), 4, (1, 2))
+    kw = dict(kappa=2.0, alpha=0.7, den_floor=np.array([1e-3, 1e-3]),
+              grid=SampleGrid(step=4, origin=(1, 2), rows=(2, 20), cols=(3, 25)))
+    got = be.update(xs[0], num, den, **kw)
+    want = cpu.update(xs[1], num, den, **kw)
     np.testing.assert_array_equal(xs[0], xs[1])
     for u, v in zip(got, want):
         np.testing.assert_array_equal(u, v)

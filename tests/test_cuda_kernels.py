@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from mfnumba.backends import _cuda_launch as L
+from mfnumba.backends.base import NoiseModel, SampleGrid
 from mfnumba.backends.cpu import CPUBackend
 
 from . import reference as ref
@@ -183,6 +184,7 @@ def _frames(rng, P, h, w, p):
 @pytest.mark.parametrize("r", [1, 2])
 def test_robust_weights_match_cpu(lib, rng, noise, r):
     P, h, w, p = 3, 9, 11, 2
+    model = NoiseModel(noise, 1.0)
     y, grid = _frames(rng, P, h, w, p)
     var = (rng.random((P, h, w)) * 5 + 1).astype(np.float32) if noise == "map" else None
     mask = rng.random((P, h, w)).astype(np.float32)
@@ -193,11 +195,11 @@ def test_robust_weights_match_cpu(lib, rng, noise, r):
     fine = (po + r * h + 1, po + r * w + 2)
     for huber, m, pr in ((True, mask, protect), (True, None, None), (False, mask, None)):
         out = np.zeros((2, P) + fine, np.float32)
-        run(lib, L.robust_weights(y, grid, p, sigma, delta, huber, noise, 1.0, out, m, po, r,
+        run(lib, L.robust_weights(y, grid, p, sigma, delta, huber, model, out, m, po, r,
                                   var, pr, DUMMY))
         cpu = np.zeros_like(out)
-        CPUBackend().robust_weights(y, grid, p, sigma, delta, huber, noise, 1.0, cpu, mask=m,
-                                    p_out=po, r=r, var=var, protect=pr)
+        CPUBackend().robust_weights(y, grid, cpu, p=p, noise=model, sigma=sigma, delta=delta,
+                                    huber=huber, mask=m, var=var, protect=pr, p_out=po, r=r)
         np.testing.assert_allclose(out, cpu, rtol=1e-6, atol=0)
         bad = ~np.isfinite(y)
         blk = out[:, :, po:po + r * h:r, po:po + r * w:r]
@@ -214,8 +216,8 @@ def test_robust_weights_match_reference(lib, rng):
         wref, s, d = ref.weights(y[0], yh, rho="huber", delta=-2.5, noise=noise, floor=1.0,
                                  mask=mask[0])
         out = np.zeros((2, 1) + grid.shape[-2:], np.float32)
-        run(lib, L.robust_weights(y, grid, p, np.array([s]), np.array([d]), True, noise, 1.0, out,
-                                  mask, None, 1, None, None, DUMMY))
+        run(lib, L.robust_weights(y, grid, p, np.array([s]), np.array([d]), True,
+                                  NoiseModel(noise, 1.0), out, mask, None, 1, None, None, DUMMY))
         np.testing.assert_allclose(out[1, 0, p:p + h, p:p + w], wref * yh, rtol=2e-5, atol=1e-12)
         np.testing.assert_allclose(out[0, 0, p:p + h, p:p + w], wref * np.nan_to_num(y[0], posinf=0,
                                    neginf=0), rtol=2e-5, atol=1e-12)
@@ -229,12 +231,13 @@ def test_residual_samples(lib, rng, noise, step, origin, rows, cols):
     P, h, w, p = 3, 9, 11, 2
     y, grid = _frames(rng, P, h, w, p)
     var = (rng.random((P, h, w)) * 5 + 1).astype(np.float32) if noise == "map" else None
-    launch, outs = L.residual_samples(np, y, grid, p, noise, 1.0, step, origin, rows, cols, var,
-                                      DUMMY)
+    model = NoiseModel(noise, 1.0)
+    samples = SampleGrid(step=step, origin=origin, rows=rows, cols=cols)
+    launch, outs = L.residual_samples(np, y, grid, p, model, samples, var, DUMMY)
     run(lib, launch)
     z, q = L.compact_samples(*outs)
     zr, qr = ref.ref_residual_samples(y, grid, p, noise, 1.0, step, origin, rows, cols, var)
-    zc, qc = CPUBackend().residual_samples(y, grid, p, noise, 1.0, step, origin, rows, cols, var=var)
+    zc, qc = CPUBackend().residual_samples(y, grid, p=p, noise=model, grid=samples, var=var)
     for k in range(P):
         assert z[k].shape == zr[k].shape == zc[k].shape
         np.testing.assert_allclose(z[k], zr[k], rtol=1e-6, atol=1e-6)  # y - ŷ in float32
@@ -257,8 +260,9 @@ def test_update(lib, rng, kappa, alpha):
     den[1, 7, 7] = 1e-9
     den_floor = np.array([1e-6, 1e-6])
     region, step, origin = ((3, 12), (2, 15)), 3, (10, 4)
+    samples = SampleGrid(step=step, origin=origin, rows=region[0], cols=region[1])
     x0 = x.copy()
-    launch, (su, sd, sx) = L.update(np, x, num, den, kappa, alpha, den_floor, region, step, origin)
+    launch, (su, sd, sx) = L.update(np, x, num, den, kappa, alpha, den_floor, samples)
     run(lib, launch)
     xr, sur, sdr, sxr = ref.ref_update(x0, num, den, kappa, alpha, den_floor, region, step, origin)
     np.testing.assert_allclose(x, xr, rtol=1e-6)
@@ -269,7 +273,8 @@ def test_update(lib, rng, kappa, alpha):
     outside[:, 3:12, 2:15] = False
     assert (x[outside] == x0[outside]).all()
     xc = x0.copy()
-    cu, cd, cx = CPUBackend().update(xc, num, den, kappa, alpha, den_floor, region, step, origin)
+    cu, cd, cx = CPUBackend().update(xc, num, den, kappa=kappa, alpha=alpha, den_floor=den_floor,
+                                     grid=samples)
     np.testing.assert_array_equal(x, xc)
     np.testing.assert_array_equal(su.ravel(), cu)
     np.testing.assert_array_equal(sd.ravel(), cd)

@@ -9,7 +9,7 @@ Backend protocol, the test comparing it with its slow twin.
 import numpy as np
 import pytest
 
-from mfnumba.backends.base import Backend
+from mfnumba.backends.base import Backend, NoiseModel, SampleGrid
 from mfnumba.geometry import Geometry
 
 from . import reference as ref
@@ -144,9 +144,10 @@ def test_huber_weights_kernel(backend):
     y[0] += z  # sigma = 1 => z is the standardised residual
     y[0, 2, 3] = np.nan
     delta = 2.0
-    out = be.to_host(be.robust_weights(be.asarray(y), be.asarray(yhat), p, np.array([1.0]),
-                                       np.array([delta]), True, "mad", 0.0,
-                                       be.zeros((2, 1, h + 2 * p, w + 2 * p))))
+    out = be.to_host(be.robust_weights(be.asarray(y), be.asarray(yhat),
+                                       be.zeros((2, 1, h + 2 * p, w + 2 * p)), p=p,
+                                       noise=NoiseModel("mad", 0.0), sigma=np.array([1.0]),
+                                       delta=np.array([delta]), huber=True))
     wy = out[0, 0, p:p + h, p:p + w]
     wgt = out[1, 0, p:p + h, p:p + w] / 10.0
     expect = np.where(np.abs(z) <= delta, 1.0, delta / np.abs(z))
@@ -167,7 +168,8 @@ def test_residual_samples_match_reference(backend, noise, rng):
     y, yh, grid, p = _frames(rng, P=3)
     var = (rng.random(y.shape) + 1).astype(np.float32) if noise == "map" else None
     args = (p, noise, 1.0, 3, (2, 1), (1, 19), (0, 23))
-    z, q = be.residual_samples(be.asarray(y), be.asarray(grid), *args,
+    z, q = be.residual_samples(be.asarray(y), be.asarray(grid), p=p, noise=NoiseModel(noise, 1.0),
+                               grid=SampleGrid(step=3, origin=(2, 1), rows=(1, 19), cols=(0, 23)),
                                var=None if var is None else be.asarray(var))
     zr, qr = ref.ref_residual_samples(y, grid, *args, var=var)
     assert len(z) == len(q) == 3
@@ -181,14 +183,16 @@ def test_weights_match_reference_with_nan_and_mask(backend, rng):
     h, w = y.shape[1:]
     mask = rng.random((h, w)).astype(np.float32)
     for noise in ("mad", "poisson"):
-        z, _ = be.residual_samples(be.asarray(y), be.asarray(grid), p, noise, 1.0, 1, (0, 0),
-                                   (0, h), (0, w))
+        nm = NoiseModel(noise, 1.0)
+        z, _ = be.residual_samples(be.asarray(y), be.asarray(grid), p=p, noise=nm,
+                                   grid=SampleGrid(step=1, origin=(0, 0), rows=(0, h), cols=(0, w)))
         s = np.array([ref.mad_sigma(z[0])])
         wref, sref, _ = ref.weights(y[0], yh[0], rho="huber", delta=-2.5, noise=noise, floor=1.0,
                                     mask=mask)
         np.testing.assert_allclose(s[0], sref, rtol=1e-5)
-        out = be.to_host(be.robust_weights(be.asarray(y), be.asarray(grid), p, s, np.array([2.5]),
-                                           True, noise, 1.0, be.zeros((2, 1) + grid.shape[-2:]),
+        out = be.to_host(be.robust_weights(be.asarray(y), be.asarray(grid),
+                                           be.zeros((2, 1) + grid.shape[-2:]), p=p, noise=nm,
+                                           sigma=s, delta=np.array([2.5]), huber=True,
                                            mask=be.asarray(mask[None])))
         np.testing.assert_allclose(out[1, 0, p:p + h, p:p + w], wref * yh[0], rtol=1e-5, atol=1e-12)
         np.testing.assert_allclose(out[0, 0, p:p + h, p:p + w], wref * np.nan_to_num(y[0]),
@@ -206,9 +210,10 @@ def test_weights_with_variance_protection_and_replication_match_reference(backen
     sigma, delta, po = np.array([1.0, 1.0]), np.array([2.0, 3.0]), 4
     fine = (r * h + 2 * po + 1, r * w + 2 * po)
     dev = {k: be.asarray(v) for k, v in dict(y=y, grid=grid, var=var, prot=prot).items()}
-    out = be.to_host(be.robust_weights(dev["y"], dev["grid"], p, sigma, delta, True, "map", 1.0,
-                                       be.zeros((2, P) + fine), p_out=po, r=r, var=dev["var"],
-                                       protect=dev["prot"]))
+    out = be.to_host(be.robust_weights(dev["y"], dev["grid"], be.zeros((2, P) + fine), p=p,
+                                       noise=NoiseModel("map", 1.0), sigma=sigma, delta=delta,
+                                       huber=True, var=dev["var"], protect=dev["prot"], p_out=po,
+                                       r=r))
     for k in range(P):
         # with a variance map the reference takes δ in units of the MAD of z (σ = 1 here)
         s = ref.mad_sigma((y[k] - yh[k]) / np.sqrt(var[k]))
@@ -237,9 +242,11 @@ def test_consensus_weights_match_reference(backend, with_cons, with_var, rng):
         cons[1, :, 4:7, :] = 1.0
     dev = lambda a: None if a is None else be.asarray(a)  # noqa: E731
     out, acc = be.zeros((2, P) + grid.shape[1:]), be.zeros((3, C, h, w))
-    rej, fin = be.consensus_weights(dev(y), dev(grid), p, sigma, unit, np.full(P, 2.5), False,
-                                    "map" if with_var else "mad", 0.0, out, acc, cons=dev(cons),
-                                    zt=5.0, lo_frac=0.5, channels=C, mask=dev(mask), var=dev(var))
+    rej, fin = be.consensus_weights(dev(y), dev(grid), out, acc, p=p,
+                                    noise=NoiseModel("map" if with_var else "mad", 0.0),
+                                    sigma=sigma, unit=unit, delta=np.full(P, 2.5), huber=False,
+                                    cons=dev(cons), zt=5.0, lo_frac=0.5, channels=C,
+                                    mask=dev(mask), var=dev(var))
     want_w, want_rej, want_fin, stats = ref.consensus_weights(
         y, yh.astype(np.float64), sigma, unit, cons=cons, var=var, mask=mask, channels=C)
     out, acc = be.to_host(out), be.to_host(acc)
@@ -256,10 +263,13 @@ def test_consensus_weights_match_reference(backend, with_cons, with_var, rng):
 # the update ---------------------------------------------------------------------------------
 
 
-def _run_update(be, x, num, den, *args, floor=None):
-    """(x after the update, the samples); x itself is left alone."""
+def _run_update(be, x, num, den, kappa, alpha, den_floor, region, step, origin, floor=None):
+    """(x after the update, the samples); x itself is left alone. The arguments
+    in the reference's order (tests/reference.py: ref_update)."""
     xd = be.asarray(x.copy())
-    samples = be.update(xd, be.asarray(num), be.asarray(den), *args,
+    grid = SampleGrid(step=step, origin=origin, rows=region[0], cols=region[1])
+    samples = be.update(xd, be.asarray(num), be.asarray(den), kappa=kappa, alpha=alpha,
+                        den_floor=den_floor, grid=grid,
                         floor=None if floor is None else be.asarray(floor))
     return be.to_host(xd), samples
 

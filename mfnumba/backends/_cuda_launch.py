@@ -8,6 +8,11 @@ host check (tests/test_cuda_kernels.py) passes NumPy arrays to the same
 kernels compiled for the CPU, so these builders, strides included, are
 tested without a GPU.
 
+The noise model and sample grid come as the protocol's structs
+(:class:`~mfnumba.backends.base.NoiseModel`, ``.code`` being the kernels'
+mode, and :class:`~mfnumba.backends.base.SampleGrid`); the rest stays
+positional, in the kernels' order.
+
 Strides are in elements; the last axis of every array must be contiguous
 (the backend copies inputs that are not, and refuses such outputs).
 """
@@ -18,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-VMODES = {"mad": 0, "poisson": 1, "map": 2}
+from .base import NoiseModel, SampleGrid
 
 _I = np.int64
 _D = np.float64
@@ -111,11 +116,12 @@ def spectral_accumulate(acc, otf, S) -> Launch:
                    _I(B), _I(C), _I(m)))
 
 
-def residual_samples(xp, y, yhat, p, noise, floor, step, origin, rows, cols, var, dummy):
+def residual_samples(xp, y, yhat, p, noise: NoiseModel, grid: SampleGrid, var, dummy):
     """Launch plus its outputs (z, q, valid), each (P, ni·nj) in ``xp``."""
     _check(y, np.float32, 3, "y")
     _check(yhat, np.float32, 3, "yhat")
     P = y.shape[0]
+    step, origin, rows, cols = grid.step, grid.origin, grid.rows, grid.cols
     fi = grid_start(rows[0], origin[0], step)
     fj = grid_start(cols[0], origin[1], step)
     ni, nj = grid_count(fi, rows[1], step), grid_count(fj, cols[1], step)
@@ -124,11 +130,10 @@ def residual_samples(xp, y, yhat, p, noise, floor, step, origin, rows, cols, var
     q = xp.empty((P, nper), np.float64)
     valid = xp.empty((P, nper), np.uint8)
     sy, se = strides(y), strides(yhat)
-    vmode = VMODES[noise]
-    v, vs0, vs1 = _plane(var if vmode == 2 else None, "var", dummy)
+    v, vs0, vs1 = _plane(var if noise.mode == "map" else None, "var", dummy)
     return Launch("residual", "mf_residual_samples", P * nper,
-                  (y, _I(sy[0]), _I(sy[1]), yhat, _I(se[0]), _I(se[1]), _I(p), _I(vmode),
-                   v, vs0, vs1, _D(floor), _I(fi), _I(fj), _I(step), _I(max(nj, 1)),
+                  (y, _I(sy[0]), _I(sy[1]), yhat, _I(se[0]), _I(se[1]), _I(p), _I(noise.code),
+                   v, vs0, vs1, _D(noise.floor), _I(fi), _I(fj), _I(step), _I(max(nj, 1)),
                    _I(max(nper, 1)), z, q, valid)), (z, q, valid)
 
 
@@ -138,8 +143,8 @@ def compact_samples(z, q, valid):
     return [z[k][ok[k]] for k in range(z.shape[0])], [q[k][ok[k]] for k in range(z.shape[0])]
 
 
-def robust_weights(y, yhat, p, sigma, delta, huber, noise, floor, out, mask, p_out, r, var,
-                   protect, dummy) -> Launch:
+def robust_weights(y, yhat, p, sigma, delta, huber, noise: NoiseModel, out, mask, p_out, r,
+                   var, protect, dummy) -> Launch:
     """``sigma`` and ``delta``: float64 arrays of the planes (device arrays on a GPU)."""
     _check(y, np.float32, 3, "y")
     _check(yhat, np.float32, 3, "yhat")
@@ -150,26 +155,25 @@ def robust_weights(y, yhat, p, sigma, delta, huber, noise, floor, out, mask, p_o
     if sigma.dtype != np.float64 or delta.dtype != np.float64:
         raise TypeError("robust_weights: sigma and delta must be float64")
     sy, se, so = strides(y), strides(yhat), strides(out)
-    vmode = VMODES[noise]
-    v, vs0, vs1 = _plane(var if vmode == 2 else None, "var", dummy)
+    v, vs0, vs1 = _plane(var if noise.mode == "map" else None, "var", dummy)
     m, ms0, ms1 = _plane(mask, "mask", dummy)
     pr, ps0, ps1 = _plane(protect, "protect", dummy)
     po = p if p_out is None else p_out
     return Launch("weights", "mf_robust_weights", P * h * w,
-                  (y, _I(sy[0]), _I(sy[1]), yhat, _I(se[0]), _I(se[1]), _I(p), _I(vmode),
-                   v, vs0, vs1, _D(floor), sigma, delta, _I(bool(huber)),
+                  (y, _I(sy[0]), _I(sy[1]), yhat, _I(se[0]), _I(se[1]), _I(p), _I(noise.code),
+                   v, vs0, vs1, _D(noise.floor), sigma, delta, _I(bool(huber)),
                    m, ms0, ms1, _I(mask is not None), pr, ps0, ps1, _I(protect is not None),
                    out, _I(so[0]), _I(so[1]), _I(so[2]), _I(po), _I(r), _I(h), _I(w)))
 
 
-def update(xp, x, num, den, kappa, alpha, den_floor, region, step, origin):
+def update(xp, x, num, den, kappa, alpha, den_floor, grid: SampleGrid):
     """Launch plus its sample outputs (su, sd, sx), each (C, ni, nj) float64 in ``xp``."""
     for a, nm in ((x, "x"), (num, "num"), (den, "den")):
         _check(a, np.float32, 3, nm)
     if den_floor.dtype != np.float64:
         raise TypeError("update: den_floor must be float64")
     C = x.shape[0]
-    (y0, y1), (x0, x1) = region
+    (y0, y1), (x0, x1), step, origin = grid.rows, grid.cols, grid.step, grid.origin
     fi, fj = grid_start(y0, origin[0], step), grid_start(x0, origin[1], step)
     ni, nj = grid_count(fi, y1, step), grid_count(fj, x1, step)
     su, sd, sx = (xp.empty((C, ni, nj), np.float64) for _ in range(3))

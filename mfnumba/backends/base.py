@@ -8,6 +8,11 @@ back with ``backend.to_host``. Layout conventions used by every method:
   sits at offset ``(p, p)`` inside it, p = PSF radius;
 * spectra are half spectra ``(…, F0, F1 // 2 + 1)`` complex64.
 
+Methods take their arrays positionally and every other argument by keyword.
+Two small frozen structs carry what used to travel as strings and long
+positional lists: :class:`NoiseModel` (how the variance V of a pixel is
+found) and :class:`SampleGrid` (which pixels of a window are sampled).
+
 The solver is written once against these methods; the CPU backend
 implements them with NumPy, SciPy's pocketfft and Numba kernels, the CUDA
 backend (a later issue) with CuPy and RawModule kernels.
@@ -15,6 +20,7 @@ backend (a later issue) with CuPy and RawModule kernels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -30,6 +36,71 @@ class DeviceOOM(DeviceError):
 
 class DeviceLost(DeviceError):
     """The device is busy, gone or failed a launch: fall back to the CPU."""
+
+
+NOISE_MODES = ("mad", "poisson", "map")
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """The variance V of a pixel, by which residuals are scaled.
+
+    ``mode``: ``"mad"`` (V = 1: one scale per frame, σ, measured from the
+    residuals), ``"poisson"`` (V = max(ŷ, floor)) or ``"map"`` (V = the
+    ``var`` map handed with the call). ``floor``: the Poisson floor.
+    :attr:`code` is the mode as the kernels take it (0, 1, 2).
+
+    >>> NoiseModel("poisson", 1e-3).code
+    1
+    """
+
+    mode: str
+    floor: float
+
+    def __post_init__(self):
+        if self.mode not in NOISE_MODES:
+            raise ValueError(f"noise mode {self.mode!r}: expected one of {', '.join(NOISE_MODES)}")
+        object.__setattr__(self, "floor", float(self.floor))
+
+    @property
+    def code(self) -> int:
+        return NOISE_MODES.index(self.mode)
+
+
+@dataclass(frozen=True)
+class SampleGrid:
+    """A window of an array and the pixels of it that lie on a global sample grid.
+
+    The array's pixel (i, j) is pixel ``(origin[0] + i, origin[1] + j)`` of
+    the whole image; it is a sample when both are multiples of ``step``, so
+    that blocks (tiles) cut from one image sample one grid. ``rows`` and
+    ``cols`` are the half-open window ``[r0, r1) × [c0, c1)`` in the array's
+    own indices: the block's owned part for :meth:`Backend.residual_samples`,
+    the region updated for :meth:`Backend.update`.
+
+    >>> SampleGrid(step=4, origin=(0, 0), rows=(0, 64), cols=(0, 64))
+    SampleGrid(step=4, origin=(0, 0), rows=(0, 64), cols=(0, 64))
+    """
+
+    step: int
+    origin: tuple[int, int]
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+
+    def __post_init__(self):
+        step = int(self.step)
+        if step < 1:
+            raise ValueError(f"sample step {self.step!r}: expected an integer >= 1")
+        object.__setattr__(self, "step", step)
+        for name in ("origin", "rows", "cols"):
+            pair = tuple(int(v) for v in getattr(self, name))
+            if len(pair) != 2:
+                raise ValueError(f"sample grid {name} {getattr(self, name)!r}: expected two integers")
+            object.__setattr__(self, name, pair)
+        for name in ("rows", "cols"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"sample grid {name} {(lo, hi)}: expected 0 <= start <= stop")
 
 
 @runtime_checkable
@@ -70,23 +141,21 @@ class Backend(Protocol):
         """``acc[k, c] += Σ_b psf_b ⋆ a[k, b, c]`` over the model extent."""
 
     # element-wise, fused ---------------------------------------------------
-    def residual_samples(self, y, yhat, p: int, noise: str, floor: float, step: int,
-                         origin: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int],
+    def residual_samples(self, y, yhat, *, p: int, noise: NoiseModel, grid: SampleGrid,
                          var=None):
-        """Per plane, host arrays (z0, q) at the pixels of rows × cols lying on the
-        global sample grid (``(origin + i) % step == 0``): z0 = (y - ŷ)/√V and
-        q = ŷ/V, V = 1 (``mad``), max(ŷ, floor) (``poisson``) or ``var`` (``map``)."""
-    def robust_weights(self, y, yhat, p: int, sigma, delta, huber: bool, noise: str,
-                       floor: float, out, mask=None, p_out=None, r: int = 1, var=None,
-                       protect=None):
+        """Per plane, host arrays (z0, q) at the samples of ``grid`` (its window
+        and step, in y's indices): z0 = (y - ŷ)/√V and q = ŷ/V, V from
+        ``noise`` (``var`` for ``map``); ŷ is read at offset p."""
+    def robust_weights(self, y, yhat, out, *, p: int, noise: NoiseModel, sigma, delta,
+                       huber: bool, mask=None, var=None, protect=None, p_out=None, r: int = 1):
         """``out[0] = U(w·y)``, ``out[1] = U(w·ŷ)`` embedded at offset ``p_out``
         (default p), with ``w = ψ(z)/z · m / σ²``, σ² = sigma² V, the Huber
         factor bounded below by ``protect``, m = mask or 1, w = 0 where y is
-        NaN; ŷ is read at offset p; U replicates over r×r blocks."""
-    def consensus_weights(self, y, yhat, p: int, sigma, unit, delta, huber: bool, noise: str,
-                          floor: float, out, acc, cons=None, zt: float = 5.0,
-                          lo_frac: float = 0.5, channels: int = 1, mask=None, p_out=None,
-                          r: int = 1, var=None):
+        NaN; ŷ is read at offset p; U replicates over r×r blocks. ``sigma``
+        and ``delta``: one per plane."""
+    def consensus_weights(self, y, yhat, out, acc, *, p: int, noise: NoiseModel, sigma, unit,
+                          delta, huber: bool, cons=None, zt: float = 5.0, lo_frac: float = 0.5,
+                          channels: int = 1, mask=None, var=None, p_out=None, r: int = 1):
         """:meth:`robust_weights` with cross-frame consensus rejection: w = 0 where
         z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, √cons[0]), or > lo_frac·L where
         cons[1] marks a nearby outlier; ``acc`` (3, C, h, w) gathers Σz², max z²
@@ -96,9 +165,9 @@ class Backend(Protocol):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
     def replicate(self, u, r: int, offset: int, out):
         """U, the adjoint of D: ``out[k, offset + r i + a, offset + r j + b] = u[k, i, j]``."""
-    def update(self, x, num, den, kappa: float, alpha: float, den_floor, region, step: int,
-               origin: tuple[int, int], floor=None):
-        """In place over ``region`` ((y0, y1), (x0, x1)), with s = x - floor
+    def update(self, x, num, den, *, kappa: float, alpha: float, den_floor, grid: SampleGrid,
+               floor=None):
+        """In place over the window ``grid.rows × grid.cols``, with s = x - floor
         (floor = 0 when None): ``x = floor + (1-α) s + α s · clip(num/den,
-        1/κ, κ)``; returns host samples of |upd-1|, |x'-x| and |x| on the
-        global sample grid."""
+        1/κ, κ)``, upd = 1 where den <= den_floor (one per channel); returns host
+        samples of |upd-1|, |x'-x| and |x| on ``grid``'s samples."""

@@ -14,8 +14,8 @@ import scipy.fft as sfft
 
 from . import _cpu_fft as F
 from . import _cpu_kernels as K
+from .base import NoiseModel, SampleGrid
 
-_VMODES = {"mad": 0, "poisson": 1, "map": 2}
 _DUMMY = np.ones((1, 1, 1), dtype=np.float32)
 _DUMMY4 = np.zeros((2, 1, 1, 1), dtype=np.float32)
 
@@ -99,32 +99,32 @@ class CPUBackend:
         return acc
 
     # element-wise -----------------------------------------------------------
-    def residual_samples(self, y, yhat, p, noise, floor, step, origin, rows, cols, var=None):
+    def residual_samples(self, y, yhat, *, p, noise: NoiseModel, grid: SampleGrid, var=None):
+        (r0, r1), (c0, c1), step = grid.rows, grid.cols, grid.step
         P = y.shape[0]
-        n = len(range(0, rows[1] - rows[0] + step, step)) * len(range(0, cols[1] - cols[0] + step, step))
+        n = len(range(0, r1 - r0 + step, step)) * len(range(0, c1 - c0 + step, step))
         z = np.empty((P, n))
         q = np.empty((P, n))
         counts = np.zeros(P, dtype=np.int64)
-        K.residual_samples(y, yhat, p, _VMODES[noise], _or_dummy(var), float(floor), int(step),
-                           int(origin[0]), int(origin[1]), rows[0], rows[1], cols[0], cols[1],
-                           z, q, counts)
+        K.residual_samples(y, yhat, p, noise.code, _or_dummy(var), noise.floor, step,
+                           grid.origin[0], grid.origin[1], r0, r1, c0, c1, z, q, counts)
         return [z[k, :counts[k]] for k in range(P)], [q[k, :counts[k]] for k in range(P)]
 
-    def robust_weights(self, y, yhat, p, sigma, delta, huber, noise, floor, out, mask=None,
-                       p_out=None, r=1, var=None, protect=None):
-        K.robust_weights(y, yhat, p, _VMODES[noise], _or_dummy(var), float(floor),
+    def robust_weights(self, y, yhat, out, *, p, noise: NoiseModel, sigma, delta, huber,
+                       mask=None, var=None, protect=None, p_out=None, r=1):
+        K.robust_weights(y, yhat, p, noise.code, _or_dummy(var), noise.floor,
                          np.asarray(sigma, np.float64), np.asarray(delta, np.float64), bool(huber),
                          _or_dummy(mask), mask is not None, _or_dummy(protect), protect is not None,
                          out, p if p_out is None else p_out, int(r))
         return out
 
-    def consensus_weights(self, y, yhat, p, sigma, unit, delta, huber, noise, floor, out, acc,
-                          cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, p_out=None,
-                          r=1, var=None):
+    def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
+                          huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
+                          p_out=None, r=1):
         P, h = y.shape[0], y.shape[1]
         rej = np.zeros((P, h), np.int64)
         fin = np.zeros((P, h), np.int64)
-        K.consensus_weights(y, yhat, p, _VMODES[noise], _or_dummy(var), float(floor),
+        K.consensus_weights(y, yhat, p, noise.code, _or_dummy(var), noise.floor,
                             np.asarray(sigma, np.float64), np.asarray(unit, np.float64),
                             np.asarray(delta, np.float64), bool(huber), _or_dummy(mask),
                             mask is not None, _DUMMY4 if cons is None else cons,
@@ -140,12 +140,13 @@ class CPUBackend:
         K.replicate(u, int(r), int(offset), out)
         return out
 
-    def update(self, x, num, den, kappa, alpha, den_floor, region, step, origin, floor=None):
-        (y0, y1), (x0, x1) = region
+    def update(self, x, num, den, *, kappa, alpha, den_floor, grid: SampleGrid, floor=None):
+        (y0, y1), (x0, x1) = grid.rows, grid.cols
         su, sd, sx = K.update(x, num, den, float(kappa), float(alpha),
-                              np.asarray(den_floor, np.float64), y0, y1, x0, x1, int(step),
-                              int(origin[0]), int(origin[1]), _or_dummy(floor), floor is not None)
+                              np.asarray(den_floor, np.float64), y0, y1, x0, x1, grid.step,
+                              grid.origin[0], grid.origin[1], _or_dummy(floor), floor is not None)
         return su.ravel(), sd.ravel(), sx.ravel()
+
 
 def _or_dummy(a):
     return _DUMMY if a is None else a

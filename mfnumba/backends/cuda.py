@@ -1,6 +1,6 @@
 """The CUDA backend: CuPy arrays, cuFFT and mfnumba's own RawModule kernels.
 
-Same methods, signatures and layouts as :class:`~mfnumba.backends.cpu.CPUBackend`
+Same methods, keyword-only signatures and layouts as :class:`~mfnumba.backends.cpu.CPUBackend`
 (backends/base.py). The element kernels are CUDA C in kernels/*.cu (their
 math in kernels/mfnumba_math.cuh, checked on the host by
 tests/test_cuda_kernels.py), compiled by NVRTC once per device and source
@@ -34,7 +34,7 @@ from . import _cuda_launch as L
 from ._cuda_errors import classes as _error_classes
 from ._cuda_errors import translate
 from ._cuda_source import load_source
-from .base import DeviceOOM
+from .base import DeviceOOM, NoiseModel, SampleGrid
 
 try:  # optional dependency (extras cuda12 / cuda13); cuFFT and NVRTC load on first use
     import cupy
@@ -350,37 +350,38 @@ class CUDABackend:
         return acc
 
     # element-wise ---------------------------------------------------------------------------
-    def _residual_samples_device(self, y, yhat, p, noise, floor, step, origin, rows, cols, var=None):
+    def _residual_samples_device(self, y, yhat, *, p, noise: NoiseModel, grid: SampleGrid,
+                                 var=None):
         """Device (z, q, valid), each (P, n) on the sample grid; no sync."""
-        launch, outs = L.residual_samples(cupy, self._in(y), self._in(yhat), p, noise, floor,
-                                          int(step), origin, rows, cols, self._in(var), self._dummy)
+        launch, outs = L.residual_samples(cupy, self._in(y), self._in(yhat), p, noise, grid,
+                                          self._in(var), self._dummy)
         self._launch(launch)
         return outs
 
     @_api
-    def residual_samples(self, y, yhat, p, noise, floor, step, origin, rows, cols, var=None):
-        z, q, valid = self._residual_samples_device(y, yhat, p, noise, floor, step, origin, rows,
-                                                    cols, var)
+    def residual_samples(self, y, yhat, *, p, noise: NoiseModel, grid: SampleGrid, var=None):
+        z, q, valid = self._residual_samples_device(y, yhat, p=p, noise=noise, grid=grid, var=var)
         return L.compact_samples(cupy.asnumpy(z), cupy.asnumpy(q), cupy.asnumpy(valid))
 
     @_api
-    def robust_weights(self, y, yhat, p, sigma, delta, huber, noise, floor, out, mask=None,
-                       p_out=None, r=1, var=None, protect=None):
+    def robust_weights(self, y, yhat, out, *, p, noise: NoiseModel, sigma, delta, huber,
+                       mask=None, var=None, protect=None, p_out=None, r=1):
         self._launch(L.robust_weights(
             self._in(y), self._in(yhat), p, self._in(sigma, np.float64).ravel(),
-            self._in(delta, np.float64).ravel(), huber, noise, floor,
+            self._in(delta, np.float64).ravel(), huber, noise,
             self._out(out, np.float32, "robust_weights out"), self._in(mask), p_out, int(r),
             self._in(var), self._in(protect), self._dummy))
         return out
 
     @_api
-    def consensus_weights(self, y, yhat, p, sigma, unit, delta, huber, noise, floor, out, acc,
-                          cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, p_out=None,
-                          r=1, var=None):
+    def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
+                          huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
+                          p_out=None, r=1):
         # no CUDA kernel yet: the CPU's, on host copies (correct, not fast)
-        return self._on_host("consensus_weights", (out, acc), y, yhat, p, sigma, unit, delta,
-                             huber, noise, floor, out, acc, cons=cons, zt=zt, lo_frac=lo_frac,
-                             channels=channels, mask=mask, p_out=p_out, r=r, var=var)
+        return self._on_host("consensus_weights", (out, acc), y, yhat, out, acc, p=p,
+                             noise=noise, sigma=sigma, unit=unit, delta=delta, huber=huber,
+                             cons=cons, zt=zt, lo_frac=lo_frac, channels=channels, mask=mask,
+                             var=var, p_out=p_out, r=r)
 
     def _on_host(self, method: str, written, *args, **kwargs):
         """Run the CPU backend's ``method`` on host copies; copy the arrays it writes back.
@@ -416,13 +417,12 @@ class CUDABackend:
         return out
 
     @_api
-    def update(self, x, num, den, kappa, alpha, den_floor, region, step, origin, floor=None):
+    def update(self, x, num, den, *, kappa, alpha, den_floor, grid: SampleGrid, floor=None):
         if floor is not None:  # the sky floor has no CUDA kernel yet: the CPU's, on host copies
-            return self._on_host("update", (x,), x, num, den, kappa, alpha, den_floor, region,
-                                 step, origin, floor=floor)
+            return self._on_host("update", (x,), x, num, den, kappa=kappa, alpha=alpha,
+                                 den_floor=den_floor, grid=grid, floor=floor)
         launch, (su, sd, sx) = L.update(
             cupy, self._out(x, np.float32, "update x"), self._in(num), self._in(den), kappa,
-            alpha, self._in(np.asarray(den_floor, np.float64).ravel(), np.float64), region,
-            int(step), origin)
+            alpha, self._in(np.asarray(den_floor, np.float64).ravel(), np.float64), grid)
         self._launch(launch)
         return cupy.asnumpy(su).ravel(), cupy.asnumpy(sd).ravel(), cupy.asnumpy(sx).ravel()
