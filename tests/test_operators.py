@@ -373,3 +373,15 @@ def test_every_protocol_method_has_a_parity_test():
         module, name = (test_sr, test.split("::")[1]) if "::" in test else (None, test)
         fn = getattr(module, name) if module else globals()[name]
         assert "backend" in inspect.signature(fn).parameters, test
+
+
+def test_the_protocol_structs_refuse_what_no_kernel_could_use():
+    from mfnumba.backends.base import NoiseModel, SampleGrid
+
+    assert [NoiseModel(m, 1.0).code for m in ("mad", "poisson", "map")] == [0, 1, 2]
+    with pytest.raises(ValueError):
+        NoiseModel("gauss", 1.0)
+    with pytest.raises(ValueError):
+        SampleGrid(0, (0, 0), (0, 4), (0, 4))
+    with pytest.raises(ValueError):
+        SampleGrid(2, (0, 0), (5, 4), (0, 4))
