@@ -66,8 +66,9 @@ def time_calls(be, frames, psfs, reps: int) -> dict[str, float]:
         "otf (1 PSF)": lambda: be.otf(psfs[0], g),
         "spectral_multiply": lambda: be.spectral_multiply(X, otf, P),
         "spectral_accumulate": lambda: be.spectral_accumulate(acc, otf, S.reshape(2, B, 1, g[0], h1)),
-        "residual_samples": lambda: be.residual_samples(
-            y, yh, p=p, noise=mad, grid=SampleGrid(step=step, origin=(0, 0), rows=(0, h), cols=(0, w))),
+        "residual_samples": lambda: be.samples_to_host(be.residual_samples(
+            y, yh, p=p, noise=mad, grid=SampleGrid(step=step, origin=(0, 0), rows=(0, h),
+                                                   cols=(0, w)))),
         "robust_weights": lambda: be.robust_weights(y, yh, wbuf, p=p, noise=mad, sigma=sigma,
                                                     delta=delta, huber=True),
         "block_sum (r = 2)": lambda: be.block_sum(fine, 2, 0, nat),

@@ -456,12 +456,9 @@ class Solver:
                 yhat = be.block_sum(yhat, g.r, g.p,
                                     self._ynat[: nb * C * g.h * g.w].reshape(nb * C, g.h, g.w))
                 py = 0
-            if part is not None:
-                z, q = be.residual_samples(y, yhat, p=py, noise=self.noise, grid=own,
-                                           var=maps["var"])
-                for k, (zk, qk) in enumerate(zip(z, q)):
-                    self._zs[planes.start + k].append(zk)
-                    self._qs[planes.start + k].append(qk)
+            if part is not None:  # left where the backend keeps them until the pass ends
+                self._pending.append((planes.start, be.residual_samples(
+                    y, yhat, p=py, noise=self.noise, grid=own, var=maps["var"])))
             if not (accumulate or gather):
                 pr.release_maps()
                 continue
@@ -509,8 +506,7 @@ class Solver:
         """
         C = self.problem.channels
         gather = self._consensus and (gather or accumulate)
-        self._zs = {p: [] for p in range(frames.start * C, frames.stop * C)}
-        self._qs = {p: [] for p in self._zs}
+        self._pending = []  # (first plane, the backend's samples) of every batch and tile
         part = Partial()
         if accumulate:
             # the cores partition the extent, so every pixel of nd is rewritten
@@ -524,9 +520,16 @@ class Solver:
                 cy, cx = tile.core_in_model
                 a, b, c, d = tile.core
                 part.nd[:, :, a:b, c:d] = self.be.to_host(self._nd[:, :, cy, cx])
-        part.z = {p: np.concatenate(v) if v else np.empty(0) for p, v in self._zs.items()}
-        part.q = {p: np.concatenate(v) if v else np.empty(0) for p, v in self._qs.items()}
-        self._zs = self._qs = None
+        zs = {p: [] for p in range(frames.start * C, frames.stop * C)}
+        qs = {p: [] for p in zs}
+        for start, samples in self._pending:  # back to the host once per pass
+            z, q = self.be.samples_to_host(samples)
+            for k, (zk, qk) in enumerate(zip(z, q)):
+                zs[start + k].append(zk)
+                qs[start + k].append(qk)
+        self._pending = None
+        part.z = {p: np.concatenate(v) if v else np.empty(0) for p, v in zs.items()}
+        part.q = {p: np.concatenate(v) if v else np.empty(0) for p, v in qs.items()}
         return part
 
     def _partials(self, *, accumulate: bool, gather: bool = False) -> Partial:

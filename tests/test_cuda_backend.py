@@ -281,7 +281,8 @@ def test_gpu_element_kernels(backends, rng):
     samples = SampleGrid(step=3, origin=(1, 2), rows=(0, h), cols=(0, w))
     for mode in ("mad", "poisson", "map"):
         noise = NoiseModel(mode, 1.0)
-        zg, qg = g.residual_samples(y, g.asarray(grid), p=p, noise=noise, grid=samples, var=var)
+        zg, qg = g.samples_to_host(g.residual_samples(y, g.asarray(grid), p=p, noise=noise,
+                                                      grid=samples, var=var))
         zc, qc = c.residual_samples(y, grid, p=p, noise=noise, grid=samples, var=var)
         for a, b in zip(zg + qg, zc + qc):
             np.testing.assert_allclose(a, b, rtol=1e-6)

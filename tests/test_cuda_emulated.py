@@ -300,7 +300,8 @@ def test_every_method_matches_cpu(emu, rng):
     samples = SampleGrid(step=3, origin=(2, 1), rows=(1, h), cols=(0, w - 1))
     for mode in ("mad", "poisson", "map"):
         noise = NoiseModel(mode, 1.0)
-        zg, qg = be.residual_samples(y, nat_c, p=0, noise=noise, grid=samples, var=var)
+        zg, qg = be.samples_to_host(be.residual_samples(y, nat_c, p=0, noise=noise, grid=samples,
+                                                        var=var))
         zc, qc = cpu.residual_samples(y, nat_c, p=0, noise=noise, grid=samples, var=var)
         for u, v in zip(zg + qg, zc + qc):
             np.testing.assert_array_equal(u, v)

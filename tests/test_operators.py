@@ -168,9 +168,10 @@ def test_residual_samples_match_reference(backend, noise, rng):
     y, yh, grid, p = _frames(rng, P=3)
     var = (rng.random(y.shape) + 1).astype(np.float32) if noise == "map" else None
     args = (p, noise, 1.0, 3, (2, 1), (1, 19), (0, 23))
-    z, q = be.residual_samples(be.asarray(y), be.asarray(grid), p=p, noise=NoiseModel(noise, 1.0),
-                               grid=SampleGrid(step=3, origin=(2, 1), rows=(1, 19), cols=(0, 23)),
-                               var=None if var is None else be.asarray(var))
+    z, q = be.samples_to_host(be.residual_samples(
+        be.asarray(y), be.asarray(grid), p=p, noise=NoiseModel(noise, 1.0),
+        grid=SampleGrid(step=3, origin=(2, 1), rows=(1, 19), cols=(0, 23)),
+        var=None if var is None else be.asarray(var)))
     zr, qr = ref.ref_residual_samples(y, grid, *args, var=var)
     assert len(z) == len(q) == 3
     for got, want in zip(z + q, zr + qr):
@@ -184,8 +185,9 @@ def test_weights_match_reference_with_nan_and_mask(backend, rng):
     mask = rng.random((h, w)).astype(np.float32)
     for noise in ("mad", "poisson"):
         nm = NoiseModel(noise, 1.0)
-        z, _ = be.residual_samples(be.asarray(y), be.asarray(grid), p=p, noise=nm,
-                                   grid=SampleGrid(step=1, origin=(0, 0), rows=(0, h), cols=(0, w)))
+        z, _ = be.samples_to_host(be.residual_samples(
+            be.asarray(y), be.asarray(grid), p=p, noise=nm,
+            grid=SampleGrid(step=1, origin=(0, 0), rows=(0, h), cols=(0, w))))
         s = np.array([ref.mad_sigma(z[0])])
         wref, sref, _ = ref.weights(y[0], yh[0], rho="huber", delta=-2.5, noise=noise, floor=1.0,
                                     mask=mask)
@@ -342,6 +344,7 @@ PARITY = {
     "conv_forward_direct": "test_forward_and_adjoint_match_reference",
     "conv_adjoint_direct": "test_forward_and_adjoint_match_reference",
     "residual_samples": "test_residual_samples_match_reference",
+    "samples_to_host": "test_residual_samples_match_reference",
     "robust_weights": "test_weights_with_variance_protection_and_replication_match_reference",
     "consensus_weights": "test_consensus_weights_match_reference",
     "block_sum": "tests/test_sr.py::test_block_sum_and_replicate_match_reference",

@@ -143,9 +143,12 @@ class Backend(Protocol):
     # element-wise, fused ---------------------------------------------------
     def residual_samples(self, y, yhat, *, p: int, noise: NoiseModel, grid: SampleGrid,
                          var=None):
-        """Per plane, host arrays (z0, q) at the samples of ``grid`` (its window
-        and step, in y's indices): z0 = (y - ŷ)/√V and q = ŷ/V, V from
-        ``noise`` (``var`` for ``map``); ŷ is read at offset p."""
+        """The samples of ``grid`` (its window and step, in y's indices), where
+        the backend keeps them (on the device: no sync): z0 = (y - ŷ)/√V and
+        q = ŷ/V, V from ``noise`` (``var`` for ``map``); ŷ is read at offset
+        p. :meth:`samples_to_host` brings them back, once per pass."""
+    def samples_to_host(self, samples) -> tuple[list, list]:
+        """Per plane, host arrays (z0, q) of what :meth:`residual_samples` returned."""
     def robust_weights(self, y, yhat, out, *, p: int, noise: NoiseModel, sigma, delta,
                        huber: bool, mask=None, var=None, protect=None, p_out=None, r: int = 1):
         """``out[0] = U(w·y)``, ``out[1] = U(w·ŷ)`` embedded at offset ``p_out``

@@ -110,6 +110,9 @@ class CPUBackend:
                            grid.origin[0], grid.origin[1], r0, r1, c0, c1, z, q, counts)
         return [z[k, :counts[k]] for k in range(P)], [q[k, :counts[k]] for k in range(P)]
 
+    def samples_to_host(self, samples):
+        return samples  # already host lists
+
     def robust_weights(self, y, yhat, out, *, p, noise: NoiseModel, sigma, delta, huber,
                        mask=None, var=None, protect=None, p_out=None, r=1):
         K.robust_weights(y, yhat, p, noise.code, _or_dummy(var), noise.floor,

@@ -360,7 +360,12 @@ class CUDABackend:
 
     @_api
     def residual_samples(self, y, yhat, *, p, noise: NoiseModel, grid: SampleGrid, var=None):
-        z, q, valid = self._residual_samples_device(y, yhat, p=p, noise=noise, grid=grid, var=var)
+        # kept on the device: the solver brings a pass's samples back at its end
+        return self._residual_samples_device(y, yhat, p=p, noise=noise, grid=grid, var=var)
+
+    @_api
+    def samples_to_host(self, samples):
+        z, q, valid = samples
         return L.compact_samples(cupy.asnumpy(z), cupy.asnumpy(q), cupy.asnumpy(valid))
 
     @_api
