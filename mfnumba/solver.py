@@ -442,14 +442,11 @@ class Solver:
         own = SampleGrid(step=self.res_step, origin=(tile.rows[0], tile.cols[0]),
                          rows=(tile.own_rows[0] - tile.rows[0], tile.own_rows[1] - tile.rows[0]),
                          cols=(tile.own_cols[0] - tile.cols[0], tile.own_cols[1] - tile.cols[0]))
-        for idx in self._batches(frames):
+        for idx, maps in self._reads(tile, frames):
             interrupt.check()  # a signal during the kernels is raised here, between batches
             nb, planes = len(idx), slice(idx.start * C, idx.stop * C)
             otf = self._otf(idx) if self.conv == "fft" else None
             yhat = self._predict(tile, idx, otf).reshape(nb * C, *self.grid)
-            maps = {k: None if a is None else a.reshape(nb * C, g.h, g.w) for k, a in (
-                (k, read_block(getattr(pr, k), idx, tile.rows, tile.cols))
-                for k in ("frames", "mask", "var", "protect"))}
             y = maps.pop("frames")
             py = g.p
             if g.r > 1:  # residuals live on the native grid: ŷ = D(h * x)
@@ -493,6 +490,49 @@ class Solver:
             (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
             part.cstat[:, :, r0:r1, c0:c1] = be.to_host(acc[:, :, own.rows[0]:own.rows[1],
                                                             own.cols[0]:own.cols[1]])
+
+    def _reads(self, tile: Tile, frames: range):
+        """(batch, its blocks of the frames and maps) for each batch of ``frames`` over the tile.
+
+        Frames read from files (a reader, not an array): the next batch is
+        read in a background thread while this one computes (the memory
+        model counts two batches read at once), and the maps' blocks are
+        copied there, so that the batch's pages can be let go after it.
+        """
+        pr, g, C = self.problem, tile.geom, self.problem.channels
+        keys = ("frames", "mask", "var", "protect")
+        batches = list(self._batches(frames))
+        ahead = not isinstance(pr.frames, np.ndarray) and len(batches) > 1
+
+        def read(idx):
+            out = {}
+            for k in keys:
+                a = read_block(getattr(pr, k), idx, tile.rows, tile.cols)
+                if a is not None and ahead and k != "frames":
+                    a = np.array(a)  # out of the scratch map while the other batch computes
+                out[k] = None if a is None else a.reshape(len(idx) * C, g.h, g.w)
+            return out
+
+        if not ahead:
+            for idx in batches:
+                yield idx, read(idx)
+            return
+        if getattr(self, "_io", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mfnumba-read")
+        nxt = self._io.submit(read, batches[0])
+        try:
+            for k, idx in enumerate(batches):
+                blocks = nxt.result()
+                nxt = self._io.submit(read, batches[k + 1]) if k + 1 < len(batches) else None
+                yield idx, blocks
+        finally:  # a pass cut short (a device failure, Ctrl-C) leaves no read running
+            if nxt is not None:
+                try:
+                    nxt.result()
+                except Exception:  # noqa: BLE001 -- the pass is already being abandoned
+                    pass
 
     def partial_sums(self, frames: range, *, accumulate: bool = True, gather: bool = False,
                      out: np.ndarray | None = None) -> Partial:

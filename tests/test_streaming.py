@@ -39,3 +39,38 @@ def test_streamed_tiled_run_equals_in_memory_run(ondisk, monkeypatch, sr):
     assert streamed.plan.predicted <= need
     np.testing.assert_allclose(streamed.image, whole.image, rtol=3e-4, atol=3e-3)
     assert streamed.iterations == whole.iterations
+
+
+def test_the_next_batch_is_read_while_this_one_computes(ondisk):
+    """From files, batches are read one ahead in a thread: the same sums, bit for bit."""
+    import threading
+
+    from mfnumba.backends.cpu import CPUBackend
+    from mfnumba.io.tiles import StackReader
+    from mfnumba.solver import Problem, Solver
+    from mfnumba.sources import WorkSource
+    from mfnumba.stack import discover_frames
+
+    d, _ = ondisk
+    reader = StackReader(discover_frames([d / "frames"]))
+    threads = []
+    real = reader.read_tile
+
+    def spy(*a, **k):
+        threads.append(threading.current_thread().name)
+        return real(*a, **k)
+
+    reader.read_tile = spy
+    src = WorkSource(reader)
+    frames = src.materialize()
+    threads.clear()
+    psfs = np.stack([np.outer(g, g) for g in [np.exp(-np.arange(-4, 5) ** 2 / 4.0)] * 5])
+    psfs = (psfs / psfs.sum(axis=(1, 2), keepdims=True)).astype(np.float32)
+    opt = Options(iters=3, early_stop=False, conv="fft", batch=2)
+    images = []
+    for data in (frames, src):
+        s = Solver(Problem(data, psfs), opt, CPUBackend(), tile=48)
+        s.setup(np.median(frames, axis=0))
+        images.append(s.run().image)
+    np.testing.assert_array_equal(images[1], images[0])
+    assert threads and all(t.startswith("mfnumba-read") for t in threads)
