@@ -4,7 +4,7 @@ Run ``python -m bench.bench_stream`` (full: 64 frames of 4096×4096 under a
 2 GB budget, 2 iterations; about 5 minutes on 2 cores, 4 GB of frames and
 8 GB of mfnumba's scratch maps on disk) or
 ``python -m bench.bench_stream --quick`` (8 frames of 1024×1024 under
-160 MB; under a minute). One run:
+360 MB; under a minute). One run:
 
 1. writes a registered stack to ``--workdir`` one frame at a time (never the
    whole stack in memory): one truth image (stars, a few extended blobs,
@@ -383,10 +383,10 @@ def parse_args(argv=None):
                     help="default: /tmp/mfnumba-bench-stream-<frames>x<size>")
     ap.add_argument("--keep", action="store_true", help="keep the stack and the outputs")
     ap.add_argument("--quick", action="store_true",
-                    help="8 frames of 1024², 160MB budget, 4 reference frames (2GB): a smoke test")
+                    help="8 frames of 1024², 360MB budget, 4 reference frames (2GB): a smoke test")
     args = ap.parse_args(argv)
     if args.quick:
-        args.frames, args.size, args.budget, args.ref_frames, args.ref_budget = 8, 1024, "160MB", 4, "2GB"
+        args.frames, args.size, args.budget, args.ref_frames, args.ref_budget = 8, 1024, "360MB", 4, "2GB"
     args.ref_frames = min(args.ref_frames, args.frames)
     if args.workdir is None:
         args.workdir = Path("/tmp") / f"mfnumba-bench-stream-{args.frames}x{args.size}"
