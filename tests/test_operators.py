@@ -227,11 +227,12 @@ def test_weights_with_variance_protection_and_replication_match_reference(backen
             np.testing.assert_allclose(out[slot, k], want, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("with_cons,with_var", [(False, False), (True, True)])
+@pytest.mark.parametrize("with_cons,with_var", [(False, False), (True, False), (True, True)])
 def test_consensus_weights_match_reference(backend, with_cons, with_var, rng):
     be = backend
     y, yh, grid, p = _frames(rng, P=4, h=17, w=19)
     y[2, 5, :] += 200.0  # a trail in one plane
+    y[3, 9, 9] += 500.0  # a cosmic ray
     P, h, w = y.shape
     C = 2
     sigma, unit = rng.uniform(2.5, 3.5, P), rng.uniform(0.9, 1.1, P)
@@ -259,7 +260,7 @@ def test_consensus_weights_match_reference(backend, with_cons, with_var, rng):
     np.testing.assert_array_equal(fin, want_fin)
     for got, want in zip(acc, stats):
         np.testing.assert_allclose(got, want, rtol=1e-5)
-    assert rej[2] >= w - 1  # the trail is rejected
+    assert rej[2] >= w - 1 and rej[3] >= 1  # the trail and the cosmic ray are rejected
 
 
 # the update ---------------------------------------------------------------------------------
