@@ -112,6 +112,24 @@ def get_backend(name: str, threads: int | None = None):
     return device
 
 
+def _refuse_while_spawning() -> None:
+    """A clear error, at once, where a worker process re-runs an unguarded script.
+
+    Starting processes with ``spawn`` (the preparation pool, a Dask
+    LocalCluster) re-imports the main script in each child; a script that
+    calls :func:`deconvolve` at its top level would run the whole job again
+    in every child, and the children would try to spawn their own.
+    ``multiprocessing`` marks a child as ``_inheriting`` while it imports
+    the parent's main module: only then is this refused.
+    """
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise OptionError("deconvolve() ran while a worker process was starting: spawned "
+                          "processes re-run the main script, so put the script's work under "
+                          "`if __name__ == \"__main__\":`")
+
+
 def _open(frames, layout: str = "auto"):
     """(reader, headers, paths) for paths/directories, an array or a Stack.
 
@@ -227,6 +245,7 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
     """
     t0 = time.perf_counter()
     opt = options or Options()
+    _refuse_while_spawning()
     reader, headers, paths = _open(frames, layout)
     h, w = reader.shape
     luma = opt.color == "luma" and reader.channels > 1

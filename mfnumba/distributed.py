@@ -99,8 +99,13 @@ def connect(spec: str, *, n_frames: int, threads: int | None = None) -> Cluster:
     if spec == "dask":
         cpus = threads or os.cpu_count() or 1
         n = max(1, min(cpus, n_frames))
-        cluster = d.LocalCluster(n_workers=n, threads_per_worker=max(1, cpus // n),
-                                 processes=True, dashboard_address=None)
+        try:
+            cluster = d.LocalCluster(n_workers=n, threads_per_worker=max(1, cpus // n),
+                                     processes=True, dashboard_address=None)
+        except Exception as exc:  # noqa: BLE001 -- Dask raises bare RuntimeErrors here
+            raise OptionError(f"--scheduler dask: the local cluster's {n} worker processes did "
+                              f"not start ({type(exc).__name__}: {exc}); a script that starts "
+                              "one needs `if __name__ == \"__main__\":`") from None
         return Cluster(d.Client(cluster), cluster)
     try:
         client = d.Client(spec, timeout=_CONNECT_TIMEOUT)

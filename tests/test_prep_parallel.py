@@ -195,3 +195,14 @@ def test_the_automatic_count_spawns_only_where_the_main_module_is_safe(monkeypat
     monkeypatch.setattr(_pool, "_AUTO", [])
     monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # interactive
     assert _pool.auto_may_spawn()
+
+
+def test_deconvolve_refuses_to_run_inside_a_starting_worker(monkeypatch):
+    """spawn re-runs an unguarded script in each child: there, deconvolve stops at once."""
+    import multiprocessing
+
+    from mfnumba.errors import OptionError
+
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(OptionError, match="__name__"):
+        deconvolve(np.ones((3, 16, 16), np.float32), fwhm=2.0)
