@@ -271,7 +271,7 @@ def deconvolve(frames, psf=None, *, options: Options | None = None, fwhm: float 
                                   psfs=psfset.per_channel or psfset.psfs,
                                   reference=reference_index(opt.reference, paths))
         norm = base if opt.normalize == "none" else base.replace(photometry=phot)
-        seed = make_seed_streaming(opt.seed, norm, tile=setup.seed_tile)
+        seed = make_seed_streaming(opt.seed, norm, tile=setup.seed_tile, fwhms=fwhms)
         work = norm.replace(luma=True) if luma else norm
         work_seed = seed.mean(axis=0, keepdims=True) if luma else seed
         # the maps are measured on the raw frames; σ on the reference scale is σ / a_i
@@ -454,7 +454,7 @@ def _solve(work: WorkSource, kernel, seed, *, maps, channel, opt, backend, progr
 
 def _seed_digest(seed: str) -> str | None:
     """Digest of a seed file's bytes; None for a seed computed from the frames."""
-    if seed in ("median", "bootstrap", "mean"):
+    if seed in ("matched", "median", "bootstrap", "mean"):
         return None
     return checkpoint.file_digest(seed)
 

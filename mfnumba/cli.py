@@ -211,7 +211,8 @@ def deconv(
     preset: Optional[str] = _opt("noisy, good or lab; flags given explicitly win.", "none"),
     noise: Optional[str] = _opt("Without variance maps: mad (one sigma per frame) or poisson.",
                                 "mad"),
-    seed: Optional[str] = _opt("median, bootstrap, mean or a FITS/XISF file.", "median"),
+    seed: Optional[str] = _opt("matched (the median of the frames brought to the broadest "
+                               "seeing), median, bootstrap, mean or a FITS/XISF file.", "matched"),
     color: Optional[str] = _opt("Colour stacks: luma or rgb.", "luma"),
     sr: Optional[int] = _opt("Super-resolution factor: solve on a grid this many times finer.",
                              "1"),

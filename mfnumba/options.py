@@ -45,7 +45,10 @@ class Options:
         ``"mad"``: a constant σ per frame and channel from the MAD of the
         residual; ``"poisson"``: σ² ∝ the prediction (sky + signal).
     seed
-        ``"median"`` or ``"mean"`` of the frames, or a path to a FITS seed.
+        ``"matched"``: the per-pixel median of the frames each blurred to the
+        stack's broadest seeing (a cosmic ray on a star core cannot shift it
+        by the seeing's spread); ``"median"``, ``"bootstrap"`` (σ-clipped
+        mean) or ``"mean"`` of the frames; or a path to a FITS/XISF seed.
     color
         ``"luma"`` deconvolves the luminance and re-applies the chroma of the
         seed; ``"rgb"`` deconvolves every channel.
@@ -105,7 +108,7 @@ class Options:
     kappa: float = 2.0
     relax: float = 1.0
     noise: str = "mad"
-    seed: str = "median"
+    seed: str = "matched"
     color: str = "luma"
     sr: int = 1
     sr_sigma: float = 0.7

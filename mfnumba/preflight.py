@@ -21,7 +21,7 @@ from .runfiles import RunFiles, snapshot_names
 
 log = logging.getLogger("mfnumba")
 
-_NAMED_SEEDS = ("median", "bootstrap", "mean")
+_NAMED_SEEDS = ("matched", "median", "bootstrap", "mean")
 
 
 @dataclass

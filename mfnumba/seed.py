@@ -26,7 +26,7 @@ from numba import njit, prange
 from .errors import InputFileError, ShapeError
 from .io.tiles import ArrayReader
 
-SEED_KINDS = ("median", "bootstrap", "mean")  # anything else is a file path
+SEED_KINDS = ("matched", "median", "bootstrap", "mean")  # anything else is a file path
 _MAD_TO_SIGMA = 1.482602218505602
 _SCALE_SAMPLES = 1 << 20  # per channel, for the bootstrap's global noise scale
 _CHUNK = 64  # pixels per parallel work item of the median kernel
@@ -248,6 +248,68 @@ def tiled_median(reader, *, tile: int = 256) -> np.ndarray:
     return _fill(out)
 
 
+def matching_blur(fwhms) -> np.ndarray:
+    """Per frame, σ (px) of the Gaussian that brings its PSF to the stack's broadest:
+    √(σ_max² − σ_i²), σ = FWHM / 2.3548 (0 for the broadest frame)."""
+    s = np.asarray(fwhms, np.float64) / 2.3548
+    return np.sqrt(np.maximum(s.max() ** 2 - s ** 2, 0.0)) if s.size else s
+
+
+def _blur_valid(planes: np.ndarray, sigma: float) -> np.ndarray:
+    """(C, r, c) blurred by a Gaussian of ``sigma`` px over its finite pixels only.
+
+    Normalised convolution: blur(y·m) / blur(m), m = 1 where y is finite;
+    a pixel without data stays NaN (it still has no vote in the median).
+    """
+    from scipy.ndimage import gaussian_filter  # lazy: only the matched seed needs it
+
+    valid = np.isfinite(planes)
+    out = np.empty_like(planes)
+    for c in range(planes.shape[0]):
+        m = valid[c].astype(np.float32)
+        num = gaussian_filter(np.where(valid[c], planes[c], 0.0).astype(np.float32), sigma,
+                              mode="nearest")
+        den = gaussian_filter(m, sigma, mode="nearest")
+        np.divide(num, den, out=out[c], where=den > 1e-3)
+        out[c][~valid[c] | (den <= 1e-3)] = np.nan
+    return out
+
+
+def matched_median(reader, blur, *, tile: int = 256) -> np.ndarray:
+    """Per-pixel median of the frames, each first blurred to the stack's broadest seeing.
+
+    ``blur[i]``: the σ (px) of frame i's Gaussian (:func:`matching_blur`).
+    At a star core the frames' values spread with their seeing (one star
+    core, 16 frames: 479–1030 ADU), so a cosmic ray in one frame moves the
+    plain median by a rank of that spread, a step the multiplicative update
+    keeps; brought to one seeing the frames agree and a rank is the noise's
+    (bench/RESULTS.md, issue 10). Tiles are read with a halo of the blur's
+    reach inside the planned tile side, so the result does not depend on
+    the tiling and the read stays within the memory plan.
+    """
+    blur = np.asarray(blur, np.float64)
+    if blur.shape != (reader.n_frames,):
+        raise ValueError(f"blur has {blur.size} values for {reader.n_frames} frames")
+    halo = int(math.ceil(4.0 * float(blur.max(initial=0.0)))) + 1
+    inner = max(16, int(tile) - 2 * halo)
+    h, w = reader.shape
+    out = np.empty((reader.channels, h, w), dtype=np.float32)
+    cover = _Coverage(reader)
+    for rows, cols in _tiles(reader.shape, inner):
+        r0, r1 = max(0, rows.start - halo), min(h, rows.stop + halo)
+        c0, c1 = max(0, cols.start - halo), min(w, cols.stop + halo)
+        block = reader.read_tile(slice(r0, r1), slice(c0, c1))
+        for i in range(reader.n_frames):
+            cover.add(i, block[i])
+            if blur[i] > 0.05:
+                block[i] = _blur_valid(block[i], float(blur[i]))
+        core = block[:, :, rows.start - r0:rows.stop - r0, cols.start - c0:cols.stop - c0]
+        out[:, rows, cols] = _median0(core)
+        del block, core
+    cover.check()
+    return _fill(out)
+
+
 def tiled_mean(reader, *, tile: int = 256) -> np.ndarray:
     """Per-pixel NaN-aware mean of all frames, one frame tile at a time -> (C, h, w) float32.
 
@@ -359,10 +421,17 @@ def bootstrap_seed(reader, *, bootstrap: int = 8, kappa: float = 3.0, tile: int 
     return _fill(out)
 
 
-def make_seed_streaming(kind: str, reader, *, tile: int = 256, bootstrap: int = 8) -> np.ndarray:
-    """Seed by name, read tile by tile: ``median`` (:func:`tiled_median`),
-    ``bootstrap`` (:func:`bootstrap_seed`), ``mean`` (:func:`tiled_mean`);
-    anything else is a FITS or XISF file of the stack's (C, h, w) shape."""
+def make_seed_streaming(kind: str, reader, *, tile: int = 256, bootstrap: int = 8,
+                        fwhms=None) -> np.ndarray:
+    """Seed by name, read tile by tile: ``matched`` (:func:`matched_median`, the
+    frames brought to the broadest of ``fwhms`` first; without ``fwhms`` the
+    plain median), ``median`` (:func:`tiled_median`), ``bootstrap``
+    (:func:`bootstrap_seed`), ``mean`` (:func:`tiled_mean`); anything else
+    is a FITS or XISF file of the stack's (C, h, w) shape."""
+    if kind == "matched":
+        if fwhms is None:
+            return tiled_median(reader, tile=tile)
+        return matched_median(reader, matching_blur(fwhms), tile=tile)
     if kind == "median":
         return tiled_median(reader, tile=tile)
     if kind == "bootstrap":

@@ -192,3 +192,59 @@ def test_streaming_seeds_refuse_an_all_nan_frame(tmp_path, rng, kind):
     with StackReader(paths) as sr, pytest.raises(InputFileError) as err:
         make_seed_streaming(kind, sr, tile=8)
     assert str(paths[3]) in str(err.value) and "NaN" in str(err.value)
+
+
+def _seeing_stack(rng, n=12, size=40):
+    """Frames of one star field under seeing FWHM 2–4.5 px, and their FWHMs."""
+    from scipy.ndimage import gaussian_filter
+
+    truth = np.full((size, size), 100.0)
+    for y, x in [(10, 12), (25, 28), (30, 9)]:
+        truth[y, x] += 2e4
+    fwhms = np.linspace(2.0, 4.5, n)
+    frames = np.stack([gaussian_filter(truth, f / 2.3548) for f in fwhms])
+    frames = rng.normal(frames, np.sqrt(frames)).astype(np.float32)
+    return frames[:, None], fwhms
+
+
+def test_matched_median_is_the_median_without_blur_and_does_not_depend_on_tiles(rng):
+    from mfnumba.seed import matched_median, matching_blur
+
+    frames, fwhms = _seeing_stack(rng)
+    frames[3, 0, 5:8, 5:9] = np.nan
+    np.testing.assert_array_equal(matched_median(ArrayReader(frames), np.zeros(12), tile=64),
+                                  median_seed(frames))
+    blur = matching_blur(fwhms)
+    assert blur[-1] == 0 and np.all(np.diff(blur) < 0)  # the broadest frame is left as it is
+    whole = matched_median(ArrayReader(frames), blur, tile=256)
+    for tile in (24, 40):  # tiles with halos inside the planned side
+        np.testing.assert_allclose(matched_median(ArrayReader(frames), blur, tile=tile), whole,
+                                   rtol=1e-6)
+
+
+def test_a_cosmic_ray_on_a_star_core_barely_moves_the_matched_seed(rng):
+    """The plain median moves by a rank of the seeing's spread; the matched one by the noise's."""
+    from mfnumba.seed import matched_median, matching_blur
+
+    frames, fwhms = _seeing_stack(rng)
+    hit = frames.copy()
+    hit[-1, 0, 25, 28] += 3000.0  # the broadest frame (the lowest core), on a star core
+    blur = matching_blur(fwhms)
+    plain = median_seed(hit)[0, 25, 28] - median_seed(frames)[0, 25, 28]
+    matched = (matched_median(ArrayReader(hit), blur)[0, 25, 28]
+               - matched_median(ArrayReader(frames), blur)[0, 25, 28])
+    noise = np.sqrt(frames[:, 0, 25, 28].mean() / len(frames))  # the stack's shot noise there
+    assert plain > 3 * noise and abs(matched) < plain / 3
+
+
+def test_the_matched_seed_is_the_default_and_follows_the_psfs(tmp_path, rng):
+    from mfnumba.options import Options
+
+    frames, fwhms = _seeing_stack(rng)
+    assert Options().seed == "matched"
+    got = make_seed_streaming("matched", ArrayReader(frames), fwhms=fwhms)
+    assert got.shape == (1, 40, 40) and np.isfinite(got).all()
+    # a star core of the matched seed is broader than the plain median's: the broadest seeing
+    assert got[0, 25, 28] < median_seed(frames)[0, 25, 28]
+    np.testing.assert_array_equal(make_seed_streaming("matched", ArrayReader(frames)),
+                                  median_seed(frames))  # no PSFs known: the plain median

@@ -20,19 +20,33 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(text).split())
 
 
-@contextmanager
-def atomic_path(path: Path, *, what: str = "file", mode: int | None = None):
-    """Yield a temporary name beside ``path``; rename it onto ``path`` on success.
+_HELD = ("SIGINT", "SIGTERM", "SIGHUP")
 
-    The temporary file is created exclusively in the same folder (so the
-    rename is atomic) and removed on any failure, interruption included.
-    OSErrors (disk full, read-only, permission) become one-line
-    :class:`OutputError`. A ``.gz`` ending is kept: astropy compresses by name.
+
+@contextmanager
+def _signals_held():
+    """Hold Ctrl-C, SIGTERM and SIGHUP back (main thread) while a temporary file is created.
+
+    Python raises a signal's exception between any two bytecodes: one that
+    came between creating the file and remembering its name would leave it
+    behind. Held, it is delivered when the block ends, where the caller
+    already owns the name and removes the file.
     """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    suffix = ".part.gz" if path.name.lower().endswith(".gz") else ".part"
-    tmp = None
+    import signal
+    import threading
+
+    held = {getattr(signal, n) for n in _HELD if hasattr(signal, n)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _create(folder: Path, path: Path, suffix: str, what: str) -> Path:
     for _ in range(100):
         cand = folder / f".{path.name}.{secrets.token_hex(4)}{suffix}"
         try:
@@ -44,22 +58,37 @@ def atomic_path(path: Path, *, what: str = "file", mode: int | None = None):
             raise OutputError(f"cannot write the {what} in {folder} ({one_line(exc)})",
                               path=path) from None
         os.close(fd)
-        tmp = cand
-        break
-    if tmp is None:
-        raise OutputError(f"cannot create a temporary file in {folder}", path=path)
+        return cand
+    raise OutputError(f"cannot create a temporary file in {folder}", path=path)
+
+
+@contextmanager
+def atomic_path(path: Path, *, what: str = "file", mode: int | None = None):
+    """Yield a temporary name beside ``path``; rename it onto ``path`` on success.
+
+    The temporary file is created exclusively in the same folder (so the
+    rename is atomic) and removed on any failure, interruption included
+    (signals are held while it is created: :func:`_signals_held`).
+    OSErrors (disk full, read-only, permission) become one-line
+    :class:`OutputError`. A ``.gz`` ending is kept: astropy compresses by name.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    suffix = ".part.gz" if path.name.lower().endswith(".gz") else ".part"
+    tmp = None
     try:
+        with _signals_held():
+            tmp = _create(folder, path, suffix, what)
         yield tmp
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write the {what} ({one_line(exc)})", path=path) from None
         raise
-
-
