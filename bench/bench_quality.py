@@ -162,7 +162,7 @@ CANDIDATES: dict[str, dict] = {
     "floor + consensus (20 it)": {**PUBLISHED, "sky_floor": 2.0, "reject": "consensus"},
     "no target, floor + consensus, χ² stop": {"target_sigma": 0.0, "iters": 300},
     "new default (χ² stop)": {},
-    "new default, matched seed (χ² stop)": {"seed": "matched"},
+    "new default with the plain median seed (χ² stop)": {"seed": "median"},
 }
 
 
