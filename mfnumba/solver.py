@@ -758,7 +758,18 @@ class Solver:
 
     def rejection_maps(self, idx: range) -> np.ndarray:
         """(n, C, h, w) uint8: 1 where frames ``idx`` (at most one batch) get weight 0
-        from the consensus at the current estimate (finite pixels only)."""
+        from the consensus at the current estimate (finite pixels only).
+
+        A device failure here moves the solver to the CPU, as in a pass, and
+        the maps are computed there.
+        """
+        try:
+            return self._rejection_maps(idx)
+        except (DeviceOOM, DeviceLost) as exc:
+            self._to_cpu(f"{type(exc).__name__} while writing the rejection maps ({exc})")
+            return self._rejection_maps(idx)
+
+    def _rejection_maps(self, idx: range) -> np.ndarray:
         pr, be, C = self.problem, self.be, self.problem.channels
         if not self._consensus:
             raise ValueError("rejection maps need --reject consensus")

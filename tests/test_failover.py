@@ -162,3 +162,17 @@ def test_failover_reaches_history_and_the_result(tmp_path, monkeypatch, rng):
     history = "\n".join(str(v) for v in res.header["HISTORY"])
     assert "device lost" in history and "moved to the CPU" in history
 
+
+
+def test_the_rejection_maps_survive_a_lost_device(rng):
+    problem, seed = _problem(rng)
+    s_cpu = Solver(problem, Options(iters=6, early_stop=False, batch=6, conv="fft"), CPUBackend())
+    s_cpu.setup(seed)
+    s_cpu.run()
+    flaky = _Flaky()
+    s, got = _solve(problem, seed, flaky)
+    flaky.lose_at = flaky.calls + 1  # the next transform: inside the maps' pass
+    maps = s.rejection_maps(range(0, 6))
+    assert s.be.name == "cpu" and "rejection maps" in s.events[-1]
+    np.testing.assert_array_equal(maps, s_cpu.rejection_maps(range(0, 6)))
+    assert maps[2].sum() > 10  # the trail in frame 2
