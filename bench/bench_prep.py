@@ -27,12 +27,11 @@ import numpy as np
 from astropy.io import fits
 
 from mfnumba._pool import FramePool, usable_cpus
-from mfnumba.io.tiles import ArrayReader
 from mfnumba.options import Options
 from mfnumba.prepare import Scratch, build_maps
 from mfnumba.psf_frames import estimate_stack
 from mfnumba.sources import WorkSource
-from tests.scenes import deep_field
+from bench.bench_psf import timing_scene
 
 
 def _prep(src: WorkSource, n: int, workers: int, opt: Options):
@@ -50,9 +49,7 @@ def timing(sizes, workers: int) -> list[str]:
     rows = ["| frame | frames | maps | serial, s/frame | parallel, s/frame | workers | speed-up |",
             "|---|---:|---|---:|---:|---:|---:|"]
     for side, n in sizes:
-        scene = deep_field(n_frames=n, shape=(side, side), n_stars=side * side // 2000,
-                           cosmic_rays=side * side // 40000, oversample=1, seed=11)
-        src = WorkSource(ArrayReader(scene.frames[:, None]))
+        scene, src = timing_scene(side, n)
         for label, reject in (("star masks + variance (`--reject huber`)", "huber"),
                               ("variance only (default consensus)", "consensus")):
             opt = Options(reject=reject)

@@ -97,13 +97,18 @@ def _median_time(fn, n: int) -> float:
     return float(np.median(times))
 
 
+def timing_scene(side: int, n: int):
+    """The timing stack at ``side``² (a deep field, a star per 2000 px²) and its source."""
+    scene = deep_field(n_frames=n, shape=(side, side), n_stars=side * side // 2000,
+                       cosmic_rays=side * side // 40000, oversample=1, seed=11)
+    return scene, WorkSource(ArrayReader(scene.frames[:, None]))
+
+
 def timing(sizes) -> list[str]:
     rows = ["| frame | frames timed | PSF estimation | star mask | variance map + gain | total |",
             "|---|---:|---:|---:|---:|---:|"]
     for side, n in sizes:
-        scene = deep_field(n_frames=n, shape=(side, side), n_stars=side * side // 2000,
-                           cosmic_rays=side * side // 40000, oversample=1, seed=11)
-        src = WorkSource(ArrayReader(scene.frames[:, None]))
+        scene, src = timing_scene(side, n)
         frames = [src.read(i) for i in range(n)]
         t_psf = _median_time(lambda i: estimate_stack(lambda j: frames[i], 1, names=["f"],
                                                       headers=[None]), n)
