@@ -318,6 +318,7 @@ class DaskExecutor:
             nxt = [c.submit(_merge, a, b, pure=False) for a, b in zip(parts[::2], parts[1::2])]
             parts = nxt + ([parts[-1]] if len(parts) % 2 else [])
         part = parts[0].result()
+        self._watch()  # a worker lost during this pass: said now, not only before the next
         # Dask's own accounting: the bytes of each piece of data and on how many workers
         out = [f for f in (x, cons) if f is not None]
         sizes = c.run_on_scheduler(_sizes, keys=[f.key for f in out] + [parts[0].key])
