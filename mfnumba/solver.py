@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -39,8 +38,11 @@ import numpy as np
 from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
 from . import interrupt
 from .backends.base import DeviceLost, DeviceOOM, NoiseModel, SampleGrid
+from .failover import DeviceGuard
 from .options import Options
 from .partials import LocalExecutor, Partial
+from .readahead import read_ahead, read_ahead_pool
+from .problem import IterationRecord, Problem, SolveResult, read_block  # noqa: F401 -- the API
 from .skyfloor import sky_floor
 
 log = logging.getLogger("mfnumba")
@@ -52,100 +54,7 @@ _GROW = 0.5  # near an outlier, a residual above this fraction of the limit is r
 _GROW_R = 2  # native px: how far "near" reaches (a 5×5 square; the wings of a trail)
 
 
-@dataclass
-class Problem:
-    """A registered stack and its PSFs.
-
-    ``frames`` is (N, C, h, w) float32 with NaN where a pixel has no data: an
-    array (in memory or memmapped) or a reader with ``read_tile(rows, cols,
-    frames)``. ``psfs`` is (N, K, K) float32, K odd, each summing to 1, on the
-    grid ``sr`` times finer than the frames. Optional (N, C, h, w) maps:
-    ``mask``, keep-weights in [0, 1]; ``var``, the noise variance σ² of every
-    pixel (data units²; replaces the per-frame MAD σ); ``protect``, in
-    [0, 1], a lower bound on the Huber factor (bright-star cores are never
-    outliers). A map may live in a scratch file (``release_pages()``, see
-    :meth:`release_maps`); the solver touches no file itself.
-    """
-
-    frames: object
-    psfs: np.ndarray
-    mask: np.ndarray | None = None
-    sr: int = 1
-    var: np.ndarray | None = None
-    protect: np.ndarray | None = None
-
-    @property
-    def n_frames(self) -> int:
-        return self.psfs.shape[0]
-
-    @property
-    def channels(self) -> int:
-        return self.frames.shape[1] if isinstance(self.frames, np.ndarray) else self.frames.channels
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        if isinstance(self.frames, np.ndarray):
-            return self.frames.shape[-2:]
-        return tuple(self.frames.shape)
-
-    @property
-    def radius(self) -> int:
-        return self.psfs.shape[-1] // 2
-
-    def release_maps(self) -> None:
-        """Let the maps drop the pages the last read brought in, where they can.
-
-        A map held in a memory-mapped scratch file offers ``release_pages()``
-        (its owner, :mod:`mfnumba.io.scratch`, knows how); an array in
-        memory has nothing to release. The solver calls this once a batch's
-        blocks of the maps are no longer used.
-        """
-        for arr in (self.mask, self.var, self.protect):
-            release = getattr(arr, "release_pages", None)
-            if release is not None:
-                release()
-
-
-def read_block(src, frames: range, rows: tuple[int, int], cols: tuple[int, int]):
-    """(n, C, rows, cols) of an array or a tile reader."""
-    if src is None:
-        return None
-    if isinstance(src, np.ndarray):
-        return src[frames.start:frames.stop, :, rows[0]:rows[1], cols[0]:cols[1]]
-    return src.read_tile(slice(*rows), slice(*cols), frames=frames)
-
-
-@dataclass
-class IterationRecord:
-    """What one iteration did, for progress bars, logs and tests."""
-
-    iteration: int
-    med_upd: float
-    med_rel: float
-    ema_upd: float
-    ema_rel: float
-    delta: float  # median Huber δ over frames (in σ units)
-    sigma: float  # median noise scale over frames
-    seconds: float
-    backend: str = "cpu"  # where the iteration ran (it changes on a failover)
-    workers: int = 1  # processes that computed its parts (a Dask cluster's workers)
-
-
-@dataclass
-class SolveResult:
-    image: np.ndarray  # (C, r h, r w) float32
-    iterations: int
-    early_stopped: bool
-    conv: str
-    history: list[IterationRecord] = field(default_factory=list)
-    plan: object = None  # the memory plan it ran under, when the API made one
-    rejected: np.ndarray | None = None  # fraction of each frame's pixels rejected (last pass)
-    stop_reason: str = "iters"  # "iters", "settled" (update) or "chi2" (fit no longer improving)
-    events: list[str] = field(default_factory=list)  # device failures and what was done
-    backend: str = "cpu"  # the backend it finished on
-
-
-class Solver:
+class Solver(DeviceGuard):
     """Robust multi-frame deconvolution of one :class:`Problem`.
 
     Parameters
@@ -326,57 +235,6 @@ class Solver:
         log.debug("conv timing: %s", timings)
         return min(timings, key=timings.get)
 
-    # device failures ------------------------------------------------------------
-    def _guarded(self, fn):
-        """``fn()``, again after each device failure it recovers from (docs/architecture.md).
-
-        ``DeviceOOM``: free the device's pools, halve the batch and retry; at
-        batch 1, move to the CPU. ``DeviceLost``: move to the CPU at once.
-        ``fn`` must not change the estimate before it can fail (a pass only
-        reads x_host), so the retry recomputes the same thing.
-        """
-        while True:
-            try:
-                return fn()
-            except DeviceOOM as exc:
-                free = getattr(self.be, "free_memory", None)
-                if free is not None:
-                    free()
-                if self.batch > 1:
-                    self.batch //= 2
-                    self._event(f"{self.be.name}: out of device memory ({exc}); "
-                                f"batch halved to {self.batch}, iteration {self.iteration + 1} "
-                                "recomputed")
-                    self._on_device()
-                    self._cache()
-                else:
-                    self._to_cpu(f"out of device memory at batch 1 ({exc})")
-            except DeviceLost as exc:
-                self._to_cpu(f"device lost ({exc})")
-
-    def _to_cpu(self, why: str) -> None:
-        from .backends.cpu import CPUBackend
-
-        old = self.be
-        if old.name == "cpu":
-            raise RuntimeError(f"the CPU backend reported a device failure: {why}")
-        self.be = CPUBackend(getattr(old, "threads", None))
-        self.batch = min(self.problem.n_frames, self.opt.batch or 8)
-        self._event(f"{old.name}: {why}; moved to the CPU, iteration {self.iteration + 1} "
-                    "recomputed there")
-        free = getattr(old, "free_memory", None)
-        if free is not None:
-            try:
-                free()
-            except Exception:  # noqa: BLE001 -- a lost device may not even free
-                pass
-        self._on_device()
-        self._cache()
-
-    def _event(self, text: str) -> None:
-        log.warning("%s", text)
-        self.events.append(text)
-
     # one pass over the extent -------------------------------------------------
     def _batches(self, frames: range):
         b = self.batch
@@ -500,13 +358,12 @@ class Solver:
         copied there, so that the batch's pages can be let go after it.
         """
         pr, g, C = self.problem, tile.geom, self.problem.channels
-        keys = ("frames", "mask", "var", "protect")
         batches = list(self._batches(frames))
         ahead = not isinstance(pr.frames, np.ndarray) and len(batches) > 1
 
         def read(idx):
             out = {}
-            for k in keys:
+            for k in ("frames", "mask", "var", "protect"):
                 a = read_block(getattr(pr, k), idx, tile.rows, tile.cols)
                 if a is not None and ahead and k != "frames":
                     a = np.array(a)  # out of the scratch map while the other batch computes
@@ -514,25 +371,10 @@ class Solver:
             return out
 
         if not ahead:
-            for idx in batches:
-                yield idx, read(idx)
-            return
+            return ((idx, read(idx)) for idx in batches)
         if getattr(self, "_io", None) is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mfnumba-read")
-        nxt = self._io.submit(read, batches[0])
-        try:
-            for k, idx in enumerate(batches):
-                blocks = nxt.result()
-                nxt = self._io.submit(read, batches[k + 1]) if k + 1 < len(batches) else None
-                yield idx, blocks
-        finally:  # a pass cut short (a device failure, Ctrl-C) leaves no read running
-            if nxt is not None:
-                try:
-                    nxt.result()
-                except Exception:  # noqa: BLE001 -- the pass is already being abandoned
-                    pass
+            self._io = read_ahead_pool()
+        return read_ahead(read, batches, self._io)
 
     def partial_sums(self, frames: range, *, accumulate: bool = True, gather: bool = False,
                      out: np.ndarray | None = None) -> Partial:
