@@ -103,6 +103,3 @@ class LocalExecutor:
     def partials(self, solver, *, accumulate: bool, gather: bool) -> Partial:
         return solver.partial_sums(range(solver.problem.n_frames), accumulate=accumulate,
                                    gather=gather, out=solver.nd_buffer() if accumulate else None)
-
-    def close(self) -> None:
-        pass

@@ -140,7 +140,7 @@ class Solver(DeviceGuard):
         self._guarded(prepare)
         self._set_scales(self._partials(accumulate=False))  # noise scales of the seed's residuals
         if self._consensus:  # the cross-frame consensus of the seed's residuals, at those scales
-            self._take_consensus(self._partials(accumulate=False, gather=True))
+            self._set_consensus(self._partials(accumulate=False, gather=True))
         self.den_floor = 1e-6 * self._den_ref
         log.debug("solver: grid %s, %d tile(s), radius %d, batch %d, conv %s", self.grid,
                   len(self.tiles), g.p, self.batch, self.conv)
@@ -443,18 +443,10 @@ class Solver(DeviceGuard):
         if x is not self.x_host:
             self.x_host[...] = be.to_host(x)
         if self._consensus and part.cstat is not None:
-            self._take_consensus(part)
+            self._set_consensus(part)
         return got
 
-    def _take_consensus(self, part: Partial) -> None:
-        P = self.problem.n_frames * self.problem.channels
-        self._cstat = part.cstat
-        self._rej = np.array([part.rej.get(k, 0.0) for k in range(P)])
-        self._fin = np.array([part.fin.get(k, 0.0) for k in range(P)])
-        self._set_consensus()
-        self._cstat = None
-
-    def _set_consensus(self) -> None:
+    def _set_consensus(self, part: Partial) -> None:
         """The consensus maps for the next pass, and the rejected fraction of each frame.
 
         cons[0] = m², the mean z² of the frames at a pixel with the largest left
@@ -464,7 +456,7 @@ class Solver(DeviceGuard):
         """
         from scipy.ndimage import maximum_filter  # lazy: only the consensus needs it
 
-        total, top, gaps = self._cstat  # Σz², max z², frames without data, per pixel
+        total, top, gaps = part.cstat  # Σz², max z², frames without data, per pixel
         n = np.float32(self.problem.n_frames) - gaps
         if self.cons_host is None:
             self.cons_host = np.empty((2,) + total.shape, np.float32)
@@ -478,8 +470,10 @@ class Solver(DeviceGuard):
         g = 2 * _GROW_R + 1
         maximum_filter(top > lim2, size=(1, g, g), mode="constant", output=self.cons_host[1])
         C = self.problem.channels
-        frac = self._rej / np.maximum(self._fin, 1)
-        self.rejected = frac.reshape(-1, C).mean(axis=1)
+        planes = range(self.problem.n_frames * C)
+        rej = np.array([part.rej.get(k, 0.0) for k in planes])
+        fin = np.array([part.fin.get(k, 0.0) for k in planes])
+        self.rejected = (rej / np.maximum(fin, 1)).reshape(-1, C).mean(axis=1)
 
     def _set_scales(self, part: Partial) -> None:
         """σ and δ per plane from the residual samples of the last pass."""
