@@ -38,6 +38,7 @@ import numpy as np
 from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
 from . import interrupt
 from .backends.base import DeviceLost, DeviceOOM, NoiseModel, SampleGrid
+from .consensus import GROW as _GROW, MIN_FRAMES as _MIN_FRAMES, consensus_maps
 from .failover import DeviceGuard
 from .options import Options
 from .partials import LocalExecutor, Partial
@@ -49,9 +50,6 @@ log = logging.getLogger("mfnumba")
 
 _SAMPLES = 1 << 14  # residual / update samples per frame (~1 % precision on a median)
 _MAD = 1.482602218505602
-_MIN_FRAMES = 3  # frames with data at a pixel for a consensus
-_GROW = 0.5  # near an outlier, a residual above this fraction of the limit is rejected too
-_GROW_R = 2  # native px: how far "near" reaches (a 5×5 square; the wings of a trail)
 
 
 class Solver(DeviceGuard):
@@ -447,28 +445,10 @@ class Solver(DeviceGuard):
         return got
 
     def _set_consensus(self, part: Partial) -> None:
-        """The consensus maps for the next pass, and the rejected fraction of each frame.
-
-        cons[0] = m², the mean z² of the frames at a pixel with the largest left
-        out (1e24 where fewer than 3 frames have data: no consensus, nothing
-        rejected); cons[1] = 1 within 2 px of a pixel where some frame exceeded
-        its limit zt·max(1, m).
-        """
-        from scipy.ndimage import maximum_filter  # lazy: only the consensus needs it
-
-        total, top, gaps = part.cstat  # Σz², max z², frames without data, per pixel
-        n = np.float32(self.problem.n_frames) - gaps
-        if self.cons_host is None:
-            self.cons_host = np.empty((2,) + total.shape, np.float32)
-        m2 = self.cons_host[0]
-        np.subtract(total, top, out=m2)
-        np.maximum(m2, 0.0, out=m2)
-        m2 /= np.maximum(n - 1, 1)
-        m2[n < _MIN_FRAMES] = 1e24
-        lim2 = np.maximum(m2, 1.0)
-        lim2 *= np.float32(self.opt.reject_z ** 2)
-        g = 2 * _GROW_R + 1
-        maximum_filter(top > lim2, size=(1, g, g), mode="constant", output=self.cons_host[1])
+        """The consensus maps for the next pass (:mod:`mfnumba.consensus`), and the
+        rejected fraction of each frame."""
+        self.cons_host = consensus_maps(part.cstat, self.problem.n_frames, self.opt.reject_z,
+                                        out=self.cons_host)
         C = self.problem.channels
         planes = range(self.problem.n_frames * C)
         rej = np.array([part.rej.get(k, 0.0) for k in planes])
