@@ -38,6 +38,7 @@ import numpy as np
 from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
 from . import interrupt
 from .backends.base import DeviceLost, DeviceOOM, NoiseModel, SampleGrid
+from ._median import medians
 from .consensus import GROW as _GROW, MIN_FRAMES as _MIN_FRAMES, consensus_maps
 from .failover import DeviceGuard
 from .options import Options
@@ -409,10 +410,8 @@ class Solver(DeviceGuard):
                 qs[start + k].append(qk)
         self._pending = None
         # float32 is ample for a median and a MAD, and halves what a worker sends back
-        part.z = {p: (np.concatenate(v) if v else np.empty(0)).astype(np.float32)
-                  for p, v in zs.items()}
-        part.q = {p: (np.concatenate(v) if v else np.empty(0)).astype(np.float32)
-                  for p, v in qs.items()}
+        part.z = {p: _joined(v) for p, v in zs.items()}
+        part.q = {p: _joined(v) for p, v in qs.items()}
         return part
 
     def _partials(self, *, accumulate: bool, gather: bool = False) -> Partial:
@@ -459,7 +458,7 @@ class Solver(DeviceGuard):
         """σ and δ per plane from the residual samples of the last pass."""
         o, C = self.opt, self.problem.channels
         z = [part.z.get(k, np.empty(0)) for k in range(self.problem.n_frames * C)]
-        s = np.array([_MAD * np.median(np.abs(v - np.median(v))) if v.size else np.nan for v in z])
+        s = _MAD * medians(z, mad=True)
         if self.noise.mode == "map":
             # σ is the map's; auto δ = |δ| · 1.4826 MAD(r/σ) follows the real scatter
             sigma = np.ones_like(s)
@@ -487,9 +486,8 @@ class Solver(DeviceGuard):
         delta, sigma = float(np.median(self.delta)), float(np.median(self._scale))
         chi2 = self._chi2(part)  # of the estimate this pass started from
         self._set_scales(part)  # for the next iteration, from this pass's residuals
-        mx = float(np.median(sx))
-        med_upd = float(np.median(su))
-        med_rel = float(np.median(sd)) / mx if mx > 0 else 0.0
+        med_upd, med_sd, mx = (float(m) for m in medians([su, sd, sx]))
+        med_rel = med_sd / mx if mx > 0 else 0.0
         self.iteration += 1
         prev = self.history[-1] if self.history else None
         a = o.ema
@@ -636,3 +634,10 @@ class Solver(DeviceGuard):
                            rejected=np.array(self.rejected), stop_reason=self.stop_reason,
                            events=list(self.events) + list(getattr(self.executor, "events", [])),
                            backend=self.be.name)
+
+
+def _joined(parts: list) -> np.ndarray:
+    """One float32 array of a plane's samples from its tiles (no copy for one tile)."""
+    if len(parts) == 1:
+        return np.asarray(parts[0], dtype=np.float32)
+    return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.empty(0, np.float32)
