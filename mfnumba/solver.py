@@ -101,10 +101,42 @@ class Solver(DeviceGuard):
             log.info("--reject consensus: %d frame(s), fewer than %d: no pixel is rejected",
                      problem.n_frames, _MIN_FRAMES)
         self.cons_host = None  # (2, C, h, w): consensus level and outlier flag of the last pass
+        self._x_host = self._xdev = self.floor_host = self._floordev = None
         self.rejected = np.zeros(problem.n_frames)
         self.stop_reason = "iters"
         self.chi2 = float("nan")  # χ² of the last pass, and for how many passes it stayed flat
         self._chi_calm = 0
+
+    # the estimate: on the host between iterations, mirrored on the device ----------
+    @property
+    def x_host(self) -> np.ndarray:
+        """The current estimate over the extent (C, E0, E1), on the host.
+
+        Replace it by assignment (``load_pass``, ``restore`` do): that also
+        drops the device's copy, which is rebuilt from it when next needed.
+        """
+        return self._x_host
+
+    @x_host.setter
+    def x_host(self, x: np.ndarray) -> None:
+        self._x_host = x
+        self._xdev = None
+
+    def _x_device(self):
+        """The estimate on the device, copied there once and kept across tiles and
+        iterations (the update runs on it), or None where it would take more
+        than a quarter of the device's free memory (then each tile copies its
+        own window). The CPU's is the host array itself."""
+        if self._xdev is None and 4 * self._x_host.nbytes <= self.be.mem_info()[0]:
+            self._xdev = self.be.asarray(self._x_host)
+        return self._xdev
+
+    def _floor_device(self):
+        if self.floor_host is None:
+            return None
+        if self._floordev is None:
+            self._floordev = self.be.asarray(self.floor_host)
+        return self._floordev
 
     # setup ------------------------------------------------------------------
     def setup(self, seed: np.ndarray, *, conv: str | None = None) -> None:
@@ -124,6 +156,7 @@ class Solver(DeviceGuard):
         if self.opt.sky_floor >= 0:
             self.floor_host = pad_to_extent(lift_seed(sky_floor(seed, g.r, self.opt.sky_floor), g.r), g)
             np.maximum(self.x_host, self.floor_host, out=self.x_host)
+        self._floordev = None
         scale = float(np.median(np.abs(seed)))
         self.set_floors(scale)
         self.noise = NoiseModel("map" if pr.var is not None else self.opt.noise, self.poisson_floor)
@@ -182,6 +215,7 @@ class Solver(DeviceGuard):
     def _on_device(self) -> None:
         """PSFs and work buffers on the current backend (again after a failover)."""
         self.psfs = self.be.asarray(self.problem.psfs)
+        self._xdev = self._floordev = None  # rebuilt from the host copies on this backend
         self.otfs = None
         self._alloc()
 
@@ -248,7 +282,9 @@ class Solver(DeviceGuard):
             self._wbuf.fill(0)
             self._last = (tile.geom.h, tile.geom.w)
         e0, e1 = tile.geom.extent
-        self._x[:, :e0, :e1] = self.be.asarray(self.x_host[:, ys, xs])
+        xd = self._x_device()
+        self._x[:, :e0, :e1] = (self.be.asarray(self._x_host[:, ys, xs]) if xd is None
+                                else xd[:, ys, xs])  # on the device: no transfer
 
     def _otf_cache(self, idx: range):
         """OTFs of frames ``idx`` in one array, filled in place (no list-then-stack copy)."""
@@ -425,22 +461,31 @@ class Solver(DeviceGuard):
         """The driver's half of a pass: x updated from the reduced num and den.
 
         Returns the update samples (|upd − 1|, |Δx|, |x|) on the global grid.
-        The update runs on the host estimate, in place: it is element-wise,
-        and nothing else reads x until the next pass.
+        The update runs in place on the estimate where the backend keeps it
+        (element-wise; nothing else reads x until the next pass), and the
+        host copy follows once.
         """
-        num, den = part.nd[0], part.nd[1]
-        be = self.be
-        x = be.asarray(self.x_host)
-        floor = None if self.floor_host is None else be.asarray(self.floor_host)
-        e0, e1 = self.geom.extent
-        got = be.update(x, be.asarray(num), be.asarray(den), kappa=self.opt.kappa,
-                        alpha=self.opt.relax, den_floor=self.den_floor,
-                        grid=SampleGrid(step=self.upd_step, origin=(0, 0), rows=(0, e0),
-                                        cols=(0, e1)), floor=floor)
-        if x is not self.x_host:
-            self.x_host[...] = be.to_host(x)
+        got = self._guarded(lambda: self._update(part.nd))
         if self._consensus and part.cstat is not None:
             self._set_consensus(part)
+        return got
+
+    def _update(self, nd: np.ndarray):
+        """The update on the device's estimate, then one copy of it to the host.
+
+        A device failure before the copy leaves the host estimate as it was:
+        the guard rebuilds the device's copy from it and updates again.
+        """
+        be = self.be
+        x = self._x_device()
+        x = be.asarray(self._x_host) if x is None else x
+        e0, e1 = self.geom.extent
+        got = be.update(x, be.asarray(nd[0]), be.asarray(nd[1]), kappa=self.opt.kappa,
+                        alpha=self.opt.relax, den_floor=self.den_floor,
+                        grid=SampleGrid(step=self.upd_step, origin=(0, 0), rows=(0, e0),
+                                        cols=(0, e1)), floor=self._floor_device())
+        if x is not self._x_host:
+            self._x_host[...] = be.to_host(x)
         return got
 
     def _set_consensus(self, part: Partial) -> None:

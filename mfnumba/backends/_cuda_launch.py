@@ -138,8 +138,9 @@ def residual_samples(xp, y, yhat, p, noise: NoiseModel, grid: SampleGrid, var, d
 
 
 def compact_samples(z, q, valid):
-    """Host lists of each plane's valid samples, in row-major order (as the CPU)."""
-    z, q, ok = np.asarray(z), np.asarray(q), np.asarray(valid).astype(bool)
+    """Host lists of each plane's valid samples, in row-major order, float32 (as the CPU)."""
+    z, q = np.asarray(z, np.float32), np.asarray(q, np.float32)
+    ok = np.asarray(valid).astype(bool)
     return [z[k][ok[k]] for k in range(z.shape[0])], [q[k][ok[k]] for k in range(z.shape[0])]
 
 
