@@ -36,7 +36,8 @@ def test_maps_match_reference(channels):
     want = reference_maps(cstat, n, 5.0)
     np.testing.assert_array_equal(got, want)
     assert got[0, 0, 20, 3] == np.float32(NO_CONSENSUS) and got[0, 0, 30, 4] == np.float32(NO_CONSENSUS)
-    assert got[1, :, 5, 6].all() and got[1, :, 7, 8].all() and not got[1, :, 8, 9].any()
+    R = GROW_R
+    assert got[1, :, 5, 6].all() and got[1, :, 5 + R, 6 - R].all() and not got[1, :, 6 + R, 6].any()
     out = np.full_like(got, -1)
     assert consensus_maps(cstat, n, 5.0, out=out) is out
     np.testing.assert_array_equal(out, want)
