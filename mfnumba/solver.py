@@ -304,7 +304,9 @@ class Solver(DeviceGuard):
         be, g, nb = self.be, tile.geom, len(idx)
         if self.conv == "fft":
             P = be.spectral_multiply(self._X, otf, self._P[:nb])
-            return be.irfft2(P, self.grid, out=self._yhat[:nb], overwrite_input=True)
+            # only the frame's rows of ŷ are read (by the weights, the samples, D)
+            return be.irfft2(P, self.grid, out=self._yhat[:nb], overwrite_input=True,
+                             rows=(g.p, g.p + g.r * g.h))
         psf = self.psfs[idx.start:idx.stop]
         return be.conv_forward_direct(self._x, psf, self._yhat[:nb], g.p, g.fine_shape)
 

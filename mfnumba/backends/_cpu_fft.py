@@ -28,3 +28,15 @@ def irfft2_into(A, out, workers):
     fct = 1.0 / (out.shape[-2] * out.shape[-1])
     lowlevel.c2c(A, A, np.array([A.ndim - 2]), False, 1.0, workers)
     lowlevel.c2r(A, out, np.array([A.ndim - 1]), False, fct, workers)
+
+
+@njit(cache=True)
+def irfft2_rows_into(A, out, lo, hi, workers):
+    """:func:`irfft2_into` computing only rows [lo, hi) of ``out`` (the rest untouched).
+
+    The column transforms run over every row of the spectrum; the final
+    real transforms, half of the work, only over the rows asked for.
+    """
+    fct = 1.0 / (out.shape[-2] * out.shape[-1])
+    lowlevel.c2c(A, A, np.array([A.ndim - 2]), False, 1.0, workers)
+    lowlevel.c2r(A[..., lo:hi, :], out[..., lo:hi, :], np.array([A.ndim - 1]), False, fct, workers)

@@ -126,8 +126,11 @@ class Backend(Protocol):
     # Fourier domain -------------------------------------------------------
     def rfft2(self, a, out=None):
         """Half spectrum over the last two axes, into ``out`` when given."""
-    def irfft2(self, A, shape: tuple[int, int], out=None, overwrite_input: bool = False):
-        """Inverse of :meth:`rfft2`; ``overwrite_input`` lets it use A as scratch."""
+    def irfft2(self, A, shape: tuple[int, int], out=None, overwrite_input: bool = False,
+               rows: tuple[int, int] | None = None):
+        """Inverse of :meth:`rfft2`; ``overwrite_input`` lets it use A as scratch.
+        ``rows``: only rows [lo, hi) of the result are needed (a backend may
+        leave the others as they were, or compute them too)."""
     def otf(self, psf: np.ndarray, grid: tuple[int, int]): ...
     def spectral_multiply(self, X, otf, out):
         """``out[b, c] = X[c] · otf[b]`` for a batch of frames."""

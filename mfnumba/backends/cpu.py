@@ -66,10 +66,14 @@ class CPUBackend:
         F.rfft2_into(np.asarray(a, dtype=np.float32), out, self.threads)
         return out
 
-    def irfft2(self, A, shape, out=None, overwrite_input=False):
+    def irfft2(self, A, shape, out=None, overwrite_input=False, rows=None):
         if out is None:
             out = np.empty(A.shape[:-2] + tuple(shape), dtype=np.float32)
-        F.irfft2_into(A if overwrite_input else A.copy(), out, self.threads)
+        A = A if overwrite_input else A.copy()
+        if rows is None:
+            F.irfft2_into(A, out, self.threads)
+        else:
+            F.irfft2_rows_into(A, out, int(rows[0]), int(rows[1]), self.threads)
         return out
 
     def otf(self, psf, grid):

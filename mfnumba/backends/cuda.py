@@ -290,7 +290,7 @@ class CUDABackend:
         return out
 
     @_api
-    def irfft2(self, A, shape, out=None, overwrite_input=False):
+    def irfft2(self, A, shape, out=None, overwrite_input=False, rows=None):  # all rows
         A = self._in(A, np.complex64)
         if not overwrite_input:  # cuFFT's C2R destroys its input
             A = cupy.array(A, order="C", copy=True)
