@@ -95,8 +95,8 @@ def test_rfft2_irfft2_and_otf_match_numpy(backend, shape, rng):
     np.testing.assert_allclose(be.to_host(back), x, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(be.to_host(X), keep)  # overwrite_input=False keeps A
     # only some rows asked for (the frame's rows of ŷ): those equal the whole transform's
-    part = be.irfft2(be.asarray(keep, np.complex64), shape, out=be.zeros((2, 3) + shape), rows=(5, 17),
-                     overwrite_input=True)
+    part = be.irfft2(be.asarray(keep, np.complex64), shape, out=be.zeros((2, 3) + shape),
+                     rows=(5, 17), overwrite_input=True)
     np.testing.assert_array_equal(be.to_host(part)[..., 5:17, :], be.to_host(back)[..., 5:17, :])
     psf = _psfs(rng, 1, 7)[0]
     embed = np.zeros(shape)
