@@ -329,7 +329,7 @@ class Solver(DeviceGuard):
                 self.cons_host[:, :, tile.rows[0]:tile.rows[1], tile.cols[0]:tile.cols[1]])
             unit = self._scale / self.sigma
         if self.conv == "fft":
-            be.rfft2(self._x, out=self._X)
+            be.rfft2(self._x, out=self._X, rows=(0, g.extent[0]))  # x: zero beyond its window
             self._acc.fill(0)
         else:
             self._nd.fill(0)
@@ -374,7 +374,9 @@ class Solver(DeviceGuard):
             if not accumulate:
                 continue
             if self.conv == "fft":
-                S = be.rfft2(out, out=self._S[:, : nb * C]).reshape((2, nb, C) + self._X.shape[-2:])
+                # the weighted planes are zero outside the frame's rows
+                S = be.rfft2(out, out=self._S[:, : nb * C], rows=(g.p, g.p + g.r * g.h))
+                S = S.reshape((2, nb, C) + self._X.shape[-2:])
                 be.spectral_accumulate(self._acc, otf, S)
             else:
                 be.conv_adjoint_direct(out.reshape((2, nb, C) + self.grid),

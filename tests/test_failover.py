@@ -42,14 +42,14 @@ class _Flaky(CPUBackend):
         super().__init__()
         self.oom_above, self.lose_at, self.calls, self.freed = oom_above, lose_at, 0, 0
 
-    def rfft2(self, a, out=None):
+    def rfft2(self, a, out=None, rows=None):
         self.calls += 1
         if self.lose_at is not None and self.calls == self.lose_at:
             raise DeviceLost("cudaErrorLaunchFailure (emulated)")
         # the weighted planes of a batch go through rfft2 as (2, nb, ...): fail on big ones
         if self.oom_above is not None and a.ndim == 4 and a.shape[1] > self.oom_above:
             raise DeviceOOM("cuFFT CUFFT_ALLOC_FAILED (emulated)")
-        return super().rfft2(a, out)
+        return super().rfft2(a, out, rows)
 
     def free_memory(self):
         self.freed += 1
@@ -138,7 +138,7 @@ def test_a_failure_on_the_cpu_itself_is_not_swallowed(rng):
     problem, seed = _problem(rng)
 
     class Broken(CPUBackend):
-        def rfft2(self, a, out=None):
+        def rfft2(self, a, out=None, rows=None):
             raise DeviceLost("impossible")
 
     with pytest.raises(RuntimeError, match="CPU backend reported"):

@@ -23,6 +23,20 @@ def rfft2_into(a, out, workers):
 
 
 @njit(cache=True)
+def rfft2_rows_into(a, out, lo, hi, workers):
+    """:func:`rfft2_into` of an ``a`` that is zero outside rows [lo, hi).
+
+    The row transforms, half of the work, run only over those rows; the
+    others of ``out`` are zeroed, then the column transforms run in place.
+    """
+    n = a.ndim
+    lowlevel.r2c(a[..., lo:hi, :], out[..., lo:hi, :], np.array([n - 1]), True, 1.0, workers)
+    out[..., :lo, :] = 0
+    out[..., hi:, :] = 0
+    lowlevel.c2c(out, out, np.array([n - 2]), True, 1.0, workers)
+
+
+@njit(cache=True)
 def irfft2_into(A, out, workers):
     """out = irfft2(A) over the last two axes; A is used as scratch (destroyed)."""
     fct = 1.0 / (out.shape[-2] * out.shape[-1])

@@ -124,8 +124,9 @@ class Backend(Protocol):
     def zeros(self, shape, dtype=np.float32): ...
 
     # Fourier domain -------------------------------------------------------
-    def rfft2(self, a, out=None):
-        """Half spectrum over the last two axes, into ``out`` when given."""
+    def rfft2(self, a, out=None, rows: tuple[int, int] | None = None):
+        """Half spectrum over the last two axes, into ``out`` when given.
+        ``rows``: a is zero outside rows [lo, hi) (a backend may use it, or not)."""
     def irfft2(self, A, shape: tuple[int, int], out=None, overwrite_input: bool = False,
                rows: tuple[int, int] | None = None):
         """Inverse of :meth:`rfft2`; ``overwrite_input`` lets it use A as scratch.

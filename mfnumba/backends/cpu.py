@@ -60,10 +60,14 @@ class CPUBackend:
         return np.zeros(shape, dtype=dtype)
 
     # Fourier domain -------------------------------------------------------
-    def rfft2(self, a, out=None):
+    def rfft2(self, a, out=None, rows=None):
         if out is None:
             out = np.empty(a.shape[:-1] + (a.shape[-1] // 2 + 1,), dtype=np.complex64)
-        F.rfft2_into(np.asarray(a, dtype=np.float32), out, self.threads)
+        a = np.asarray(a, dtype=np.float32)
+        if rows is None:
+            F.rfft2_into(a, out, self.threads)
+        else:
+            F.rfft2_rows_into(a, out, int(rows[0]), int(rows[1]), self.threads)
         return out
 
     def irfft2(self, A, shape, out=None, overwrite_input=False, rows=None):

@@ -282,7 +282,7 @@ class CUDABackend:
             out[...] = dst
 
     @_api
-    def rfft2(self, a, out=None):
+    def rfft2(self, a, out=None, rows=None):  # all rows
         a = self._in(a)
         if out is None:
             out = cupy.empty(a.shape[:-1] + (a.shape[-1] // 2 + 1,), np.complex64)
