@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
