@@ -6,12 +6,15 @@ compiler is at work. So the very kernel bodies are built here into a
 shared library with the host's C++ compiler (or nvcc's host pass), called
 through ctypes with the arguments that mfnumba.backends._cuda_launch builds
 for the GPU, and compared with tests/reference.py and the Numba kernels,
-with NaN, ±Inf, zeros, strided views and block edges in the inputs.
+with NaN, ±Inf, zeros, strided views and block edges in the inputs. The
+consensus kernel's warp-level counting, which the host build replaces,
+also runs on its device path, each warp's lanes as host threads.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -335,6 +338,157 @@ def test_consensus_weights_match_reference(lib, rng):
         np.testing.assert_array_equal(counts[1], want_fin)
         for got, want in zip(acc, stats):
             np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# The device path on the host: the consensus kernel counts with warp ballots,
+# code that the host build above replaces by plain sums. Here it is compiled
+# as NVRTC sees it (__CUDACC__), each warp's 32 lanes run as host threads,
+# and the warp intrinsics meet at a barrier. A ballot of the full warp after
+# a lane has left (a trip count not shared by the warp) is recorded.
+_WARPS = r"""
+#include <math.h>
+#include <atomic>
+#include <barrier>
+#include <mutex>
+#include <thread>
+#include <vector>
+#define __CUDACC__ 1
+#define __global__
+#define __device__
+#define __host__
+struct mf_emu_dim { unsigned x, y, z; };
+thread_local mf_emu_dim threadIdx, blockIdx;
+mf_emu_dim blockDim, gridDim;
+struct mf_emu_warp {
+    std::barrier<> bar{32};
+    unsigned long long slot[32];
+    std::atomic<int> gone{0};
+};
+thread_local mf_emu_warp* mf_warp;
+static std::atomic<int> mf_emu_errors{0};
+static std::mutex mf_emu_lock;
+static unsigned long long mf_emu_swap(unsigned long long v, int src) {
+    if (mf_warp->gone.load()) mf_emu_errors++;
+    mf_warp->slot[threadIdx.x & 31u] = v;
+    mf_warp->bar.arrive_and_wait();
+    unsigned long long got = src < 0 ? 0 : mf_warp->slot[src];
+    if (src < 0)
+        for (int l = 0; l < 32; ++l) got |= (unsigned long long)(mf_warp->slot[l] != 0) << l;
+    mf_warp->bar.arrive_and_wait();
+    return got;
+}
+unsigned __ballot_sync(unsigned mask, int pred) {
+    if (mask != 0xffffffffu) mf_emu_errors++;
+    return (unsigned)mf_emu_swap(pred != 0, -1);
+}
+long long __shfl_sync(unsigned mask, long long v, int src) {
+    if (mask != 0xffffffffu) mf_emu_errors++;
+    return (long long)mf_emu_swap((unsigned long long)v, src);
+}
+int __ffs(int v) { return __builtin_ffs(v); }
+int __popc(unsigned v) { return __builtin_popcount(v); }
+unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    std::lock_guard<std::mutex> g(mf_emu_lock);
+    unsigned long long old = *p;
+    *p = old + v;
+    return old;
+}
+template <class F> void mf_emu_run(unsigned grid, unsigned block, F body) {
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+    for (unsigned b = 0; b < grid; ++b)
+        for (unsigned w0 = 0; w0 < block; w0 += 32) {
+            mf_emu_warp warp;
+            std::vector<std::thread> lanes;
+            for (unsigned l = 0; l < 32; ++l)
+                lanes.emplace_back([&, l] {
+                    threadIdx = {w0 + l, 0, 0};
+                    blockIdx = {b, 0, 0};
+                    mf_warp = &warp;
+                    body();
+                    warp.gone++;
+                    warp.bar.arrive_and_drop();
+                });
+            for (auto& t : lanes) t.join();
+        }
+}
+extern "C" int mf_emu_error_count() { return mf_emu_errors.exchange(0); }
+"""
+
+
+def _grid_wrapper(fname: str, kernel: str) -> str:
+    """``emu_KERNEL(grid, block, <the kernel's parameters>)``, from its source."""
+    text = (KERNELS / fname).read_text()
+    m = re.search(r'extern "C" MF_GLOBAL void ' + kernel + r"\((.*?)\)\s*\{", text, re.S)
+    params = [q.strip() for q in m.group(1).split(",")]
+    names = ", ".join(re.search(r"(\w+)$", q).group(1) for q in params)
+    return (f'extern "C" void emu_{kernel}(unsigned grid, unsigned block, {", ".join(params)}) '
+            f"{{ mf_emu_run(grid, block, [=] {{ {kernel}({names}); }}); }}\n")
+
+
+@pytest.fixture(scope="module")
+def warps(tmp_path_factory):
+    cxx = next((c for c in ("g++", "clang++") if shutil.which(c)), None)
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    d = tmp_path_factory.mktemp("warp_kernels")
+    src = d / "warps.cpp"
+    src.write_text(_WARPS + '#include "consensus.cu"\n'
+                   + _grid_wrapper("consensus.cu", "mf_consensus_weights"))
+    so = d / "libwarps.so"
+    res = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-I",
+                          str(KERNELS), str(src), "-o", str(so)], capture_output=True, text=True)
+    if res.returncode:
+        pytest.fail("the device path does not compile for the host:\n" + res.stderr[-3000:])
+    return ctypes.CDLL(str(so))
+
+
+def run_grid(lib, launch: L.Launch, grid: int, block: int):
+    """``launch`` over ``grid`` blocks of ``block`` threads, lanes as host threads."""
+    argtypes, values = [ctypes.c_uint, ctypes.c_uint, ctypes.c_longlong], [grid, block, launch.n]
+    for a in launch.args:
+        if isinstance(a, np.ndarray):
+            argtypes.append(ctypes.c_void_p)
+            values.append(a.ctypes.data)
+        elif isinstance(a, np.int64):
+            argtypes.append(ctypes.c_longlong)
+            values.append(int(a))
+        else:
+            argtypes.append(ctypes.c_double)
+            values.append(float(a))
+    fn = getattr(lib, "emu_" + launch.kernel)
+    fn.argtypes, fn.restype = argtypes, None
+    fn(*values)
+    assert lib.mf_emu_error_count() == 0, "a warp intrinsic without its whole warp"
+
+
+@pytest.mark.parametrize("r,C,P,grid,block", [(1, 1, 4, 2, 64), (2, 3, 12, 3, 32),
+                                              (1, 3, 7, 1, 96), (1, 3, 6, 40, 64)])
+def test_consensus_device_path_with_warps(warps, rng, r, C, P, grid, block):
+    """Grid-stride loops, lanes past the end, warps across channels and rows (9·11
+    pixels a channel), several planes a warp: the CPU's outputs and counts."""
+    h, w, p, po = 9, 11, 2, 1
+    y, yhat, cons = _consensus_case(rng, P, C, h, w, p)
+    sigma, unit, delta = rng.uniform(2.5, 3.5, P), rng.uniform(0.8, 1.2, P), np.full(P, 2.0)
+    mask = rng.random((P, h, w)).astype(np.float32)
+    fine = (po + r * h, po + r * w)
+    model = NoiseModel("poisson", 1.0)
+    for huber, cs in ((True, cons), (False, None)):
+        out = np.zeros((2, P) + fine, np.float32)
+        acc = np.ones((3, C, h, w), np.float32)
+        launch, counts = L.consensus_weights(
+            np, y, yhat, p, L.consensus_params(sigma, unit, delta), huber, model, out, acc, mask,
+            cs, 3.0, 0.5, C, po, r, None, DUMMY)
+        run_grid(warps, launch, grid, block)
+        cpu_out, cpu_acc = np.zeros_like(out), np.ones_like(acc)
+        rej, fin = CPUBackend().consensus_weights(
+            y, yhat, cpu_out, cpu_acc, p=p, noise=model, sigma=sigma, unit=unit, delta=delta,
+            huber=huber, cons=cs, zt=3.0, lo_frac=0.5, channels=C, mask=mask, p_out=po, r=r)
+        np.testing.assert_array_equal(out, cpu_out)
+        np.testing.assert_array_equal(acc, cpu_acc)
+        np.testing.assert_array_equal(counts[0], rej)
+        np.testing.assert_array_equal(counts[1], fin)
+        assert counts[0].sum() > 0
 
 
 def test_consensus_launcher_refuses_mismatched_shapes(rng):
