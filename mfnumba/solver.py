@@ -38,6 +38,8 @@ import numpy as np
 from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, sample_step
 from . import interrupt
 from .backends.base import DeviceLost, DeviceOOM, NoiseModel, SampleGrid
+from ._median import medians
+from .consensus import GROW as _GROW, MIN_FRAMES as _MIN_FRAMES, consensus_maps
 from .failover import DeviceGuard
 from .options import Options
 from .partials import LocalExecutor, Partial
@@ -49,9 +51,6 @@ log = logging.getLogger("mfnumba")
 
 _SAMPLES = 1 << 14  # residual / update samples per frame (~1 % precision on a median)
 _MAD = 1.482602218505602
-_MIN_FRAMES = 3  # frames with data at a pixel for a consensus
-_GROW = 0.5  # near an outlier, a residual above this fraction of the limit is rejected too
-_GROW_R = 2  # native px: how far "near" reaches (a 5×5 square; the wings of a trail)
 
 
 class Solver(DeviceGuard):
@@ -411,10 +410,8 @@ class Solver(DeviceGuard):
                 qs[start + k].append(qk)
         self._pending = None
         # float32 is ample for a median and a MAD, and halves what a worker sends back
-        part.z = {p: (np.concatenate(v) if v else np.empty(0)).astype(np.float32)
-                  for p, v in zs.items()}
-        part.q = {p: (np.concatenate(v) if v else np.empty(0)).astype(np.float32)
-                  for p, v in qs.items()}
+        part.z = {p: _joined(v) for p, v in zs.items()}
+        part.q = {p: _joined(v) for p, v in qs.items()}
         return part
 
     def _partials(self, *, accumulate: bool, gather: bool = False) -> Partial:
@@ -447,28 +444,10 @@ class Solver(DeviceGuard):
         return got
 
     def _set_consensus(self, part: Partial) -> None:
-        """The consensus maps for the next pass, and the rejected fraction of each frame.
-
-        cons[0] = m², the mean z² of the frames at a pixel with the largest left
-        out (1e24 where fewer than 3 frames have data: no consensus, nothing
-        rejected); cons[1] = 1 within 2 px of a pixel where some frame exceeded
-        its limit zt·max(1, m).
-        """
-        from scipy.ndimage import maximum_filter  # lazy: only the consensus needs it
-
-        total, top, gaps = part.cstat  # Σz², max z², frames without data, per pixel
-        n = np.float32(self.problem.n_frames) - gaps
-        if self.cons_host is None:
-            self.cons_host = np.empty((2,) + total.shape, np.float32)
-        m2 = self.cons_host[0]
-        np.subtract(total, top, out=m2)
-        np.maximum(m2, 0.0, out=m2)
-        m2 /= np.maximum(n - 1, 1)
-        m2[n < _MIN_FRAMES] = 1e24
-        lim2 = np.maximum(m2, 1.0)
-        lim2 *= np.float32(self.opt.reject_z ** 2)
-        g = 2 * _GROW_R + 1
-        maximum_filter(top > lim2, size=(1, g, g), mode="constant", output=self.cons_host[1])
+        """The consensus maps for the next pass (:mod:`mfnumba.consensus`), and the
+        rejected fraction of each frame."""
+        self.cons_host = consensus_maps(part.cstat, self.problem.n_frames, self.opt.reject_z,
+                                        out=self.cons_host)
         C = self.problem.channels
         planes = range(self.problem.n_frames * C)
         rej = np.array([part.rej.get(k, 0.0) for k in planes])
@@ -479,7 +458,7 @@ class Solver(DeviceGuard):
         """σ and δ per plane from the residual samples of the last pass."""
         o, C = self.opt, self.problem.channels
         z = [part.z.get(k, np.empty(0)) for k in range(self.problem.n_frames * C)]
-        s = np.array([_MAD * np.median(np.abs(v - np.median(v))) if v.size else np.nan for v in z])
+        s = _MAD * medians(z, mad=True)
         if self.noise.mode == "map":
             # σ is the map's; auto δ = |δ| · 1.4826 MAD(r/σ) follows the real scatter
             sigma = np.ones_like(s)
@@ -507,9 +486,8 @@ class Solver(DeviceGuard):
         delta, sigma = float(np.median(self.delta)), float(np.median(self._scale))
         chi2 = self._chi2(part)  # of the estimate this pass started from
         self._set_scales(part)  # for the next iteration, from this pass's residuals
-        mx = float(np.median(sx))
-        med_upd = float(np.median(su))
-        med_rel = float(np.median(sd)) / mx if mx > 0 else 0.0
+        med_upd, med_sd, mx = (float(m) for m in medians([su, sd, sx]))
+        med_rel = med_sd / mx if mx > 0 else 0.0
         self.iteration += 1
         prev = self.history[-1] if self.history else None
         a = o.ema
@@ -656,3 +634,10 @@ class Solver(DeviceGuard):
                            rejected=np.array(self.rejected), stop_reason=self.stop_reason,
                            events=list(self.events) + list(getattr(self.executor, "events", [])),
                            backend=self.be.name)
+
+
+def _joined(parts: list) -> np.ndarray:
+    """One float32 array of a plane's samples from its tiles (no copy for one tile)."""
+    if len(parts) == 1:
+        return np.asarray(parts[0], dtype=np.float32)
+    return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.empty(0, np.float32)

@@ -103,8 +103,8 @@ class CPUBackend:
         (r0, r1), (c0, c1), step = grid.rows, grid.cols, grid.step
         P = y.shape[0]
         n = len(range(0, r1 - r0 + step, step)) * len(range(0, c1 - c0 + step, step))
-        z = np.empty((P, n))
-        q = np.empty((P, n))
+        z = np.empty((P, n), np.float32)  # float32 is ample for a median and a MAD
+        q = np.empty((P, n), np.float32)
         counts = np.zeros(P, dtype=np.int64)
         K.residual_samples(y, yhat, p, noise.code, _or_dummy(var), noise.floor, step,
                            grid.origin[0], grid.origin[1], r0, r1, c0, c1, z, q, counts)
