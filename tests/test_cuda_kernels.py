@@ -243,8 +243,9 @@ def test_residual_samples(lib, rng, noise, step, origin, rows, cols):
     zc, qc = CPUBackend().residual_samples(y, grid, p=p, noise=model, grid=samples, var=var)
     for k in range(P):
         assert z[k].shape == zr[k].shape == zc[k].shape
+        assert z[k].dtype == q[k].dtype == np.float32
         np.testing.assert_allclose(z[k], zr[k], rtol=1e-6, atol=1e-6)  # y - ŷ in float32
-        np.testing.assert_allclose(q[k], qr[k], rtol=1e-12)
+        np.testing.assert_allclose(q[k], qr[k], rtol=6e-8)  # rounded to float32 once
         np.testing.assert_array_equal(z[k], zc[k])
         np.testing.assert_array_equal(q[k], qc[k])
 

@@ -117,7 +117,7 @@ def spectral_accumulate(acc, otf, S) -> Launch:
 
 
 def residual_samples(xp, y, yhat, p, noise: NoiseModel, grid: SampleGrid, var, dummy):
-    """Launch plus its outputs (z, q, valid), each (P, ni·nj) in ``xp``."""
+    """Launch plus its outputs (z, q, valid), each (P, ni·nj) in ``xp``; z, q float32."""
     _check(y, np.float32, 3, "y")
     _check(yhat, np.float32, 3, "yhat")
     P = y.shape[0]
@@ -126,8 +126,8 @@ def residual_samples(xp, y, yhat, p, noise: NoiseModel, grid: SampleGrid, var, d
     fj = grid_start(cols[0], origin[1], step)
     ni, nj = grid_count(fi, rows[1], step), grid_count(fj, cols[1], step)
     nper = ni * nj
-    z = xp.empty((P, nper), np.float64)
-    q = xp.empty((P, nper), np.float64)
+    z = xp.empty((P, nper), np.float32)  # float32 is ample for a median and a MAD (as the CPU)
+    q = xp.empty((P, nper), np.float32)
     valid = xp.empty((P, nper), np.uint8)
     sy, se = strides(y), strides(yhat)
     v, vs0, vs1 = _plane(var if noise.mode == "map" else None, "var", dummy)
