@@ -22,11 +22,18 @@
 #  define MF_GLOBAL
 // host build: the grid-stride loop becomes a plain loop over all elements
 #  define MF_FOR_EACH(i, n) for (long long i = 0; i < (n); ++i)
+#  define MF_FOR_EACH_WARP(i, n) for (long long i = 0; i < (n); ++i)
 #else
 #  define MF_GLOBAL __global__
 #  define MF_FOR_EACH(i, n)                                                     \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;       \
          i < (n); i += (long long)blockDim.x * gridDim.x)
+// the same loop with a trip count shared by the 32 lanes of a warp (its
+// first lane's), for kernels that use warp intrinsics: lanes past the end
+// run along with i >= n and must not touch memory. blockDim.x: a multiple of 32.
+#  define MF_FOR_EACH_WARP(i, n)                                                \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;       \
+         i - (long long)(threadIdx.x & 31u) < (n); i += (long long)blockDim.x * gridDim.x)
 #endif
 
 #define MF_HD __host__ __device__ inline
@@ -127,11 +134,12 @@ MF_HD bool mf_residual(float v, float e, int vmode, double floor, float varv, do
     return true;
 }
 
-// Multiplicative update of one pixel: u = clip(num/den, 1/κ, κ) (1 where
-// den <= floor: no data), x' = (1-α) x + α x u. Returns x' in double (the
-// early-stop samples use it before rounding), *u the factor.
+// Multiplicative update of one pixel above the sky floor b (0 without one):
+// u = clip(num/den, 1/κ, κ) (1 where den <= den_floor: no data), s = x - b,
+// x' = b + (1-α) s + α s u. Returns x' in double (the early-stop samples use
+// it before rounding), *u the factor.
 MF_HD double mf_update(float x, float num, float den, double kappa, double alpha,
-                       double den_floor, double* u) {
+                       double den_floor, double b, double* u) {
     double uu = 1.0;
     if ((double)den > den_floor) {
         uu = (double)(num / den);
@@ -140,6 +148,101 @@ MF_HD double mf_update(float x, float num, float den, double kappa, double alpha
         else if (uu > kappa) uu = kappa;
     }
     *u = uu;
-    double old = (double)x;
-    return (1.0 - alpha) * old + alpha * old * uu;
+    double s = (double)x - b;
+    return b + (1.0 - alpha) * s + alpha * s * uu;
 }
+
+// Consensus rejection ---------------------------------------------------------
+// z² = (y - ŷ)²/(σ² V unit²), the standardised residual in units of the real
+// scatter, against the limit L² = zt² · max(1, m²) that the frames' consensus
+// of the last pass (cons[0] = m², cons[1] = an outlier nearby) sets.
+
+enum { MF_C_NAN = 0, MF_C_KEPT = 1, MF_C_REJECTED = 2 };  // a pixel's state
+
+// The limit L² of one pixel from its consensus m² and outlier flag (zt² alone
+// without a consensus: the caller skips this); *near = the flag is set.
+MF_HD float mf_consensus_limit(float zt2, float m2, float flag, bool* near) {
+    *near = flag > 0.5f;
+    return m2 > 1.0f ? zt2 * m2 : zt2;
+}
+
+// Weight of one native pixel with consensus rejection: w = ψ(z)/z · m / σ²
+// as mf_weight (no `protect`), but 0 where z² > lim2, or z² > lo2 · lim2
+// near an outlier. Writes a0 = w·y, a1 = w·ŷ and *z2 (all 0 where y is not
+// finite) and returns the pixel's state. In the CPU kernel's float32 order.
+MF_HD int mf_consensus_weight(float v, float e, float inv, float ds, float u2, int vmode,
+                              float floor, float varv, bool huber, float lim2, float lo2,
+                              bool near, bool has_mask, float m, float* a0, float* a1,
+                              float* z2) {
+    *a0 = 0.0f;
+    *a1 = 0.0f;
+    *z2 = 0.0f;
+    if (!mf_isfinite(v)) return MF_C_NAN;
+    float wt = inv;
+    float ve = 1.0f;
+    if (vmode != MF_V_CONST) {
+        ve = vmode == MF_V_POISSON ? mf_maxf(e, floor) : varv;
+        wt = inv / ve;
+    }
+    float a = v - e;
+    float zz = a * a * wt * u2;  // wt = 1/(σ² V) here
+    float f = 1.0f;
+    if (huber) {
+        float thr = ds * sqrtf(ve);
+        if (fabsf(a) > thr) f = thr / fabsf(a);
+    }
+    int state = MF_C_KEPT;
+    if (zz > lim2 || (near && zz > lo2 * lim2)) {
+        f = 0.0f;
+        state = MF_C_REJECTED;
+    }
+    wt = wt * f;
+    if (has_mask) wt = wt * m;
+    *a0 = wt * v;
+    *a1 = wt * e;
+    *z2 = zz;
+    return state;
+}
+
+// One frame's share of a pixel's statistics for the next pass: Σz² and
+// max z² over the frames with data, and the count of frames without.
+MF_HD void mf_consensus_stat(int state, float z2, float* sum, float* top, float* gaps) {
+    if (state == MF_C_NAN) {
+        *gaps += 1.0f;
+        return;
+    }
+    *sum += z2;
+    if (z2 > *top) *top = z2;
+}
+
+// ca[key] += a, cb[key] += b for each live caller. On the GPU every lane of
+// the warp calls it together (MF_FOR_EACH_WARP): lanes sharing a key are
+// counted with ballots, then their lowest lane adds with one integer atomic
+// per key, so the totals are exact whatever the order.
+#if !defined(__CUDACC__) && !defined(__CUDACC_RTC__)
+inline void mf_count2(unsigned long long* ca, unsigned long long* cb, mf_i64 key, bool live,
+                      bool a, bool b) {
+    if (!live) return;
+    ca[key] += a ? 1u : 0u;
+    cb[key] += b ? 1u : 0u;
+}
+#else
+__device__ inline void mf_count2(unsigned long long* ca, unsigned long long* cb, mf_i64 key,
+                                 bool live, bool a, bool b) {
+    const unsigned all = 0xffffffffu;
+    unsigned todo = __ballot_sync(all, live);
+    unsigned ma = __ballot_sync(all, live && a), mb = __ballot_sync(all, live && b);
+    int lane = (int)(threadIdx.x & 31u);
+    while (todo) {  // the same value in every lane: a uniform loop
+        int lead = __ffs(todo) - 1;
+        mf_i64 kl = __shfl_sync(all, key, lead);
+        unsigned grp = __ballot_sync(all, live && key == kl);
+        if (lane == lead) {
+            unsigned na = __popc(ma & grp), nb = __popc(mb & grp);
+            if (na) atomicAdd(ca + kl, (unsigned long long)na);
+            if (nb) atomicAdd(cb + kl, (unsigned long long)nb);
+        }
+        todo &= ~grp;
+    }
+}
+#endif

@@ -294,11 +294,76 @@ def test_gpu_element_kernels(backends, rng):
         _close(og, oc, 1e-6, 0)
     x = (rng.random((2, 30, 32)) + 0.5).astype(np.float32)
     num, den = (rng.random((2, 2, 30, 32)) * 2).astype(np.float32)
-    xg = g.asarray(x)
+    xg = g.asarray(x.copy())  # a stand-in CuPy may alias the host array
     kw = dict(kappa=2.0, alpha=0.8, den_floor=np.array([1e-3, 1e-3]),
               grid=SampleGrid(step=4, origin=(5, 6), rows=(2, 28), cols=(1, 30)))
     got = g.update(xg, g.asarray(num), g.asarray(den), **kw)
     want = c.update(x, num, den, **kw)
+    _close(xg, x, 1e-6, 0)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@gpu
+@pytest.mark.parametrize("r,C", [(1, 1), (2, 3)])
+def test_gpu_consensus_weights(backends, rng, r, C):
+    """Outputs, statistics and counts as the CPU's, and the same bits on a second run.
+
+    h·w is no multiple of 32: warps straddle channels and rows, as they do in
+    a real tile; five frames per channel make several plane groups per warp."""
+    g, c = backends
+    B, h, w, p = 5, 37, 45, 3
+    P = B * C
+    grid = (r * h + 2 * p, r * w + 2 * p)
+    nat = (rng.random((P, h, w)) * 40 + 10).astype(np.float32)
+    yhat = nat if r > 1 else np.pad(nat, ((0, 0), (p, p), (p, p)))
+    py = 0 if r > 1 else p
+    y = nat + rng.standard_normal(nat.shape).astype(np.float32) * 3
+    y[P - 1, 11, :] += 250.0  # a trail
+    y[0, 20, 30] += 800.0  # a cosmic ray
+    y[1, 2, :7] = np.nan
+    var = rng.uniform(5.0, 15.0, (P, h, w)).astype(np.float32)
+    mask = rng.uniform(0.5, 1.0, (P, h, w)).astype(np.float32)
+    cons = np.zeros((2, C, h, w), np.float32)
+    cons[0] = rng.uniform(0.3, 2.5, (C, h, w))
+    cons[1, :, 9:14, :] = 1.0
+    sigma, unit, delta = rng.uniform(2.5, 3.5, P), rng.uniform(0.9, 1.1, P), np.full(P, 2.5)
+    yd, yhd = g.asarray(y), g.asarray(yhat)
+    for mode, huber, cs, m in (("mad", True, cons, mask), ("map", False, None, None),
+                               ("poisson", True, cons, None)):
+        kw = dict(p=py, noise=NoiseModel(mode, 1.0), sigma=sigma, unit=unit, delta=delta,
+                  huber=huber, cons=cs, zt=3.0, lo_frac=0.5, channels=C, mask=m, var=var,
+                  p_out=p, r=r)
+        oc, ac = np.zeros((2, P) + grid, np.float32), np.full((3, C, h, w), 0.5, np.float32)
+        want = c.consensus_weights(y, yhat, oc, ac, **kw)
+        runs = []
+        for _ in range(2):
+            og, ag = g.zeros((2, P) + grid), g.asarray(np.full((3, C, h, w), 0.5, np.float32))
+            got = g.consensus_weights(yd, yhd, og, ag, **kw)
+            runs.append((cuda.cupy.asnumpy(og), cuda.cupy.asnumpy(ag), got))
+        (o1, a1, n1), (o2, a2, n2) = runs
+        np.testing.assert_allclose(o1, oc, rtol=1e-6, atol=0)
+        np.testing.assert_allclose(a1, ac, rtol=1e-6, atol=0)
+        for u, v in zip(n1, want):
+            np.testing.assert_array_equal(u, v)
+        assert n1[0][P - 1] >= w  # the trail's row
+        np.testing.assert_array_equal(o1, o2)  # deterministic: no float atomics
+        np.testing.assert_array_equal(a1, a2)
+        for u, v in zip(n1, n2):
+            np.testing.assert_array_equal(u, v)
+
+
+@gpu
+def test_gpu_update_with_sky_floor(backends, rng):
+    g, c = backends
+    x = (rng.random((2, 30, 32)) + 0.5).astype(np.float32)
+    num, den = (rng.random((2, 2, 30, 32)) * 2).astype(np.float32)
+    floor = (rng.random((2, 30, 32)) * 0.7).astype(np.float32)
+    kw = dict(kappa=2.0, alpha=0.8, den_floor=np.array([1e-3, 1e-3]),
+              grid=SampleGrid(step=4, origin=(5, 6), rows=(2, 28), cols=(1, 30)))
+    xg = g.asarray(x.copy())
+    got = g.update(xg, g.asarray(num), g.asarray(den), floor=g.asarray(floor), **kw)
+    want = c.update(x, num, den, floor=floor, **kw)
     _close(xg, x, 1e-6, 0)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

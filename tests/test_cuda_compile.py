@@ -32,7 +32,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 
 def test_kernel_files_present():
-    assert set(NAMES) >= {"blocks", "conv", "residual", "spectral", "update", "weights"}
+    assert set(NAMES) >= {"blocks", "consensus", "conv", "residual", "spectral", "update", "weights"}
     assert (KERNELS / "mfnumba_math.cuh").is_file()
 
 

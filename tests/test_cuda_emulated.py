@@ -323,6 +323,76 @@ def test_every_method_matches_cpu(emu, rng):
         np.testing.assert_array_equal(u, v)
 
 
+@pytest.mark.parametrize("r,C", [(1, 1), (2, 1), (1, 3), (2, 3)])
+def test_consensus_weights_run_their_kernel_and_match_cpu(emu, rng, r, C):
+    """The solver's call: a strided host block y, ŷ at offset p (native when r > 1),
+    the batch view of the weight buffer and the tile's view of the statistics."""
+    cuda, cp = emu
+    be, cpu = cuda.CUDABackend(), CPUBackend()
+    B, h, w, p = 4, 11, 13, 2
+    P = B * C
+    g = (r * h + 2 * p, r * w + 2 * p)
+    nat = (rng.random((P, h, w)) * 40 + 10).astype(np.float32)
+    yhat = nat if r > 1 else np.pad(nat, ((0, 0), (p, p), (p, p)))
+    py = 0 if r > 1 else p
+    y = np.zeros((P, h + 2, w), np.float32)[:, 2:]
+    y[...] = nat + rng.standard_normal(nat.shape).astype(np.float32) * 3
+    y[P - 1, 4, :] += 250.0  # a trail
+    y[0, 7, 8] += 800.0  # a cosmic ray
+    y[1, 2, :3] = np.nan
+    y[0, 0, 0] = np.inf
+    var = rng.uniform(5.0, 15.0, (P, h, w)).astype(np.float32)
+    mask = rng.uniform(0.5, 1.0, (P, h, w)).astype(np.float32)
+    cons = np.zeros((2, C, h, w), np.float32)
+    cons[0] = rng.uniform(0.3, 2.5, (C, h, w))
+    cons[1, :, 6:9, :] = 1.0
+    sigma, unit, delta = rng.uniform(2.5, 3.5, P), rng.uniform(0.9, 1.1, P), np.full(P, 2.5)
+    variants = [("mad", True, cons, mask), ("mad", False, None, None), ("poisson", True, None, mask),
+                ("map", False, cons, None), ("map", True, cons, mask)]
+    for mode, huber, cs, m in variants:
+        kw = dict(p=py, noise=NoiseModel(mode, 1.0), sigma=sigma, unit=unit, delta=delta,
+                  huber=huber, cons=cs, zt=3.0, lo_frac=0.5, channels=C, mask=m, var=var,
+                  p_out=p, r=r)
+        wbuf = np.zeros((2, P + C) + g, np.float32)
+        cbuf = np.full((3, C, h + 3, w + 1), 0.5, np.float32)
+        out, acc = wbuf[:, :P], cbuf[:, :, :h, :w]
+        n0 = len(cp.launches)
+        got = be.consensus_weights(y, yhat, out, acc, **kw)
+        assert cp.launches[n0:] == ["mf_consensus_weights"]  # the kernel, not a host copy
+        want_out, want_acc = np.zeros((2, P) + g, np.float32), np.full((3, C, h, w), 0.5, np.float32)
+        want = cpu.consensus_weights(np.ascontiguousarray(y), yhat, want_out, want_acc, **kw)
+        np.testing.assert_array_equal(out, want_out)
+        np.testing.assert_array_equal(acc, want_acc)
+        assert (cbuf[:, :, h:] == 0.5).all() and (cbuf[:, :, :, w:] == 0.5).all()
+        for a, b in zip(got, want):
+            assert a.dtype == np.int64 and isinstance(a, np.ndarray)  # host counts, as the CPU's
+            np.testing.assert_array_equal(a, b)
+        assert got[0][P - 1] >= w  # the trail's row is rejected
+
+
+def test_update_with_sky_floor_runs_its_kernel_and_matches_cpu(emu, rng):
+    cuda, cp = emu
+    be, cpu = cuda.CUDABackend(), CPUBackend()
+    C, H, W = 2, 22, 27
+    x0 = (rng.random((C, H, W)) + 0.5).astype(np.float32)
+    num, den = (rng.random((2, C, H, W)) * 2).astype(np.float32)
+    floor = (rng.random((C, H, W)) * 0.7).astype(np.float32)
+    floor[0, 3, 3] = 2.0  # above x
+    kw = dict(kappa=2.0, alpha=0.7, den_floor=np.array([1e-3, 1e-3]),
+              grid=SampleGrid(step=3, origin=(1, 2), rows=(2, 20), cols=(3, 25)))
+    xg, xc = x0.copy(), x0.copy()
+    n0 = len(cp.launches)
+    got = be.update(xg, num, den, floor=floor, **kw)
+    assert cp.launches[n0:] == ["mf_update"]
+    want = cpu.update(xc, num, den, floor=floor, **kw)
+    np.testing.assert_array_equal(xg, xc)
+    plain = x0.copy()
+    be.update(plain, num, den, **kw)
+    assert not np.array_equal(plain, xg)  # the floor was read
+    for u, v in zip(got, want):
+        np.testing.assert_array_equal(u, v)
+
+
 @pytest.mark.parametrize("conv,sr,tile", [("fft", 1, None), ("direct", 1, None), ("fft", 2, None),
                                           ("fft", 1, 48)])
 def test_solver_runs_on_the_cuda_backend(emu, conv, sr, tile):
@@ -338,10 +408,13 @@ def test_solver_runs_on_the_cuda_backend(emu, conv, sr, tile):
     psfs = np.stack(sim.fine_psfs if sr > 1 else sim.psfs).astype(np.float32)
     results = []
     for be in (CPUBackend(), cuda.CUDABackend()):
+        n0 = len(cp.launches)
         s = Solver(Problem(frames[:, None], psfs, sr=sr), Options(iters=3, early_stop=False,
                    conv=conv, batch=2), be, tile=tile)
         s.setup(np.nanmedian(frames, axis=0)[None].astype(np.float32))
         results.append(s.run())
+    # the defaults' consensus rejection and sky floor ran as kernels
+    assert {"mf_consensus_weights", "mf_update"} <= set(cp.launches[n0:])
     cpu_img, gpu_img = results[0].image, results[1].image
     assert np.isfinite(gpu_img).all()
     np.testing.assert_allclose(gpu_img, cpu_img, rtol=1e-4, atol=1e-4 * np.abs(cpu_img).max())

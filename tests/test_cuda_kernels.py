@@ -6,12 +6,15 @@ compiler is at work. So the very kernel bodies are built here into a
 shared library with the host's C++ compiler (or nvcc's host pass), called
 through ctypes with the arguments that mfnumba.backends._cuda_launch builds
 for the GPU, and compared with tests/reference.py and the Numba kernels,
-with NaN, ±Inf, zeros, strided views and block edges in the inputs.
+with NaN, ±Inf, zeros, strided views and block edges in the inputs. The
+consensus kernel's warp-level counting, which the host build replaces,
+also runs on its device path, each warp's lanes as host threads.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -240,10 +243,275 @@ def test_residual_samples(lib, rng, noise, step, origin, rows, cols):
     zc, qc = CPUBackend().residual_samples(y, grid, p=p, noise=model, grid=samples, var=var)
     for k in range(P):
         assert z[k].shape == zr[k].shape == zc[k].shape
-        np.testing.assert_allclose(z[k], zr[k], rtol=1e-6, atol=1e-6)  # y - ŷ and the samples in float32
-        np.testing.assert_allclose(q[k], qr[k], rtol=1e-6)  # samples are float32
+        assert z[k].dtype == q[k].dtype == np.float32
+        np.testing.assert_allclose(z[k], zr[k], rtol=1e-6, atol=1e-6)  # y - ŷ in float32
+        np.testing.assert_allclose(q[k], qr[k], rtol=6e-8)  # rounded to float32 once
         np.testing.assert_array_equal(z[k], zc[k])
         np.testing.assert_array_equal(q[k], qc[k])
+
+
+# consensus rejection ------------------------------------------------------------------------
+
+
+def _consensus_case(rng, P, C, h, w, p):
+    """Frames with NaN, ±Inf and zeros in y and ŷ, a trail and a cosmic ray; the
+    consensus of a last pass (m² below and above 1, NaN, outlier flags)."""
+    y, grid = _frames(rng, P, h, w, p)
+    y[P - 1, 5, :] += 300.0  # a trail in one plane
+    y[0, 6, 7] += 900.0  # a cosmic ray
+    grid[1, p + 3, p + 2] = np.nan  # ŷ not finite where y is
+    grid[2 % P, p + 4, p + 1] = np.inf
+    grid[0, p + 7, p + 8] = -np.inf
+    cons = np.zeros((2, C, h, w), np.float32)
+    cons[0] = rng.uniform(0.2, 3.0, (C, h, w))
+    cons[0, 0, 1, 1] = np.nan
+    cons[1, :, 4:7, :] = 1.0
+    return y, grid, cons
+
+
+@pytest.mark.parametrize("noise", ["mad", "poisson", "map"])
+@pytest.mark.parametrize("r,C,P", [(1, 1, 4), (2, 1, 3), (1, 3, 12), (2, 3, 6), (1, 3, 7)])
+def test_consensus_weights_match_cpu(lib, rng, noise, r, C, P):
+    """Outputs over r×r blocks, Σz² / max z² / NaN count per channel and the
+    counts per plane: the CPU kernel's, bit for bit (C = 3, P = 7: a plane short)."""
+    h, w, p, po = 9, 11, 2, 3
+    model = NoiseModel(noise, 1.0)
+    y, grid, cons = _consensus_case(rng, P, C, h, w, p)
+    var = (rng.random((P, h, w)) * 2 + 0.5).astype(np.float32) if noise == "map" else None
+    mask = rng.random((P, h, w)).astype(np.float32)
+    sigma, unit = rng.uniform(2.5, 3.5, P), rng.uniform(0.8, 1.2, P)
+    delta = rng.uniform(1.0, 3.0, P)
+    fine = (po + r * h + 1, po + r * w + 2)
+    acc0 = np.zeros((3, C, h + 2, w + 3), np.float32)
+    acc0[:, :, :h, :w] = rng.random((3, C, h, w)) * 4  # gathered from an earlier batch
+    for huber, m, cs in ((True, mask, cons), (False, None, cons), (True, None, None),
+                         (False, mask, None)):
+        kw = dict(p=p, noise=model, sigma=sigma, unit=unit, delta=delta, huber=huber, cons=cs,
+                  zt=3.0, lo_frac=0.5, channels=C, mask=m, var=var, p_out=po, r=r)
+        buf = np.full((2, P + 2) + fine, -7.0, np.float32)
+        out = buf[:, 1:P + 1]  # a strided batch view, as the solver's
+        accb = acc0.copy()
+        acc = accb[:, :, :h, :w]  # the solver's view of its tile buffer
+        launch, counts = L.consensus_weights(
+            np, y, grid, p, L.consensus_params(sigma, unit, delta), huber, model, out, acc, m,
+            cs, 3.0, 0.5, C, po, r, var, DUMMY)
+        run(lib, launch)
+        cpu_out = np.full((2, P) + fine, -7.0, np.float32)
+        cpu_acc = acc0[:, :, :h, :w].copy()
+        rej, fin = CPUBackend().consensus_weights(y, grid, cpu_out, cpu_acc, **kw)
+        np.testing.assert_array_equal(out, cpu_out)
+        np.testing.assert_array_equal(acc, cpu_acc)
+        np.testing.assert_array_equal(counts[0], rej)
+        np.testing.assert_array_equal(counts[1], fin)
+        assert counts.dtype == np.uint64 and (counts[1] > 0).all()
+        assert (buf[:, 0] == -7).all() and (buf[:, P + 1] == -7).all()  # nothing outside
+        np.testing.assert_array_equal(accb[:, :, h:], acc0[:, :, h:])
+        np.testing.assert_array_equal(accb[:, :, :, w:], acc0[:, :, :, w:])
+        blocks = np.zeros(fine, bool)
+        blocks[po:po + r * h, po:po + r * w] = True
+        assert (out[:, :, ~blocks] == -7).all()
+        if cs is not None or not huber:
+            assert counts[0].sum() > 0  # the trail and the cosmic ray
+
+
+def test_consensus_weights_match_reference(lib, rng):
+    P, C, h, w, p = 6, 3, 10, 12, 2
+    y, grid, cons = _consensus_case(rng, P, C, h, w, p)
+    grid = np.nan_to_num(grid, nan=20.0, posinf=20.0, neginf=20.0)  # the reference wants ŷ finite
+    cons[0, 0, 1, 1] = 0.5
+    yh = grid[:, p:p + h, p:p + w]
+    sigma, unit = rng.uniform(2.5, 3.5, P), rng.uniform(0.9, 1.1, P)
+    mask = rng.uniform(0.5, 1.0, (P, h, w)).astype(np.float32)
+    for cs in (None, cons):
+        out = np.zeros((2, P) + grid.shape[1:], np.float32)
+        acc = np.zeros((3, C, h, w), np.float32)
+        launch, counts = L.consensus_weights(
+            np, y, grid, p, L.consensus_params(sigma, unit, np.full(P, 2.5)), False,
+            NoiseModel("mad", 0.0), out, acc, mask, cs, 5.0, 0.5, C, None, 1, None, DUMMY)
+        run(lib, launch)
+        want_w, want_rej, want_fin, stats = ref.consensus_weights(
+            y, yh.astype(np.float64), sigma, unit, cons=cs, mask=mask, channels=C)
+        core = (slice(None), slice(p, p + h), slice(p, p + w))
+        np.testing.assert_allclose(out[0][core], want_w * np.nan_to_num(y, posinf=0, neginf=0),
+                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(out[1][core], want_w * yh, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(counts[0], want_rej)
+        np.testing.assert_array_equal(counts[1], want_fin)
+        for got, want in zip(acc, stats):
+            np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# The device path on the host: the consensus kernel counts with warp ballots,
+# code that the host build above replaces by plain sums. Here it is compiled
+# as NVRTC sees it (__CUDACC__), each warp's 32 lanes run as host threads,
+# and the warp intrinsics meet at a barrier. A ballot of the full warp after
+# a lane has left (a trip count not shared by the warp) is recorded.
+_WARPS = r"""
+#include <math.h>
+#include <atomic>
+#include <barrier>
+#include <mutex>
+#include <thread>
+#include <vector>
+#define __CUDACC__ 1
+#define __global__
+#define __device__
+#define __host__
+struct mf_emu_dim { unsigned x, y, z; };
+thread_local mf_emu_dim threadIdx, blockIdx;
+mf_emu_dim blockDim, gridDim;
+struct mf_emu_warp {
+    std::barrier<> bar{32};
+    unsigned long long slot[32];
+    std::atomic<int> gone{0};
+};
+thread_local mf_emu_warp* mf_warp;
+static std::atomic<int> mf_emu_errors{0};
+static std::mutex mf_emu_lock;
+static unsigned long long mf_emu_swap(unsigned long long v, int src) {
+    if (mf_warp->gone.load()) mf_emu_errors++;
+    mf_warp->slot[threadIdx.x & 31u] = v;
+    mf_warp->bar.arrive_and_wait();
+    unsigned long long got = src < 0 ? 0 : mf_warp->slot[src];
+    if (src < 0)
+        for (int l = 0; l < 32; ++l) got |= (unsigned long long)(mf_warp->slot[l] != 0) << l;
+    mf_warp->bar.arrive_and_wait();
+    return got;
+}
+unsigned __ballot_sync(unsigned mask, int pred) {
+    if (mask != 0xffffffffu) mf_emu_errors++;
+    return (unsigned)mf_emu_swap(pred != 0, -1);
+}
+long long __shfl_sync(unsigned mask, long long v, int src) {
+    if (mask != 0xffffffffu) mf_emu_errors++;
+    return (long long)mf_emu_swap((unsigned long long)v, src);
+}
+int __ffs(int v) { return __builtin_ffs(v); }
+int __popc(unsigned v) { return __builtin_popcount(v); }
+unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    std::lock_guard<std::mutex> g(mf_emu_lock);
+    unsigned long long old = *p;
+    *p = old + v;
+    return old;
+}
+template <class F> void mf_emu_run(unsigned grid, unsigned block, F body) {
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+    for (unsigned b = 0; b < grid; ++b)
+        for (unsigned w0 = 0; w0 < block; w0 += 32) {
+            mf_emu_warp warp;
+            std::vector<std::thread> lanes;
+            for (unsigned l = 0; l < 32; ++l)
+                lanes.emplace_back([&, l] {
+                    threadIdx = {w0 + l, 0, 0};
+                    blockIdx = {b, 0, 0};
+                    mf_warp = &warp;
+                    body();
+                    warp.gone++;
+                    warp.bar.arrive_and_drop();
+                });
+            for (auto& t : lanes) t.join();
+        }
+}
+extern "C" int mf_emu_error_count() { return mf_emu_errors.exchange(0); }
+"""
+
+
+def _grid_wrapper(fname: str, kernel: str) -> str:
+    """``emu_KERNEL(grid, block, <the kernel's parameters>)``, from its source."""
+    text = (KERNELS / fname).read_text()
+    m = re.search(r'extern "C" MF_GLOBAL void ' + kernel + r"\((.*?)\)\s*\{", text, re.S)
+    params = [q.strip() for q in m.group(1).split(",")]
+    names = ", ".join(re.search(r"(\w+)$", q).group(1) for q in params)
+    return (f'extern "C" void emu_{kernel}(unsigned grid, unsigned block, {", ".join(params)}) '
+            f"{{ mf_emu_run(grid, block, [=] {{ {kernel}({names}); }}); }}\n")
+
+
+@pytest.fixture(scope="module")
+def warps(tmp_path_factory):
+    cxx = next((c for c in ("g++", "clang++") if shutil.which(c)), None)
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    d = tmp_path_factory.mktemp("warp_kernels")
+    src = d / "warps.cpp"
+    src.write_text(_WARPS + '#include "consensus.cu"\n'
+                   + _grid_wrapper("consensus.cu", "mf_consensus_weights"))
+    so = d / "libwarps.so"
+    res = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-I",
+                          str(KERNELS), str(src), "-o", str(so)], capture_output=True, text=True)
+    if res.returncode:
+        pytest.fail("the device path does not compile for the host:\n" + res.stderr[-3000:])
+    return ctypes.CDLL(str(so))
+
+
+def run_grid(lib, launch: L.Launch, grid: int, block: int):
+    """``launch`` over ``grid`` blocks of ``block`` threads, lanes as host threads."""
+    argtypes, values = [ctypes.c_uint, ctypes.c_uint, ctypes.c_longlong], [grid, block, launch.n]
+    for a in launch.args:
+        if isinstance(a, np.ndarray):
+            argtypes.append(ctypes.c_void_p)
+            values.append(a.ctypes.data)
+        elif isinstance(a, np.int64):
+            argtypes.append(ctypes.c_longlong)
+            values.append(int(a))
+        else:
+            argtypes.append(ctypes.c_double)
+            values.append(float(a))
+    fn = getattr(lib, "emu_" + launch.kernel)
+    fn.argtypes, fn.restype = argtypes, None
+    fn(*values)
+    assert lib.mf_emu_error_count() == 0, "a warp intrinsic without its whole warp"
+
+
+@pytest.mark.parametrize("r,C,P,grid,block", [(1, 1, 4, 2, 64), (2, 3, 12, 3, 32),
+                                              (1, 3, 7, 1, 96), (1, 3, 6, 40, 64)])
+def test_consensus_device_path_with_warps(warps, rng, r, C, P, grid, block):
+    """Grid-stride loops, lanes past the end, warps across channels and rows (9·11
+    pixels a channel), several planes a warp: the CPU's outputs and counts."""
+    h, w, p, po = 9, 11, 2, 1
+    y, yhat, cons = _consensus_case(rng, P, C, h, w, p)
+    sigma, unit, delta = rng.uniform(2.5, 3.5, P), rng.uniform(0.8, 1.2, P), np.full(P, 2.0)
+    mask = rng.random((P, h, w)).astype(np.float32)
+    fine = (po + r * h, po + r * w)
+    model = NoiseModel("poisson", 1.0)
+    for huber, cs in ((True, cons), (False, None)):
+        out = np.zeros((2, P) + fine, np.float32)
+        acc = np.ones((3, C, h, w), np.float32)
+        launch, counts = L.consensus_weights(
+            np, y, yhat, p, L.consensus_params(sigma, unit, delta), huber, model, out, acc, mask,
+            cs, 3.0, 0.5, C, po, r, None, DUMMY)
+        run_grid(warps, launch, grid, block)
+        cpu_out, cpu_acc = np.zeros_like(out), np.ones_like(acc)
+        rej, fin = CPUBackend().consensus_weights(
+            y, yhat, cpu_out, cpu_acc, p=p, noise=model, sigma=sigma, unit=unit, delta=delta,
+            huber=huber, cons=cs, zt=3.0, lo_frac=0.5, channels=C, mask=mask, p_out=po, r=r)
+        np.testing.assert_array_equal(out, cpu_out)
+        np.testing.assert_array_equal(acc, cpu_acc)
+        np.testing.assert_array_equal(counts[0], rej)
+        np.testing.assert_array_equal(counts[1], fin)
+        assert counts[0].sum() > 0
+
+
+def test_consensus_launcher_refuses_mismatched_shapes(rng):
+    P, C, h, w = 4, 2, 5, 6
+    y = np.ones((P, h, w), np.float32)
+    grid = np.ones((P, h, w), np.float32)
+    prm = L.consensus_params(np.ones(P), np.ones(P), np.ones(P))
+    out = np.zeros((2, P, h, w), np.float32)
+    args = (2.0, 0.5, C, 0, 1, None, DUMMY)
+    with pytest.raises(ValueError, match="acc"):
+        L.consensus_weights(np, y, grid, 0, prm, True, NoiseModel("mad", 0.0), out,
+                            np.zeros((3, 1, h, w), np.float32), None, None, *args)
+    acc = np.zeros((3, C, h, w), np.float32)
+    with pytest.raises(ValueError, match="out"):
+        L.consensus_weights(np, y, grid, 0, prm, True, NoiseModel("mad", 0.0), out, acc, None,
+                            None, 2.0, 0.5, C, 0, 2, None, DUMMY)  # r = 2 needs a finer out
+    with pytest.raises(ValueError, match="cons"):
+        L.consensus_weights(np, y, grid, 0, prm, True, NoiseModel("mad", 0.0), out, acc, None,
+                            np.zeros((2, 1, h, w), np.float32), *args)
+    with pytest.raises(ValueError, match="params"):
+        L.consensus_weights(np, y, grid, 0, prm[:, :2].copy(), True, NoiseModel("mad", 0.0),
+                            out, acc, None, None, *args)
 
 
 # the update ----------------------------------------------------------------------------
@@ -279,6 +547,45 @@ def test_update(lib, rng, kappa, alpha):
     np.testing.assert_array_equal(su.ravel(), cu)
     np.testing.assert_array_equal(sd.ravel(), cd)
     np.testing.assert_array_equal(sx.ravel(), cx)
+
+
+@pytest.mark.parametrize("kappa,alpha", [(2.0, 1.0), (1.7, 0.8)])
+def test_update_with_sky_floor(lib, rng, kappa, alpha):
+    """x = b + (1-α) s + α s·clip(num/den), s = x - b: the CPU's bit for bit, the reference's."""
+    C, H, W = 3, 13, 16
+    x = (rng.random((C, H, W)) + 0.5).astype(np.float32)
+    num = (rng.random((C, H, W)) * 4).astype(np.float32)
+    den = (rng.random((C, H, W)) + 0.1).astype(np.float32)
+    den[1, 2:4, 5:9] = 0.0  # no data: unchanged
+    floor = np.zeros((C, H + 1, W + 3), np.float32)[:, 1:, 2:-1]  # a strided view
+    floor[...] = (rng.random((C, H, W)) * 0.6).astype(np.float32)
+    floor[0, 3, 3] = x[0, 3, 3] + 0.25  # above x: s < 0
+    floor[2, 6, :] = 0.0
+    den_floor = np.full(C, 1e-6)
+    region = ((0, H), (0, W))
+    samples = SampleGrid(step=2, origin=(1, 0), rows=region[0], cols=region[1])
+    x0 = x.copy()
+    launch, (su, sd, sx) = L.update(np, x, num, den, kappa, alpha, den_floor, samples,
+                                    floor=floor)
+    run(lib, launch)
+    xc = x0.copy()
+    cu, cd, cx = CPUBackend().update(xc, num, den, kappa=kappa, alpha=alpha, den_floor=den_floor,
+                                     grid=samples, floor=np.ascontiguousarray(floor))
+    np.testing.assert_array_equal(x, xc)
+    for a, b in zip((su, sd, sx), (cu, cd, cx)):
+        np.testing.assert_array_equal(a.ravel(), b)
+    want = ref.update_with_floor(x0.astype(np.float64), num, den, kappa=kappa, relax=alpha,
+                                 den_floor=1e-6, floor=floor.astype(np.float64))
+    np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-7)
+    assert (x[1, 2:4, 5:9] == x0[1, 2:4, 5:9]).all()
+    plain = x0.copy()  # a zero floor is no floor
+    run(lib, L.update(np, plain, num, den, kappa, alpha, den_floor, samples,
+                      floor=np.zeros_like(x0))[0])
+    again = x0.copy()
+    run(lib, L.update(np, again, num, den, kappa, alpha, den_floor, samples)[0])
+    np.testing.assert_array_equal(plain, again)
+    with pytest.raises(ValueError, match="floor"):
+        L.update(np, x0.copy(), num, den, kappa, alpha, den_floor, samples, floor=floor[:2])
 
 
 # direct convolution ------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def spectral_accumulate(acc, otf, S) -> Launch:
 
 
 def residual_samples(xp, y, yhat, p, noise: NoiseModel, grid: SampleGrid, var, dummy):
-    """Launch plus its outputs (z, q, valid), each (P, ni·nj) in ``xp``."""
+    """Launch plus its outputs (z, q, valid), each (P, ni·nj) in ``xp``; z, q float32."""
     _check(y, np.float32, 3, "y")
     _check(yhat, np.float32, 3, "yhat")
     P = y.shape[0]
@@ -126,8 +126,8 @@ def residual_samples(xp, y, yhat, p, noise: NoiseModel, grid: SampleGrid, var, d
     fj = grid_start(cols[0], origin[1], step)
     ni, nj = grid_count(fi, rows[1], step), grid_count(fj, cols[1], step)
     nper = ni * nj
-    z = xp.empty((P, nper), np.float64)
-    q = xp.empty((P, nper), np.float64)
+    z = xp.empty((P, nper), np.float32)  # float32 is ample for a median and a MAD (as the CPU)
+    q = xp.empty((P, nper), np.float32)
     valid = xp.empty((P, nper), np.uint8)
     sy, se = strides(y), strides(yhat)
     v, vs0, vs1 = _plane(var if noise.mode == "map" else None, "var", dummy)
@@ -167,10 +167,71 @@ def robust_weights(y, yhat, p, sigma, delta, huber, noise: NoiseModel, out, mask
                    out, _I(so[0]), _I(so[1]), _I(so[2]), _I(po), _I(r), _I(h), _I(w)))
 
 
-def update(xp, x, num, den, kappa, alpha, den_floor, grid: SampleGrid):
-    """Launch plus its sample outputs (su, sd, sx), each (C, ni, nj) float64 in ``xp``."""
+def consensus_params(sigma, unit, delta) -> np.ndarray:
+    """(3, P) float32 host array of each plane's 1/σ², δσ and 1/unit².
+
+    Worked out in float64 and rounded once, as the CPU kernel does per plane
+    (so the GPU does no double division per pixel).
+    """
+    s, u, d = (np.asarray(a, np.float64).ravel() for a in (sigma, unit, delta))
+    if not s.shape == u.shape == d.shape:
+        raise ValueError(f"consensus: sigma {s.shape}, unit {u.shape}, delta {d.shape}")
+    return np.stack([1.0 / (s * s), d * s, 1.0 / (u * u)]).astype(np.float32)
+
+
+def consensus_weights(xp, y, yhat, p, prm, huber, noise: NoiseModel, out, acc, mask, cons, zt,
+                      lo_frac, channels, p_out, r, var, dummy):
+    """Launch plus its counts (2, P) uint64 in ``xp``: rejected and finite pixels per plane.
+
+    ``prm``: :func:`consensus_params` (on the device on a GPU). One element
+    per pixel of ``acc`` (3, C, h, w); the kernel loops over each one's planes.
+    """
+    _check(y, np.float32, 3, "y")
+    _check(yhat, np.float32, 3, "yhat")
+    _check(out, np.float32, 4, "out")
+    _check(acc, np.float32, 4, "acc")
+    _check(prm, np.float32, 2, "consensus params")
+    P, h, w = y.shape
+    C, po = int(channels), p if p_out is None else p_out
+    if C < 1 or acc.shape != (3, C, h, w):
+        raise ValueError(f"consensus_weights: acc {acc.shape} for {C} channel(s) of {(h, w)}")
+    if out.shape[:2] != (2, P) or out.shape[2] < po + r * h or out.shape[3] < po + r * w:
+        raise ValueError(f"consensus_weights: out {out.shape} for {P} planes of {(h, w)}, "
+                         f"r={r} at offset {po}")
+    if yhat.shape[0] != P or yhat.shape[1] < p + h or yhat.shape[2] < p + w:
+        raise ValueError(f"consensus_weights: yhat {yhat.shape} for y {y.shape} at offset {p}")
+    if prm.shape != (3, P) or strides(prm) != (P, 1):
+        raise ValueError(f"consensus_weights: params {prm.shape} for {P} planes (C-contiguous)")
+    if cons is not None:
+        _check(cons, np.float32, 4, "cons")
+        if cons.shape != (2, C, h, w):
+            raise ValueError(f"consensus_weights: cons {cons.shape}, expected {(2, C, h, w)}")
+    counts = xp.zeros((2, P), np.uint64)
+    sy, se, so, sa = strides(y), strides(yhat), strides(out), strides(acc)
+    sc = strides(cons) if cons is not None else (0, 0, 0)
+    v, vs0, vs1 = _plane(var if noise.mode == "map" else None, "var", dummy)
+    m, ms0, ms1 = _plane(mask, "mask", dummy)
+    return Launch("consensus", "mf_consensus_weights", C * h * w,
+                  (y, _I(sy[0]), _I(sy[1]), yhat, _I(se[0]), _I(se[1]), _I(p), _I(noise.code),
+                   v, vs0, vs1, _D(noise.floor), prm, _I(bool(huber)),
+                   m, ms0, ms1, _I(mask is not None),
+                   dummy if cons is None else cons, _I(sc[0]), _I(sc[1]), _I(sc[2]),
+                   _I(cons is not None), _D(zt), _D(lo_frac),
+                   out, _I(so[0]), _I(so[1]), _I(so[2]), _I(po), _I(r),
+                   acc, _I(sa[0]), _I(sa[1]), _I(sa[2]), counts, _I(P), _I(C), _I(h), _I(w))), counts
+
+
+def update(xp, x, num, den, kappa, alpha, den_floor, grid: SampleGrid, floor=None):
+    """Launch plus its sample outputs (su, sd, sx), each (C, ni, nj) float64 in ``xp``.
+
+    ``floor``: the sky floor b, shaped like x (None: 0).
+    """
     for a, nm in ((x, "x"), (num, "num"), (den, "den")):
         _check(a, np.float32, 3, nm)
+    if floor is not None:
+        _check(floor, np.float32, 3, "floor")
+        if floor.shape != x.shape:
+            raise ValueError(f"update: floor {floor.shape} for x {x.shape}")
     if den_floor.dtype != np.float64:
         raise TypeError("update: den_floor must be float64")
     C = x.shape[0]
@@ -179,10 +240,12 @@ def update(xp, x, num, den, kappa, alpha, den_floor, grid: SampleGrid):
     ni, nj = grid_count(fi, y1, step), grid_count(fj, x1, step)
     su, sd, sx = (xp.empty((C, ni, nj), np.float64) for _ in range(3))
     s_x, s_n, s_d = strides(x), strides(num), strides(den)
+    b, bs0, bs1 = _plane(floor, "floor", x)  # x stands in for no floor: never read
     rows, cols = y1 - y0, x1 - x0
     return Launch("update", "mf_update", C * rows * cols,
                   (x, _I(s_x[0]), _I(s_x[1]), num, _I(s_n[0]), _I(s_n[1]), den, _I(s_d[0]),
-                   _I(s_d[1]), _D(kappa), _D(alpha), den_floor, _I(y0), _I(x0), _I(rows),
+                   _I(s_d[1]), b, bs0, bs1, _I(floor is not None), _D(kappa), _D(alpha),
+                   den_floor, _I(y0), _I(x0), _I(rows),
                    _I(cols), _I(step), _I(origin[0]), _I(origin[1]), _I(fi), _I(fj), _I(ni),
                    _I(nj), su, sd, sx)), (su, sd, sx)
 

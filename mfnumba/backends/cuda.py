@@ -382,32 +382,15 @@ class CUDABackend:
     def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
                           huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
                           p_out=None, r=1):
-        # no CUDA kernel yet: the CPU's, on host copies (correct, not fast)
-        return self._on_host("consensus_weights", (out, acc), y, yhat, out, acc, p=p,
-                             noise=noise, sigma=sigma, unit=unit, delta=delta, huber=huber,
-                             cons=cons, zt=zt, lo_frac=lo_frac, channels=channels, mask=mask,
-                             var=var, p_out=p_out, r=r)
-
-    def _on_host(self, method: str, written, *args, **kwargs):
-        """Run the CPU backend's ``method`` on host copies; copy the arrays it writes back.
-
-        A stopgap for protocol methods that have no CUDA kernel yet: the result
-        is the CPU's exactly, at the cost of two transfers.
-        """
-        from .cpu import CPUBackend
-
-        host = lambda a: cupy.asnumpy(a) if isinstance(a, cupy.ndarray) else a  # noqa: E731
-        h_args = [host(a) for a in args]
-        h_kwargs = {k: host(v) for k, v in kwargs.items()}
-        ids = {id(a): i for i, a in enumerate(args)}
-        if getattr(self, "_cpu", None) is None:  # one, made once: it sets Numba's threads
-            self._cpu = CPUBackend(self.threads)
-        got = getattr(self._cpu, method)(*h_args, **h_kwargs)
-        for dev in written:
-            i = ids.get(id(dev))
-            dev[...] = cupy.asarray(h_args[i] if i is not None else h_kwargs[
-                next(k for k, v in kwargs.items() if v is dev)])
-        return got
+        prm = cupy.asarray(L.consensus_params(*(self.to_host(a) for a in (sigma, unit, delta))))
+        launch, counts = L.consensus_weights(
+            cupy, self._in(y), self._in(yhat), p, prm, huber, noise,
+            self._out(out, np.float32, "consensus_weights out"),
+            self._out(acc, np.float32, "consensus_weights acc"), self._in(mask), self._in(cons),
+            zt, lo_frac, int(channels), p_out, int(r), self._in(var), self._dummy)
+        self._launch(launch)
+        rej, fin = cupy.asnumpy(counts).astype(np.int64)  # the protocol's host counts: a sync
+        return rej, fin
 
     @_api
     def block_sum(self, a, r, offset, out):
@@ -423,11 +406,9 @@ class CUDABackend:
 
     @_api
     def update(self, x, num, den, *, kappa, alpha, den_floor, grid: SampleGrid, floor=None):
-        if floor is not None:  # the sky floor has no CUDA kernel yet: the CPU's, on host copies
-            return self._on_host("update", (x,), x, num, den, kappa=kappa, alpha=alpha,
-                                 den_floor=den_floor, grid=grid, floor=floor)
         launch, (su, sd, sx) = L.update(
             cupy, self._out(x, np.float32, "update x"), self._in(num), self._in(den), kappa,
-            alpha, self._in(np.asarray(den_floor, np.float64).ravel(), np.float64), grid)
+            alpha, self._in(np.asarray(den_floor, np.float64).ravel(), np.float64), grid,
+            floor=self._in(floor))
         self._launch(launch)
         return cupy.asnumpy(su).ravel(), cupy.asnumpy(sd).ravel(), cupy.asnumpy(sx).ravel()

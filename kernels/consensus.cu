@@ -1,0 +1,73 @@
+// Robust weights with cross-frame consensus rejection, and the statistics of
+// the next pass's consensus (planes k = frame · C + c):
+//   out[0, k] = U(w·y), out[1, k] = U(w·ŷ),  w = 0 where z² > L² or (near and z² > lo²L²)
+//   acc[0, c] += Σ_k z²,  acc[1, c] = max(acc[1, c], max_k z²),  acc[2, c] += #(y NaN)
+//   counts[0, k] += rejected, counts[1, k] += finite pixels
+// One thread per pixel (c, i, j) of acc, looping over its planes k = c, c + C,
+// … in order: acc needs no atomics and its float sums are the CPU's. The
+// counts are summed per warp and added with integer atomics (exact). ŷ is
+// read at offset p, out written over r×r blocks at offset po (as
+// mf_robust_weights); prm (3, P) holds each plane's 1/σ², δσ, 1/unit².
+#include "mfnumba_math.cuh"
+
+extern "C" MF_GLOBAL void mf_consensus_weights(
+    mf_i64 n, const float* y, mf_i64 y_sp, mf_i64 y_sr,
+    const float* yhat, mf_i64 e_sp, mf_i64 e_sr, mf_i64 p,
+    mf_i64 vmode, const float* var, mf_i64 v_sp, mf_i64 v_sr, double floor,
+    const float* prm, mf_i64 huber,
+    const float* mask, mf_i64 m_sp, mf_i64 m_sr, mf_i64 has_mask,
+    const float* cons, mf_i64 c_sk, mf_i64 c_sc, mf_i64 c_sr, mf_i64 has_cons,
+    double zt, double lo_frac,
+    float* out, mf_i64 o_sk, mf_i64 o_sp, mf_i64 o_sr, mf_i64 po, mf_i64 r,
+    float* acc, mf_i64 a_sk, mf_i64 a_sc, mf_i64 a_sr, unsigned long long* counts,
+    mf_i64 P, mf_i64 C, mf_i64 h, mf_i64 w)
+{
+    const float zt2 = (float)(zt * zt), lo2 = (float)(lo_frac * lo_frac);
+    const mf_i64 nt = mf_div(P + C - 1, C);  // planes of the most populous channel
+    MF_FOR_EACH_WARP(idx, n) {
+        bool live = idx < n;
+        mf_i64 q = live ? idx : 0;
+        mf_i64 row = mf_div(q, w), j = q - row * w;
+        mf_i64 c = mf_div(row, h), i = row - c * h;
+        float lim2 = zt2, sum = 0.0f, top = 0.0f, gaps = 0.0f;
+        bool near = false;
+        float* st = acc + c * a_sc + i * a_sr + j;
+        if (live) {
+            if (has_cons) {
+                const float* cp = cons + c * c_sc + i * c_sr + j;
+                lim2 = mf_consensus_limit(zt2, cp[0], cp[c_sk], &near);
+            }
+            sum = st[0];
+            top = st[a_sk];
+            gaps = st[2 * a_sk];
+        }
+        for (mf_i64 t = 0; t < nt; ++t) {
+            mf_i64 k = c + t * C;
+            bool ok = live && k < P;
+            int state = MF_C_NAN;
+            if (ok) {
+                float v = y[k * y_sp + i * y_sr + j];
+                float e = yhat[k * e_sp + (i + p) * e_sr + j + p];
+                float varv = vmode == MF_V_MAP ? var[k * v_sp + i * v_sr + j] : 1.0f;
+                float m = has_mask ? mask[k * m_sp + i * m_sr + j] : 1.0f;
+                float a0, a1, z2;
+                state = mf_consensus_weight(v, e, prm[k], prm[P + k], prm[2 * P + k], (int)vmode,
+                                            (float)floor, varv, huber != 0, lim2, lo2, near,
+                                            has_mask != 0, m, &a0, &a1, &z2);
+                mf_consensus_stat(state, z2, &sum, &top, &gaps);
+                float* o = out + k * o_sp + (po + r * i) * o_sr + po + r * j;
+                for (mf_i64 u = 0; u < r; ++u)
+                    for (mf_i64 s = 0; s < r; ++s) {
+                        o[u * o_sr + s] = a0;
+                        o[o_sk + u * o_sr + s] = a1;
+                    }
+            }
+            mf_count2(counts, counts + P, k, ok, state == MF_C_REJECTED, state != MF_C_NAN);
+        }
+        if (live) {
+            st[0] = sum;
+            st[a_sk] = top;
+            st[2 * a_sk] = gaps;
+        }
+    }
+}
