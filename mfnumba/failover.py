@@ -27,8 +27,13 @@ class DeviceGuard:
         ``fn`` must not change the estimate before it can fail (a pass only
         reads x_host), so the retry recomputes the same thing.
         """
+        rebuild = False
         while True:
             try:
+                if rebuild:  # the buffers of the halved batch: they may not fit either
+                    rebuild = False
+                    self._on_device()
+                    self._cache()
                 return fn()
             except DeviceOOM as exc:
                 free = getattr(self.be, "free_memory", None)
@@ -39,8 +44,7 @@ class DeviceGuard:
                     self._event(f"{self.be.name}: out of device memory ({exc}); "
                                 f"batch halved to {self.batch}, iteration {self.iteration + 1} "
                                 "recomputed")
-                    self._on_device()
-                    self._cache()
+                    rebuild = True
                 else:
                     self._to_cpu(f"out of device memory at batch 1 ({exc})")
             except DeviceLost as exc:

@@ -220,9 +220,19 @@ class Solver(DeviceGuard):
         self._alloc()
 
     def _cache(self) -> None:
+        """Every frame's OTF, once, where they fit: on a device without room for
+        them the OTFs are made per batch instead (one FFT more per frame)."""
         self.otfs = None
         if self.conv == "fft" and self.cache_otfs:
-            self.otfs = self._otf_cache(range(self.problem.n_frames))
+            try:
+                self.otfs = self._otf_cache(range(self.problem.n_frames))
+            except DeviceOOM as exc:
+                if self.be.name == "cpu":
+                    raise
+                self.cache_otfs = False
+                self.be.free_memory()
+                self._event(f"{self.be.name}: no room for the OTF cache ({exc}); "
+                            "OTFs made per batch")
 
     def _alloc(self):
         """Work buffers, allocated once: the frame loop allocates nothing."""
@@ -339,6 +349,8 @@ class Solver(DeviceGuard):
                          cols=(tile.own_cols[0] - tile.cols[0], tile.own_cols[1] - tile.cols[0]))
         for idx, maps in self._reads(tile, frames):
             interrupt.check()  # a signal during the kernels is raised here, between batches
+            # the batch's blocks go to the device once, for the samples and the weights
+            maps = {k: None if a is None else be.asarray(a) for k, a in maps.items()}
             nb, planes = len(idx), slice(idx.start * C, idx.stop * C)
             otf = self._otf(idx) if self.conv == "fft" else None
             yhat = self._predict(tile, idx, otf).reshape(nb * C, *self.grid)

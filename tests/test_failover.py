@@ -112,6 +112,23 @@ def test_out_of_memory_halves_the_batch_and_gives_the_cpu_result(sr, rng):
     np.testing.assert_allclose(got.image, want.image, rtol=2e-4, atol=1e-4 * want.image.max())
 
 
+def test_buffers_that_do_not_fit_after_a_halving_halve_again(rng):
+    """The rebuild after a halving may run out too: it is retried, not raised."""
+    problem, seed = _problem(rng)
+    _, want = _solve(problem, seed, CPUBackend())
+
+    class Tight(_Flaky):  # the weighted-plane buffer of more than one frame does not fit
+        def zeros(self, shape, dtype=np.float32):
+            if len(shape) == 4 and shape[0] == 2 and shape[1] > 1:
+                raise DeviceOOM("cudaErrorMemoryAllocation (emulated)")
+            return super().zeros(shape, dtype)
+
+    s, got = _solve(problem, seed, Tight())
+    assert s.batch == 1 and got.backend == "flaky"  # 6 → 3 → 1, still on the device
+    assert [e.split("batch halved to ")[1][0] for e in got.events] == ["3", "1"]
+    np.testing.assert_allclose(got.image, want.image, rtol=2e-4, atol=1e-4 * want.image.max())
+
+
 def test_out_of_memory_at_batch_one_moves_to_the_cpu(rng):
     problem, seed = _problem(rng)
     _, want = _solve(problem, seed, CPUBackend())

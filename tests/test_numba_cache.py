@@ -18,7 +18,7 @@ for reject in ("consensus", "huber"):  # both weight kernels
     s.setup(frames[0])
     s.run()
 kernels = [K.residual_samples, K.robust_weights, K.consensus_weights, K.spectral_multiply,
-           K.spectral_accumulate, K.update, F.rfft2_into, F.irfft2_into]
+           K.spectral_accumulate, K.update, F.rfft2_rows_into, F.irfft2_rows_into, F.irfft2_into]
 print(json.dumps({k.__name__: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]
                   for k in kernels}))
 """

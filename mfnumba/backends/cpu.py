@@ -51,7 +51,7 @@ class CPUBackend:
 
     # transfer -------------------------------------------------------------
     def asarray(self, a, dtype=np.float32):
-        return np.ascontiguousarray(a, dtype=dtype)
+        return np.asarray(a, dtype=dtype)  # host memory already: no copy, any layout
 
     def to_host(self, a) -> np.ndarray:
         return np.asarray(a)
