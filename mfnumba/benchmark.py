@@ -1,30 +1,38 @@
-"""``mfnumba bench``: a solver iteration against its 3-half-FFT floor, CPU vs CUDA, in one run.
+"""``mfnumba bench``: solver iterations, their kernels and the 3-half-FFT floor, CPU vs CUDA.
 
-What is measured, on every backend asked for and usable here, on the same
-simulated stack (:mod:`mfnumba.simulate`) and the same solver grid:
+What is measured, for every stack size × frame count asked for (a
+simulated stack, :mod:`mfnumba.simulate`), on every backend asked for and
+usable here, with the same solver grid:
 
 * the *step*: ms per frame-iteration of ``Solver.step`` (FFT path, default
   options otherwise: what a run does), the median over ``iters`` steps
   after one warm-up step (JIT, FFT plans, NVRTC), the device synchronised
-  after each;
+  after each; the full iteration is that times the frames;
+* the *kernels*: every Backend call the solver makes, timed by
+  :class:`TimedBackend` over ``kernel_steps`` further steps. Off the CPU the
+  device is synchronised before and after each call, which serialises an
+  asynchronous device: that is why these steps are not the headline step;
 * the *floor* (docs/architecture.md, *The three-FFT floor*): per frame one
   ``irfft2`` (ŷ) and two ``rfft2`` (w·y, w·ŷ) of the solver's grid, batched
   as the solver batches them, with that backend's own transforms into
-  preallocated buffers; timed the same way.
+  preallocated buffers; timed like the step.
 
-The ratios (step / floor per backend, CPU / CUDA for each) therefore come
-from one process and one stack. A CUDA run that fell back to the CPU is
-reported as such, not as a CUDA time. Figures for the record belong in
-bench/RESULTS.md with the machine they ran on; tests never assert them.
+The ratios (step / floor per backend, CPU / CUDA per stack) therefore come
+from one process and one stack. A stack that would not fit the memory
+available is skipped with the estimate; a CUDA run that fell back to the
+CPU is reported as such, not as a CUDA time. Figures for the record belong
+in bench/RESULTS.md with the machine they ran on; tests never assert them.
 
 Examples
 --------
->>> report = run_bench(size=128, frames=4, iters=3)   # doctest: +SKIP
->>> report.results["cpu"].ratio                        # doctest: +SKIP
+>>> suite = run_suite(sizes=[128, 256], frames=[4], iters=3)   # doctest: +SKIP
+>>> suite.reports[0].results["cpu"].kernels["update"].ms        # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 import platform
@@ -36,6 +44,17 @@ import numpy as np
 from .backends.base import DeviceError
 
 BACKENDS = ("cpu", "cuda")
+# named (sizes, frames): "issue" is issue 11's grid of 1k²-4k² stacks of 8-64 frames
+PRESETS = {"issue": ((1024, 2048, 4096), (8, 16, 64))}
+STACK_COPIES = 3  # simulation peak: the frames, their masks, the (N, 1, h, w) copy
+
+
+@dataclass
+class KernelTiming:
+    """One Backend call's time in the kernel steps: ms per frame-iteration, calls per step."""
+
+    ms: float
+    calls: float
 
 
 @dataclass
@@ -47,6 +66,8 @@ class BackendTiming:
     why: str  # the reason it is unavailable, or its versions and device when it is
     step_ms: float = math.nan  # Solver.step per frame-iteration
     floor_ms: float = math.nan  # 3 half-FFTs per frame
+    kernel_step_ms: float = math.nan  # the kernel steps per frame-iteration, wall
+    kernels: dict[str, KernelTiming] = field(default_factory=dict)  # by call, in call order
     events: list[str] = field(default_factory=list)  # device failures during the run
 
     @property
@@ -57,7 +78,10 @@ class BackendTiming:
 
 @dataclass
 class BenchReport:
-    """The run's settings, the machine and each backend's :class:`BackendTiming`."""
+    """One stack: its settings, the machine and each backend's :class:`BackendTiming`.
+
+    ``skipped``: why the stack was not run (it would not fit the memory), else "".
+    """
 
     size: int
     frames: int
@@ -67,6 +91,9 @@ class BenchReport:
     batch: int
     machine: dict
     results: dict[str, BackendTiming]
+    sr: int = 1
+    need_bytes: int = 0  # estimated peak host memory of the stack and its solve
+    skipped: str = ""
 
     def speedup(self, what: str) -> float:
         """CPU time / CUDA time of ``what`` ("step_ms" or "floor_ms"); NaN without both."""
@@ -75,12 +102,40 @@ class BenchReport:
             return math.nan
         return getattr(cpu, what) / getattr(cuda, what)
 
+    def kernel_speedup(self, label: str) -> float:
+        """CPU ms / CUDA ms of one call of the kernel steps; NaN without both."""
+        cpu, cuda = self.results.get("cpu"), self.results.get("cuda")
+        if not (cpu and cuda and label in cpu.kernels and label in cuda.kernels):
+            return math.nan
+        return cpu.kernels[label].ms / cuda.kernels[label].ms
+
     def to_dict(self) -> dict:
         d = asdict(self)
         for name, r in self.results.items():
             d["results"][name]["ratio"] = r.ratio
-        d["cpu_over_cuda"] = {"step": self.speedup("step_ms"), "floor": self.speedup("floor_ms")}
+            d["results"][name]["iteration_ms"] = r.step_ms * self.frames
+        labels = dict.fromkeys(k for r in self.results.values() for k in r.kernels)
+        d["cpu_over_cuda"] = {"step": self.speedup("step_ms"), "floor": self.speedup("floor_ms"),
+                              "kernels": {k: self.kernel_speedup(k) for k in labels}}
         return _json_safe(d)
+
+
+@dataclass
+class BenchSuite:
+    """Every stack of one run (:class:`BenchReport`, in run order) and the backends' status."""
+
+    iters: int
+    kernel_steps: int
+    machine: dict
+    backends: dict[str, dict]  # name -> {"available": bool, "why": str}
+    reports: list[BenchReport]
+
+    def to_dict(self) -> dict:
+        runs = [r.to_dict() for r in self.reports]
+        for r in runs:
+            del r["machine"], r["iters"]
+        return _json_safe({"iters": self.iters, "kernel_steps": self.kernel_steps,
+                           "machine": self.machine, "backends": self.backends, "runs": runs})
 
 
 def _json_safe(v):
@@ -94,16 +149,92 @@ def _json_safe(v):
     return v
 
 
+class TimedBackend:
+    """Pass-through backend that adds up the seconds and calls of every method by label.
+
+    Off the CPU the device is synchronised before (not counted) and after
+    (counted) each call, so a call's time is its own work; that perturbs an
+    asynchronous device, which is why the step time is measured apart.
+    Labels tell the transforms apart by their place in the iteration:
+    rfft2 of the estimate (3-D) or of the weighted planes (4-D), irfft2 of
+    ŷ (after spectral_multiply) or of (NUM, DEN) (after spectral_accumulate).
+    """
+
+    def __init__(self, backend):
+        self.inner = backend
+        self.sync = backend.name != "cpu"
+        self.totals: dict[str, list] = {}  # label -> [seconds, calls], in first-call order
+        self._last = ""
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name.startswith("_") or name == "synchronize" or not callable(attr):
+            return attr
+
+        def timed(*args, **kwargs):
+            if self.sync:
+                self.inner.synchronize()
+            t0 = time.perf_counter()
+            out = attr(*args, **kwargs)
+            if self.sync:
+                self.inner.synchronize()
+            dt = time.perf_counter() - t0
+            tot = self.totals.setdefault(self._label(name, args), [0.0, 0])
+            tot[0] += dt
+            tot[1] += 1
+            self._last = name
+            return out
+
+        return timed
+
+    def _label(self, name: str, args) -> str:
+        if name == "rfft2":
+            return "rfft2(x)" if args[0].ndim == 3 else "rfft2(w·y, w·ŷ)"
+        if name == "irfft2":
+            return {"spectral_multiply": "irfft2(ŷ)",
+                    "spectral_accumulate": "irfft2(NUM, DEN)"}.get(self._last, "irfft2")
+        return name
+
+
 def make_stack(size: int, frames: int, psf: int | None = None, seed: int = 1):
     """Simulated (N, 1, h, w) frames with a dead column segment, and (N, K, K) PSFs."""
-    from .simulate import SimConfig, simulate_stack
+    from .simulate import simulate_stack
 
-    cfg = SimConfig(n_frames=frames, shape=(size, size), psf_size=psf,
-                    n_stars=max(20, size * size // 2500), n_galaxies=max(2, size // 100), seed=seed)
-    sim = simulate_stack(cfg)
+    sim = simulate_stack(_sim_config(size, frames, psf, seed))
     data = sim.frames[:, None].copy()
     data[0, 0, size // 4:size // 2, size // 3] = np.nan  # the NaN path is part of the cost
     return data, np.stack(sim.psfs).astype(np.float32)
+
+
+def _sim_config(size: int, frames: int, psf: int | None, seed: int = 1):
+    from .simulate import SimConfig
+
+    return SimConfig(n_frames=frames, shape=(size, size), psf_size=psf,
+                     n_stars=max(20, size * size // 2500), n_galaxies=max(2, size // 100),
+                     seed=seed)
+
+
+def fine_kernels(psfs: np.ndarray, size: int, sr: int) -> np.ndarray:
+    """The solver's kernels on the grid ``sr`` times finer (as ``deconv --sr`` lifts them)."""
+    if sr == 1:
+        return psfs
+    from .options import Options
+    from .psf_setup import solver_kernels
+
+    return solver_kernels(list(psfs), Options(sr=sr), (size, size),
+                          [f"frame {i}" for i in range(len(psfs))])[0]
+
+
+def stack_bytes(size: int, frames: int, psf: int, sr: int = 1) -> int:
+    """Estimated peak host bytes: the simulated stack (:data:`STACK_COPIES` × N h w float32)
+    and the solver's buffers on its grid (:func:`mfnumba.memory.phases`)."""
+    from .memory import phases
+
+    k = sr * psf + (1 - (sr * psf) % 2)  # odd, as mfnumba.sr.lift_psf sizes it
+    solve = phases(h=size, w=size, r=sr, p=k // 2, channels=1, n_frames=frames, n_maps=0,
+                   tile=None, batch=min(frames, 8), cache_otfs=True, in_memory=True,
+                   setup=False)["solve"]
+    return STACK_COPIES * 4 * frames * size * size + solve
 
 
 def _sync(be) -> None:
@@ -140,20 +271,49 @@ def floor_ms(be, grid: tuple[int, int], batch: int, reps: int) -> float:
     return (t_fwd + t_inv) / batch
 
 
-def time_backend(be, frames: np.ndarray, psfs: np.ndarray, iters: int) -> BackendTiming:
-    """Step and floor of one backend on one stack (FFT path)."""
+def time_kernels(s, steps: int) -> tuple[float, dict[str, KernelTiming]] | None:
+    """(wall ms, each call's :class:`KernelTiming`) per frame-iteration over ``steps``
+    steps of solver ``s`` through a :class:`TimedBackend`; None if it failed over."""
+    timed = TimedBackend(s.be)
+    s.be = timed
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        s.step()
+    wall = time.perf_counter() - t0
+    if s.be is not timed:  # the guard moved the solver to the CPU
+        return None
+    s.be = timed.inner
+    per = steps * s.problem.n_frames
+    return 1e3 * wall / per, {k: KernelTiming(1e3 * t / per, n / steps)
+                              for k, (t, n) in timed.totals.items()}
+
+
+def time_backend(be, frames: np.ndarray, psfs: np.ndarray, iters: int, kernel_steps: int = 2,
+                 sr: int = 1) -> BackendTiming:
+    """Step, kernels and floor of one backend on one stack (FFT path)."""
     from .options import Options
     from .solver import Problem, Solver
 
-    s = Solver(Problem(frames, psfs), Options(conv="fft", early_stop=False, iters=iters + 2), be)
+    opt = Options(conv="fft", early_stop=False, iters=iters + kernel_steps + 2, sr=sr)
+    s = Solver(Problem(frames, psfs, sr=sr), opt, be)
     s.setup(np.nanmedian(frames, axis=0).astype(np.float32))
     step = median_ms(s.be, s.step, iters) / frames.shape[0]
-    res = BackendTiming(be.name, True, "", step_ms=step, events=list(s.events))
     if s.be.name != be.name:  # failed over: what was timed is not this backend
-        return BackendTiming(be.name, False, f"fell back to {s.be.name}: {'; '.join(s.events)}",
-                             events=list(s.events))
+        return _fell_back(be.name, s)
+    res = BackendTiming(be.name, True, "", step_ms=step)
+    if kernel_steps > 0:
+        got = time_kernels(s, kernel_steps)
+        if got is None:
+            return _fell_back(be.name, s)
+        res.kernel_step_ms, res.kernels = got
     res.floor_ms = floor_ms(be, s.grid, s.batch, iters)
+    res.events = list(s.events)
     return res
+
+
+def _fell_back(name: str, s) -> BackendTiming:
+    return BackendTiming(name, False, f"fell back to {s.be.name}: {'; '.join(s.events)}",
+                         events=list(s.events))
 
 
 def make_backend(name: str):
@@ -176,13 +336,53 @@ def make_backend(name: str):
 def machine() -> dict:
     import numba
 
+    from .rss import available_memory
+
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "numba_threads": numba.config.NUMBA_NUM_THREADS}
+            "cpus": os.cpu_count(), "numba_threads": numba.config.NUMBA_NUM_THREADS,
+            "available_memory": available_memory()}
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def bench_stack(size: int, frames: int, *, made: dict, iters: int = 5, psf: int | None = None,
+                kernel_steps: int = 2, sr: int = 1, seed: int = 1) -> BenchReport:
+    """One stack on the backends ``made`` (name -> (backend or None, why)), or skipped
+    when :func:`stack_bytes` exceeds the memory available now."""
+    from .geometry import Geometry
+    from .rss import available_memory
+
+    k = _sim_config(size, frames, psf, seed).native_psf_size
+    need, avail = stack_bytes(size, frames, k, sr), available_memory()
+    if need > avail:
+        return BenchReport(size, frames, iters, k, (0, 0), min(frames, 8), machine(), {}, sr,
+                           need, f"{size}² × {frames} frames"
+                           f"{f' at --sr {sr}' if sr > 1 else ''} skipped: needs about "
+                           f"{_gib(need)}, {_gib(avail)} available")
+    data, psfs = make_stack(size, frames, psf, seed)
+    psfs = fine_kernels(psfs, size, sr)
+    geom = Geometry.of(size, size, psfs.shape[-1] // 2, sr)
+    results = {}
+    for name, (be, why) in made.items():
+        if be is None:
+            results[name] = BackendTiming(name, False, why)
+            continue
+        try:
+            res = time_backend(be, data, psfs, iters, kernel_steps, sr)
+            be.free_memory()  # this stack's plans and pooled blocks are not the next one's
+        except DeviceError as exc:
+            res = BackendTiming(name, False, f"failed during the benchmark: {exc}")
+        res.why = res.why or why
+        results[name] = res
+    return BenchReport(size, frames, iters, int(psfs.shape[-1]), geom.grid, min(frames, 8),
+                       machine(), results, sr, need)
 
 
 def run_bench(*, size: int = 256, frames: int = 4, iters: int = 5, psf: int | None = None,
-              backends=BACKENDS, seed: int = 1) -> BenchReport:
-    """Time the solver step and the FFT floor on each of ``backends`` that is usable.
+              backends=BACKENDS, seed: int = 1, kernel_steps: int = 2, sr: int = 1) -> BenchReport:
+    """Time the solver step, its kernels and the FFT floor of one stack on each of ``backends``.
 
     Parameters
     ----------
@@ -196,62 +396,125 @@ def run_bench(*, size: int = 256, frames: int = 4, iters: int = 5, psf: int | No
         PSF side (odd); default: what the simulation picks for its FWHM.
     backends : iterable of str
         "cpu" and/or "cuda"; an unusable one is reported with the reason.
+    kernel_steps : int
+        Steps timed call by call for the per-kernel figures (0: none).
+    sr : int
+        Super-resolution factor of the solve (kernels on the finer grid).
 
     Returns
     -------
     BenchReport
     """
-    from .geometry import Geometry
+    made = {name: make_backend(name) for name in backends}
+    return bench_stack(size, frames, made=made, iters=iters, psf=psf, kernel_steps=kernel_steps,
+                       sr=sr, seed=seed)
 
-    data, psfs = make_stack(size, frames, psf, seed)
-    geom = Geometry.of(size, size, psfs.shape[-1] // 2)
-    results = {}
-    for name in backends:
-        be, why = make_backend(name)
-        if be is None:
-            results[name] = BackendTiming(name, False, why)
-            continue
-        try:
-            res = time_backend(be, data, psfs, iters)
-        except DeviceError as exc:
-            res = BackendTiming(name, False, f"failed during the benchmark: {exc}")
-        res.why = res.why or why
-        results[name] = res
-    return BenchReport(size, frames, iters, int(psfs.shape[-1]), geom.grid, min(frames, 8),
-                       machine(), results)
+
+def run_suite(*, sizes=(256,), frames=(4,), iters: int = 5, psf: int | None = None,
+              backends=BACKENDS, seed: int = 1, kernel_steps: int = 2, sr: int = 1) -> BenchSuite:
+    """:func:`run_bench` on every (size, frames) of ``sizes`` × ``frames``, in one process.
+
+    Each backend is started once; a stack that would not fit the memory
+    available is skipped with a note (:attr:`BenchReport.skipped`).
+    """
+    made = {name: make_backend(name) for name in backends}
+    reports = [bench_stack(n, f, made=made, iters=iters, psf=psf, kernel_steps=kernel_steps,
+                           sr=sr, seed=seed) for n, f in itertools.product(sizes, frames)]
+    status = {name: {"available": be is not None, "why": why} for name, (be, why) in made.items()}
+    return BenchSuite(iters, kernel_steps, machine(), status, reports)
 
 
 def _fmt(v: float, unit: str = "", digits: int = 3) -> str:
     return "–" if not math.isfinite(v) else f"{v:.{digits}f}{unit}"
 
 
-def print_report(report: BenchReport, console=None) -> None:
-    """The figures as a rich table, then each backend's status and the CPU / CUDA ratios."""
+def _stack(r: BenchReport) -> str:
+    return f"{r.size}²×{r.frames}" + (f" sr{r.sr}" if r.sr > 1 else "")
+
+
+def print_report(suite: BenchSuite, console=None) -> None:
+    """The stacks' figures as a rich table, each stack's kernels as another, then the notes."""
     from rich.console import Console
     from rich.table import Table
 
     # reasons hold brackets (mfnumba[cuda12]) and file names: printed as they are
     console = console or Console(highlight=False, markup=False, emoji=False)
-    m = report.machine
-    table = Table(title=f"mfnumba bench: {report.frames} frames of {report.size}², PSF "
-                        f"{report.psf}², grid {report.grid[0]}×{report.grid[1]}, median of "
-                        f"{report.iters}")
-    for col in ("backend", "status", "step ms / frame-iter", "floor ms / frame", "step / floor"):
-        table.add_column(col, justify="left" if col in ("backend", "status") else "right")
-    for r in report.results.values():
-        table.add_row(r.name, "measured" if r.available else "unavailable", _fmt(r.step_ms),
-                      _fmt(r.floor_ms), _fmt(r.ratio, "×", 2))
+    m, reps = suite.machine, suite.reports
+    both = any(math.isfinite(r.speedup("step_ms")) for r in reps)
+    table = Table(title=f"mfnumba bench: ms, median of {suite.iters} step(s); floor: 3 "
+                        "half-FFTs per frame")
+    cols = ("backend", "stack", "status", "iter ms", "frame ms", "floor ms", "step/floor")
+    for col in cols + (("CPU/CUDA step, floor",) if both else ()):
+        table.add_column(col, justify="left" if col in cols[:3] else "right")
+    for rep in reps:
+        if rep.skipped:
+            table.add_row("/".join(suite.backends), _stack(rep), "skipped", *["–"] * (4 + both))
+            continue
+        for r in rep.results.values():
+            row = [r.name, _stack(rep), "measured" if r.available else "n/a",
+                   _fmt(r.step_ms * rep.frames, digits=1), _fmt(r.step_ms), _fmt(r.floor_ms),
+                   _fmt(r.ratio, "×", 2)]
+            if both:
+                sp = rep.speedup("step_ms"), rep.speedup("floor_ms")
+                row.append(f"{sp[0]:.1f}×, {sp[1]:.1f}×" if r.name == "cuda" and
+                           math.isfinite(sp[0]) else "")
+            table.add_row(*row)
     console.print(table, markup=False)
-    console.print("floor: 3 real half-FFTs of the grid per frame (1 irfft2, 2 rfft2), batched "
-                  "like the solver", markup=False)
-    console.print(f"machine: {m['platform']}, {m['cpus']} CPUs, Numba threads "
-                  f"{m['numba_threads']}", markup=False)
-    for r in report.results.values():
-        state = r.why if r.available else f"unavailable ({r.why})"
-        console.print(f"{r.name}: {state}", markup=False, soft_wrap=True)
-    step, fl = report.speedup("step_ms"), report.speedup("floor_ms")
-    if math.isfinite(step):
-        console.print(f"CPU / CUDA: step {step:.1f}×, floor {fl:.1f}× (same stack, same run)",
-                      markup=False)
-    elif "cuda" in report.results and "cpu" in report.results:
-        console.print("CPU / CUDA: not measured, CUDA is unavailable here", markup=False)
+    for rep in reps:
+        _print_kernels(rep, suite.kernel_steps, console)
+    say = functools.partial(console.print, markup=False, soft_wrap=True)
+    say("iter: one Solver.step; frame: iter / frames; floor: 1 irfft2 + 2 rfft2 of the grid "
+        "per frame, batched like the solver")
+    say(f"machine: {m['platform']}, {m['cpus']} CPUs, Numba threads {m['numba_threads']}, "
+        f"{_gib(m['available_memory'])} available")
+    for name, st in suite.backends.items():
+        say(f"{name}: " + (st["why"] if st["available"] else f"unavailable ({st['why']})"))
+    for rep in reps:
+        if rep.skipped:
+            say(f"note: {rep.skipped}")
+        for r in rep.results.values():
+            if r.available and r.events:
+                say(f"{r.name} at {_stack(rep)}: {'; '.join(r.events)}")
+            elif not r.available and suite.backends[r.name]["available"]:
+                say(f"{r.name} at {_stack(rep)}: {r.why}")
+    if {"cpu", "cuda"} <= set(suite.backends) and not suite.backends["cuda"]["available"]:
+        say("CPU / CUDA: not measured, CUDA is unavailable here")
+
+
+def _print_kernels(rep: BenchReport, steps: int, console) -> None:
+    """Each Backend call of the kernel steps: calls per step, ms per frame-iteration, share."""
+    from rich.table import Table
+
+    runs = [r for r in rep.results.values() if r.available and r.kernels]
+    if not runs:
+        return
+    both = [r.name for r in runs] == ["cpu", "cuda"]
+    sync = ", device synchronised around it" if any(r.name != "cpu" for r in runs) else ""
+    table = Table(title=f"kernels at {_stack(rep)} (PSF {rep.psf}², grid {rep.grid[0]}×"
+                        f"{rep.grid[1]}): ms per frame-iteration over {steps} further "
+                        f"step(s), each call timed{sync}")
+    table.add_column("call")
+    table.add_column("calls/step", justify="right")
+    for r in runs:
+        table.add_column(f"{r.name} ms", justify="right")
+        table.add_column(f"{r.name} %", justify="right")
+    if both:
+        table.add_column("CPU/CUDA", justify="right")
+    for label in dict.fromkeys(k for r in runs for k in r.kernels):
+        calls = next(r.kernels[label].calls for r in runs if label in r.kernels)
+        row = [label, f"{calls:g}"]
+        for r in runs:
+            kt = r.kernels.get(label)
+            row += ["–", "–"] if kt is None else [_fmt(kt.ms), _pct(kt.ms, r)]
+        table.add_row(*row, *([_fmt(rep.kernel_speedup(label), "×", 1)] if both else []))
+    for what, val in (("all calls", lambda r: sum(k.ms for k in r.kernels.values())),
+                      ("the timed steps", lambda r: r.kernel_step_ms)):
+        row = [what, ""]
+        for r in runs:
+            row += [_fmt(val(r)), _pct(val(r), r)]
+        table.add_row(*row, *([_fmt(val(runs[0]) / val(runs[1]), "×", 1)] if both else []))
+    console.print(table, markup=False)
+
+
+def _pct(ms: float, r: BackendTiming) -> str:
+    return _fmt(100 * ms / r.kernel_step_ms, digits=1)

@@ -415,21 +415,38 @@ def _numba_ran() -> bool:
 @app.command()
 @_guard
 def bench(
-    size: int = typer.Option(256, help="Frame side of the simulated stack (px)."),
-    frames: int = typer.Option(4, help="Frames in the stack."),
+    size: Optional[List[int]] = typer.Option(
+        None, "--size", metavar="PX", help="Frame side of the simulated stack (px); repeat "
+        "for several (every size x --frames combination runs). Default 256."),
+    frames: Optional[List[int]] = typer.Option(
+        None, "--frames", metavar="N", help="Frames in the stack; repeat for several. Default 4."),
+    preset: Optional[str] = typer.Option(
+        None, metavar="NAME", help="issue: sizes 1024 2048 4096 x frames 8 16 64 (an explicit "
+        "--size or --frames replaces that half). A stack that does not fit the memory is "
+        "skipped with a note."),
     iters: int = typer.Option(5, help="Timed repetitions, after one warm-up."),
+    kernel_steps: int = typer.Option(
+        2, help="Further steps timed call by call for the per-kernel table (0: none)."),
     psf: Optional[int] = typer.Option(None, help="PSF side (odd px); default: the simulation's."),
+    sr: int = typer.Option(1, help="Super-resolution factor of the solve (1-4)."),
     backend: str = typer.Option("all", help="cpu, cuda or all."),
     json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE",
                                             help="Also write the figures to FILE as JSON."),
 ):
-    """Time a solver iteration against its 3-half-FFT floor, CPU vs CUDA, in one run."""
+    """Time solver iterations and each of their kernels against the 3-half-FFT floor,
+    CPU vs CUDA, for every stack size and frame count, in one run."""
     if backend not in ("cpu", "cuda", "all"):
         raise OptionError(f"--backend {backend}: expected cpu, cuda or all")
-    if size < 32 or frames < 1 or iters < 1:
-        raise OptionError("--size must be >= 32, --frames and --iters >= 1")
-    from .benchmark import BACKENDS, print_report, run_bench
+    from .benchmark import BACKENDS, PRESETS, print_report, run_suite
 
+    if preset is not None and preset not in PRESETS:
+        raise OptionError(f"--preset {preset}: expected {', '.join(PRESETS)}")
+    sizes, counts = PRESETS[preset] if preset else ((256,), (4,))
+    sizes, counts = list(size or sizes), list(frames or counts)
+    if min(sizes) < 32 or min(counts) < 1 or iters < 1 or kernel_steps < 0:
+        raise OptionError("--size must be >= 32, --frames and --iters >= 1, --kernel-steps >= 0")
+    if not 1 <= sr <= 4:
+        raise OptionError(f"--sr {sr}: expected 1, 2, 3 or 4")
     names = BACKENDS if backend == "all" else (backend,)
     if backend == "cuda":
         from .backends.cuda import cuda_status
@@ -437,10 +454,11 @@ def bench(
         ok, why, _ = cuda_status()
         if not ok:
             raise OptionError(f"--backend cuda: {why}; use --backend cpu or all")
-    report = run_bench(size=size, frames=frames, iters=iters, psf=psf, backends=names)
-    print_report(report)
+    suite = run_suite(sizes=sizes, frames=counts, iters=iters, psf=psf, backends=names,
+                      kernel_steps=kernel_steps, sr=sr)
+    print_report(suite)
     if json_out is not None:
-        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        json_out.write_text(json.dumps(suite.to_dict(), indent=2) + "\n")
 
 
 def main() -> None:  # pragma: no cover - console entry
