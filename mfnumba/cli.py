@@ -437,7 +437,8 @@ def bench(
     CPU vs CUDA, for every stack size and frame count, in one run."""
     if backend not in ("cpu", "cuda", "all"):
         raise OptionError(f"--backend {backend}: expected cpu, cuda or all")
-    from .benchmark import BACKENDS, PRESETS, print_report, run_suite
+    from ._bench_print import print_report
+    from .benchmark import BACKENDS, PRESETS, run_suite
 
     if preset is not None and preset not in PRESETS:
         raise OptionError(f"--preset {preset}: expected {', '.join(PRESETS)}")
