@@ -381,12 +381,14 @@ class CUDABackend:
     @_api
     def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
                           huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
-                          p_out=None, r=1):
+                          p_out=None, r=1, near=None, hits=None):
         # no CUDA kernel yet: the CPU's, on host copies (correct, not fast)
-        return self._on_host("consensus_weights", (out, acc), y, yhat, out, acc, p=p,
+        # hits held on the host (the solver's flags) are written there directly
+        written = (out, acc) + ((hits,) if isinstance(hits, cupy.ndarray) else ())
+        return self._on_host("consensus_weights", written, y, yhat, out, acc, p=p,
                              noise=noise, sigma=sigma, unit=unit, delta=delta, huber=huber,
                              cons=cons, zt=zt, lo_frac=lo_frac, channels=channels, mask=mask,
-                             var=var, p_out=p_out, r=r)
+                             var=var, p_out=p_out, r=r, near=near, hits=hits)
 
     def _on_host(self, method: str, written, *args, **kwargs):
         """Run the CPU backend's ``method`` on host copies; copy the arrays it writes back.
