@@ -8,11 +8,20 @@ standardised residuals z² (Σz², max z², frames without data; see
   trimmed mean, so that the outlier does not raise its own limit); 1e24 where
   fewer than ``MIN_FRAMES`` frames have data (no consensus, nothing rejected);
 * ``cons[1] = 1`` within ``GROW_R`` native px of a pixel where some frame
-  exceeded its limit zt·max(1, m) (a 3×3 square: side 2·GROW_R + 1), where the
-  next pass rejects at ``GROW`` times the limit (the wings of trails).
+  exceeded its limit zt·max(1, m) (a 3×3 square: side 2·GROW_R + 1). The
+  kernel no longer reads it (see below): left until the maps are slimmed to
+  m² alone (half of what goes to the workers each pass).
 
 One Numba pass over the pixels and a separable dilation: this runs once per
 iteration on the driver, over the whole frame.
+
+The growth is each frame's own: the kernel marks, per plane, where that
+plane's z > L (``hits``), :func:`grow_flags` dilates them by ``GROW_R`` after
+the pass (``near``), and the next pass rejects that plane at ``GROW`` times
+the limit there (the wings of its trail). A cosmic ray in one frame on a star
+core, where the model under-predicts every frame, so no longer costs the
+other frames their high samples around it (bench stack 9's worst core
+imprint 9.2 -> 4.7σ; bench/RESULTS.md, issue 10).
 """
 
 from __future__ import annotations
@@ -94,3 +103,85 @@ def _maps(stat, n_frames, zt2, min_frames, grow_r, out):
         o = out[1, c, i]
         for j in range(w):
             o[j] = one if m[j] != 0 else zero
+
+
+
+# Each plane's own outliers, for the growth: bit-packed along rows as np.packbits does (pixel
+# j in bit 7 - j % 8 of byte j // 8), two maps of (P, h, ⌈w/8⌉) bytes: ``hits`` (z > L in the
+# pass being computed, written by the tiles on the pixels they own) and ``near`` (the last
+# applied pass's hits, grown by GROW_R; read by every tile over its window).
+
+def flag_maps(planes: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hits, near): empty packed flag maps of ``planes`` planes of h × w px."""
+    return tuple(np.zeros((planes, h, (w + 7) // 8), np.uint8) for _ in range(2))
+
+
+def unpack_window(packed: np.ndarray, planes: slice, rows: tuple, cols: tuple,
+                  out: np.ndarray) -> np.ndarray:
+    """``out`` (n, rows, cols) uint8 = the packed map's flags of ``planes`` over the window."""
+    _unpack(packed, planes.start, rows[0], cols[0], out)
+    return out
+
+
+def set_window(packed: np.ndarray, planes: slice, rows: tuple, cols: tuple,
+               flags: np.ndarray) -> None:
+    """The packed map's flags of ``planes`` over the window := ``flags`` (n, rows, cols) != 0."""
+    _set(packed, planes.start, rows[0], cols[0], flags)
+
+
+def grow_flags(hits: np.ndarray, near: np.ndarray, w: int, grow_r: int | None = None) -> np.ndarray:
+    """``near`` := ``hits`` dilated by a square of side 2·grow_r + 1 (default ``GROW_R``),
+    per plane, both packed over rows of ``w`` px; returns ``near``.
+
+    >>> hits, near = flag_maps(2, 5, 5)
+    >>> set_window(hits, slice(0, 1), (2, 3), (2, 3), np.ones((1, 1, 1), np.uint8))
+    >>> g = np.unpackbits(grow_flags(hits, near, 5, 1), axis=-1, count=5)
+    >>> int(g[0].sum()), int(g[0, 1, 3]), int(g[1].sum())
+    (9, 1, 0)
+    """
+    _grow(hits, near, int(w), GROW_R if grow_r is None else int(grow_r))
+    return near
+
+
+@njit(parallel=True, cache=True)
+def _unpack(packed, k0, r0, c0, out):
+    n, h, w = out.shape
+    for ki in prange(n * h):
+        k, i = ki // h, ki % h
+        src, dst = packed[k0 + k, r0 + i], out[k, i]
+        for j in range(w):
+            c = c0 + j
+            dst[j] = (src[c >> 3] >> (7 - (c & 7))) & 1
+
+
+@njit(parallel=True, cache=True)
+def _set(packed, k0, r0, c0, flags):
+    n, h, w = flags.shape
+    for ki in prange(n * h):  # one row of one plane per thread: no byte is shared
+        k, i = ki // h, ki % h
+        src, dst = flags[k, i], packed[k0 + k, r0 + i]
+        for j in range(w):
+            c = c0 + j
+            bit = np.uint8(1 << (7 - (c & 7)))
+            dst[c >> 3] = (dst[c >> 3] | bit) if src[j] != 0 else (dst[c >> 3] & ~bit)
+
+
+@njit(parallel=True, cache=True)
+def _grow(hits, near, w, grow_r):
+    """Separable dilation, a row of one plane per thread: the rows within ``grow_r`` or-ed
+    (bytewise, still packed), then unpacked, widened along the row and packed again."""
+    P, h, nb = hits.shape
+    for ki in prange(P * h):
+        k, i = ki // h, ki % h
+        col = np.zeros(nb, np.uint8)
+        for t in range(max(0, i - grow_r), min(h, i + grow_r + 1)):
+            col |= hits[k, t]
+        row = np.zeros(w, np.uint8)
+        for j in range(w):
+            if (col[j >> 3] >> (7 - (j & 7))) & 1:
+                for t in range(max(0, j - grow_r), min(w, j + grow_r + 1)):
+                    row[t] = 1
+        dst = near[k, i]
+        dst[:] = 0
+        for j in range(w):
+            dst[j >> 3] |= np.uint8(row[j] << (7 - (j & 7)))

@@ -231,6 +231,9 @@ def _solve_parts(s: _Run, tile: int | None, batch: int, cache_otfs: bool,
     # counted whether or not they are on (both are by default): the consensus statistics,
     # five frame-size maps per channel, and the sky floor, one estimate-size map and a grid
     held += 5 * C * s.h * s.w * F32 + C * s.extent() + grid
+    # each plane's own outliers, two bit-packed maps (mfnumba.consensus: hits and near), and
+    # a batch's flags over the tile, unpacked (read and written)
+    held += 2 * s.n_frames * C * s.h * ((s.w + 7) // 8) + 2 * B * C * th * tw
     batch_io = C * grid + B * C * SAMPLES * 16  # the tile of x, this batch's residual samples
     if not in_memory:  # in memory, a batch is a view of the frames and maps
         block = B * C * th * tw * F32

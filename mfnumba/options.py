@@ -70,7 +70,8 @@ class Options:
         How outliers are found. ``"consensus"``: a pixel is rejected in one
         frame when its standardised residual exceeds ``reject_z`` times what
         the other frames show at that pixel (frame-specific: trails, planes,
-        cosmic rays, hot pixels), grown along lines by hysteresis; model
+        cosmic rays, hot pixels), grown by hysteresis around each frame's own
+        outliers (the wings of a trail; other frames are not touched); model
         mismatch shared by all frames is kept. ``"huber"``: the Huber loss
         down-weights every large residual (the published method). ``"none"``:
         no rejection beyond ``rho``. With ``"consensus"`` or ``"none"``,

@@ -39,7 +39,8 @@ from .geometry import Geometry, Tile, lift_seed, pad_to_extent, plan_tiles, samp
 from . import interrupt
 from .backends.base import DeviceLost, DeviceOOM, NoiseModel, SampleGrid
 from ._median import medians
-from .consensus import GROW as _GROW, MIN_FRAMES as _MIN_FRAMES, consensus_maps
+from .consensus import (GROW as _GROW, MIN_FRAMES as _MIN_FRAMES, consensus_maps, flag_maps,
+                        grow_flags, set_window, unpack_window)
 from .failover import DeviceGuard
 from .options import Options
 from .partials import LocalExecutor, Partial
@@ -101,6 +102,12 @@ class Solver(DeviceGuard):
             log.info("--reject consensus: %d frame(s), fewer than %d: no pixel is rejected",
                      problem.n_frames, _MIN_FRAMES)
         self.cons_host = None  # (2, C, h, w): consensus level and outlier flag of the last pass
+        # each of this solver's planes' own outliers (mfnumba.consensus, bit-packed): those of
+        # the pass being computed, and near those of the last applied pass. They stay where
+        # the frames are (a worker's with its share), never sent.
+        self.hits_host = self.near_host = None
+        self._gathered = 0  # gathering passes applied (the driver's count; a worker is told it)
+        self._grown = 0  # ... of which the flags are grown into bit 0
         self._x_host = self._xdev = self.floor_host = self._floordev = None
         self.rejected = np.zeros(problem.n_frames)
         self.stop_reason = "iters"
@@ -194,7 +201,7 @@ class Solver(DeviceGuard):
         C = self.problem.channels
         planes = slice(frames.start * C, frames.stop * C)
         return {"sigma": self.sigma[planes], "delta": self.delta[planes],
-                "scale": self._scale[planes], "cons": self.cons_host}
+                "scale": self._scale[planes], "cons": self.cons_host, "gathered": self._gathered}
 
     def join(self, settings: dict, extent_shape: tuple[int, ...]) -> None:
         """Take the driver's :meth:`settings` in place of :meth:`setup`."""
@@ -211,6 +218,19 @@ class Solver(DeviceGuard):
         self.x_host = x
         self.sigma, self.delta, self._scale = inputs["sigma"], inputs["delta"], inputs["scale"]
         self.cons_host = inputs["cons"]
+        self._gathered = inputs.get("gathered", self._gathered)
+
+    def _flags(self) -> tuple[np.ndarray, np.ndarray]:
+        """(hits, near): the planes' own outliers, near grown from the last applied pass's
+        hits (once per pass: a pass recomputed after a device failure reads the same)."""
+        if self.near_host is None:
+            self.hits_host, self.near_host = flag_maps(
+                self.problem.n_frames * self.problem.channels, *self.problem.shape)
+            self._grown = self._gathered
+        if self._grown < self._gathered:
+            grow_flags(self.hits_host, self.near_host, self.problem.shape[1])
+            self._grown = self._gathered
+        return self.hits_host, self.near_host
 
     def _on_device(self) -> None:
         """PSFs and work buffers on the current backend (again after a failover)."""
@@ -251,6 +271,8 @@ class Solver(DeviceGuard):
         self._acc = be.zeros((2, C, g0, h1), np.complex64)
         self._last = None  # (tile frame shape) the buffers were last zeroed for
         self._cacc = be.zeros((3, C, t.h, t.w)) if self._consensus else None
+        # a batch's own-outlier flags over the tile, read and written (host: the flags live there)
+        self._tflags = np.zeros((2, B * C, t.h, t.w), np.uint8) if self._consensus else None
 
     def nd_buffer(self) -> np.ndarray:
         """The host (2, C, E0, E1) num/den array a local pass writes into, allocated once."""
@@ -338,6 +360,9 @@ class Solver(DeviceGuard):
             cons = None if self.cons_host is None else np.ascontiguousarray(
                 self.cons_host[:, :, tile.rows[0]:tile.rows[1], tile.cols[0]:tile.cols[1]])
             unit = self._scale / self.sigma
+            hits_map, near_map = self._flags()
+            (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
+            a0, b0 = r0 - tile.rows[0], c0 - tile.cols[0]
         if self.conv == "fft":
             be.rfft2(self._x, out=self._X, rows=(0, g.extent[0]))  # x: zero beyond its window
             self._acc.fill(0)
@@ -368,11 +393,16 @@ class Solver(DeviceGuard):
                 continue
             out = self._wbuf[:, : nb * C]
             if gather:
+                near, hits = self._tflags[:, : nb * C, :g.h, :g.w]
+                unpack_window(near_map, planes, tile.rows, tile.cols, near)
                 rej, fin = be.consensus_weights(
                     y, yhat, out, acc, p=py, noise=self.noise, sigma=self.sigma[planes],
                     unit=unit[planes], delta=self.delta[planes], huber=self._huber, cons=cons,
                     zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
-                    mask=maps["mask"], var=maps["var"])
+                    mask=maps["mask"], var=maps["var"], near=near, hits=hits)
+                # the pixels this tile owns: assigned, so a recomputed pass rewrites them
+                set_window(hits_map, planes, (r0, r1), (c0, c1),
+                           hits[:, a0:a0 + r1 - r0, b0:b0 + c1 - c0])
                 # counted over the tile's frame window: approximate where tiles overlap
                 for k in range(nb * C):
                     p = planes.start + k
@@ -396,7 +426,6 @@ class Solver(DeviceGuard):
         if accumulate and self.conv == "fft":
             be.irfft2(self._acc, self.grid, out=self._nd, overwrite_input=True)
         if gather:  # the rows and columns this tile owns go to the whole-frame statistics
-            (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
             part.cstat[:, :, r0:r1, c0:c1] = be.to_host(acc[:, :, own.rows[0]:own.rows[1],
                                                             own.cols[0]:own.cols[1]])
 
@@ -509,6 +538,7 @@ class Solver(DeviceGuard):
         rejected fraction of each frame."""
         self.cons_host = consensus_maps(part.cstat, self.problem.n_frames, self.opt.reject_z,
                                         out=self.cons_host)
+        self._gathered += 1  # the pass's own-outlier flags grow before the next pass reads them
         C = self.problem.channels
         planes = range(self.problem.n_frames * C)
         rej = np.array([part.rej.get(k, 0.0) for k in planes])
@@ -586,7 +616,15 @@ class Solver(DeviceGuard):
                 "conv": self.conv, "early_stopped": self.early_stopped,
                 "history": list(self.history), "rejected": self.rejected,
                 "chi2": np.array([self.chi2, self._chi_calm], np.float64),
-                "consensus": np.zeros(0, np.float32) if self.cons_host is None else self.cons_host}
+                "consensus": np.zeros(0, np.float32) if self.cons_host is None else self.cons_host,
+                "near": self._packed_flags()}
+
+    def _packed_flags(self) -> np.ndarray:
+        """The flags the next pass reads, packed (empty when this solver holds none: a Dask
+        driver's are on the workers)."""
+        if self.near_host is None or not self._consensus:
+            return np.zeros(0, np.uint8)
+        return self._flags()[1]
 
     def restore(self, st: dict) -> None:
         """Continue from :meth:`state` (after :meth:`setup` on the same problem)."""
@@ -604,6 +642,15 @@ class Solver(DeviceGuard):
             self.rejected = np.asarray(st["rejected"], np.float64)
         cons = st.get("consensus")
         self.cons_host = None if cons is None or np.size(cons) == 0 else np.asarray(cons, np.float32)
+        near = st.get("near")
+        self.near_host, self._gathered, self._grown = None, int(self.cons_host is not None), 0
+        if near is not None and np.size(near) and self._consensus:
+            P, (h, w) = self.problem.n_frames * self.problem.channels, self.problem.shape
+            if near.shape != (P, h, (w + 7) // 8):
+                raise ValueError(f"checkpoint flags {near.shape} != {(P, h, (w + 7) // 8)}")
+            self.hits_host, self.near_host = flag_maps(P, h, w)
+            self.near_host[...] = near
+            self._grown = self._gathered
         if st["conv"] != self.conv:
             raise ValueError(f"checkpoint convolution {st['conv']} != {self.conv}: pass it to setup")
 
@@ -674,12 +721,14 @@ class Solver(DeviceGuard):
                 self.cons_host[:, :, tile.rows[0]:tile.rows[1], tile.cols[0]:tile.cols[1]])
             planes = slice(idx.start * C, idx.stop * C)
             w = self._wbuf[:, : nb * C]
+            near, hits = self._tflags[:, : nb * C, :g.h, :g.w]
+            unpack_window(self._flags()[1], planes, tile.rows, tile.cols, near)
             be.consensus_weights(y, yhat, w, self._cacc[:, :, :g.h, :g.w], p=py, noise=self.noise,
                                  sigma=self.sigma[planes],
                                  unit=(self._scale / self.sigma)[planes],
                                  delta=self.delta[planes], huber=False, cons=cons,
                                  zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p,
-                                 r=g.r, var=var)
+                                 r=g.r, var=var, near=near, hits=hits)
             wy = be.to_host(w[1])[:, g.p:g.p + g.r * g.h:g.r, g.p:g.p + g.r * g.w:g.r]
             rej = (np.isfinite(np.asarray(y)) & (wy == 0)).reshape(nb, C, g.h, g.w)
             (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols

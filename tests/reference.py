@@ -201,14 +201,15 @@ def update_with_floor(x, num, den, *, kappa, relax, den_floor, floor=None):
 
 
 def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, var=None,
-                      mask=None, channels=1):
+                      mask=None, channels=1, near=None):
     """Weights with cross-frame consensus rejection, and the statistics for the next pass.
 
     y, yhat: (P, h, w) planes (frame-major, ``channels`` per frame); z =
     |y - ŷ| / (σ √V unit), V = var or 1; L = zt · max(1, m), m² = cons[0];
-    w = 1/(σ² V) · mask, 0 where z > L or (cons[1] and z > lo_frac · L) or y
-    is NaN. Returns (w, rejected per plane, finite per plane, (Σz², max z², NaN
-    count) per channel).
+    w = 1/(σ² V) · mask, 0 where z > L or (the plane's own ``near`` flag, bit
+    0, and z > lo_frac · L) or y is NaN. Returns (w, rejected per plane,
+    finite per plane, (Σz², max z², NaN count) per channel, hits: z > L per
+    plane, none without ``cons``).
     """
     P = y.shape[0]
     v = np.ones_like(y, dtype=np.float64) if var is None else var.astype(np.float64)
@@ -220,11 +221,14 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
     if mask is not None:
         w = w * mask
     rej = np.zeros_like(finite)
+    hits = np.zeros_like(finite)
     if cons is not None:
         c = np.arange(P) % channels
-        m, near = np.sqrt(cons[0][c]), cons[1][c] > 0.5
+        m = np.sqrt(cons[0][c])
+        own = np.zeros_like(finite) if near is None else (near & 1) > 0
         lim = zt * np.maximum(1.0, m)
-        rej = finite & ((z > lim) | (near & (z > lo_frac * lim)))
+        hits = finite & (z > lim)
+        rej = hits | (finite & own & (z > lo_frac * lim))
     else:
         rej = finite & (z > zt)
     w = np.where(finite & ~rej, w, 0.0)
@@ -232,4 +236,4 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
     fc = finite.reshape(zc.shape)
     z2 = np.where(fc, zc * zc, 0)
     stats = (z2.sum(axis=0), z2.max(axis=0), (~fc).sum(axis=0))
-    return w, rej.sum(axis=(1, 2)), finite.sum(axis=(1, 2)), stats
+    return w, rej.sum(axis=(1, 2)), finite.sum(axis=(1, 2)), stats, hits

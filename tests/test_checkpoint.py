@@ -35,6 +35,8 @@ def test_resume_after_interruption_gives_the_same_image(sim, tmp_path, color_sr)
         deconvolve(sim.frames, list(sim.psfs), options=opt, progress=_stop_at(3),
                    control=RunControl(checkpoint=out))
     assert err.value.path == checkpoint_path(out) and err.value.path.exists()
+    with np.load(err.value.path) as saved:  # the trail's own flags travel with the estimate
+        assert np.unpackbits(saved["near"][1]).any()
     resumed = deconvolve(sim.frames, list(sim.psfs), options=opt,
                          control=RunControl(checkpoint=out, resume=True))
     assert resumed.iterations == 8 and len(resumed.history) == 8

@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 from scipy.ndimage import maximum_filter
 
-from mfnumba.consensus import GROW_R, MIN_FRAMES, NO_CONSENSUS, consensus_maps
+from mfnumba.consensus import (GROW_R, MIN_FRAMES, NO_CONSENSUS, consensus_maps, flag_maps,
+                               grow_flags, set_window, unpack_window)
+
+from . import reference as ref
 
 
 def reference_maps(cstat, n_frames, reject_z):
@@ -41,3 +44,67 @@ def test_maps_match_reference(channels):
     out = np.full_like(got, -1)
     assert consensus_maps(cstat, n, 5.0, out=out) is out
     np.testing.assert_array_equal(out, want)
+
+
+def test_flags_pack_and_grow_as_the_reference():
+    """Windows written and read back exactly (odd offsets across bytes); near = hits dilated
+    by a (2 GROW_R + 1)² square, per plane."""
+    rng = np.random.default_rng(5)
+    P, h, w = 5, 31, 21
+    hits = rng.random((P, h, w)) < 0.02
+    hits[1, 0, 0] = hits[2, 30, 20] = True  # corners
+    packed, near = flag_maps(P, h, w)
+    near[...] = 255  # stale: every byte rewritten
+    for rows, cols in (((0, 13), (0, 9)), ((0, 13), (9, 21)), ((13, 31), (0, 21))):
+        win = (slice(None), slice(*rows), slice(*cols))
+        set_window(packed, slice(0, P), rows, cols, hits[win].astype(np.uint8))
+        back = unpack_window(packed, slice(0, P), rows, cols,
+                             np.empty((P, rows[1] - rows[0], cols[1] - cols[0]), np.uint8))
+        np.testing.assert_array_equal(back, hits[win])
+    np.testing.assert_array_equal(np.unpackbits(packed, axis=-1, count=w), hits)
+    for r in (1, 2):
+        got = np.unpackbits(grow_flags(packed, near, w, r), axis=-1, count=w)
+        want = maximum_filter(hits, size=(1, 2 * r + 1, 2 * r + 1), mode="constant")
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_cosmic_ray_costs_other_frames_no_pixels_on_a_star_core():
+    """A hit in frame 0 on a core where every frame's residual is moderately high (the model
+    under-predicts them all) rejects its own neighbours at half the limit in the next pass,
+    and none of frame 3's high samples there: "near" is each frame's own (the global flag of
+    any frame's outlier rejected them)."""
+    from mfnumba.backends.base import NoiseModel
+    from mfnumba.backends.cpu import CPUBackend
+
+    be, P, h, w, s = CPUBackend(), 8, 9, 9, 10.0
+    z = np.linspace(0.0, 1.0, P)[:, None, None] * np.ones((P, h, w))  # all frames high...
+    z[3, 3:6, 3:6] = 3.0  # ... frame 3 most (its seeing), above half the limit
+    z[0, 4, 4] = 50.0  # a cosmic ray in frame 0
+    z[0, 4, 5] = 3.0  # its wing
+    yhat = np.full((P, h, w), 1000.0, np.float32)
+    y = (yhat + s * z).astype(np.float32)
+    cons = np.ones((2, 1, h, w), np.float32)  # m² = 1: L = 5, half of it 2.5
+    cons[1] = 0.0
+
+    def one_pass(near):
+        out, acc = np.zeros((2, P, h, w), np.float32), np.zeros((3, 1, h, w), np.float32)
+        hits = np.zeros((P, h, w), np.uint8)
+        rej, _ = be.consensus_weights(y, yhat, out, acc, p=0, noise=NoiseModel("mad", 0.0),
+                                      sigma=np.full(P, s), unit=np.ones(P),
+                                      delta=np.full(P, 2.5), huber=False, cons=cons,
+                                      channels=1, near=near, hits=hits)
+        return rej, hits
+
+    rej1, hits = one_pass(None)
+    assert hits.sum() == 1 and hits[0, 4, 4] == 1 and list(rej1) == [1] + [0] * (P - 1)
+    packed, near = flag_maps(P, h, w)
+    set_window(packed, slice(0, P), (0, h), (0, w), hits)
+    near = np.unpackbits(grow_flags(packed, near, w), axis=-1, count=w)
+    rej2, _ = one_pass(near)
+    assert rej2[0] == 2  # the cosmic ray and its wing
+    assert not rej2[1:].any()  # frame 3 keeps its high samples
+    # the global flag (any frame's outlier within GROW_R) would have cost frame 3 nine pixels
+    g = maximum_filter(hits.any(axis=0), size=2 * GROW_R + 1, mode="constant")
+    old = ref.consensus_weights(y, yhat.astype(np.float64), np.full(P, s), np.ones(P),
+                                cons=cons, near=np.broadcast_to(g, (P, h, w)).astype(np.uint8))
+    assert old[1][3] == 9

@@ -248,20 +248,25 @@ def test_consensus_weights_match_reference(backend, with_cons, with_var, rng):
     sigma, unit = rng.uniform(2.5, 3.5, P), rng.uniform(0.9, 1.1, P)
     var = rng.uniform(0.8, 1.2, y.shape).astype(np.float32) if with_var else None
     mask = rng.uniform(0.5, 1.0, y.shape).astype(np.float32)
-    cons = None
+    cons = near = None
     if with_cons:
         cons = np.zeros((2, C, h, w), np.float32)
         cons[0] = rng.uniform(0.2, 3.0, (C, h, w))
-        cons[1, :, 4:7, :] = 1.0
+        near = np.zeros((P, h, w), np.uint8)
+        near[2, 4:7, :] = 1  # the trail's own flag: its wings go at half the limit
+        near[1, 4:7, :] = 3  # bit 1 (this pass's own outliers, being written) is not read
     dev = lambda a: None if a is None else be.asarray(a)  # noqa: E731
     out, acc = be.zeros((2, P) + grid.shape[1:]), be.zeros((3, C, h, w))
+    hits = np.full((P, h, w), 7, np.uint8)  # every pixel rewritten
     rej, fin = be.consensus_weights(dev(y), dev(grid), out, acc, p=p,
                                     noise=NoiseModel("map" if with_var else "mad", 0.0),
                                     sigma=sigma, unit=unit, delta=np.full(P, 2.5), huber=False,
                                     cons=dev(cons), zt=5.0, lo_frac=0.5, channels=C,
-                                    mask=dev(mask), var=dev(var))
-    want_w, want_rej, want_fin, stats = ref.consensus_weights(
-        y, yh.astype(np.float64), sigma, unit, cons=cons, var=var, mask=mask, channels=C)
+                                    mask=dev(mask), var=dev(var), near=near, hits=hits)
+    want_w, want_rej, want_fin, stats, want_hits = ref.consensus_weights(
+        y, yh.astype(np.float64), sigma, unit, cons=cons, var=var, mask=mask, channels=C,
+        near=near)
+    np.testing.assert_array_equal(hits, want_hits)
     out, acc = be.to_host(out), be.to_host(acc)
     core = (slice(None), slice(p, p + h), slice(p, p + w))
     np.testing.assert_allclose(out[0][core], want_w * np.nan_to_num(y), rtol=1e-5, atol=1e-7)

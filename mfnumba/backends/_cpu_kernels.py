@@ -48,21 +48,22 @@ def residual_samples(y, yhat, p, vmode, var, floor, step, g0, g1, r0, r1, c0, c1
 
 
 @njit(cache=True, error_model="numpy")
-def _weight_row(yr, er, vr, mr, pr, c0, c1, s0, s1, s2, o0, o1, vmode, fl, inv, ds, u2, huber,
-                has_mask, has_prot, reject, has_cons, zt2, lo2):
+def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, o0, o1, vmode, fl, inv, ds, u2,
+                huber, has_mask, has_prot, reject, has_cons, zt2, lo2):
     """One row of :func:`robust_weights` / :func:`consensus_weights`: o0 = w y, o1 = w ŷ.
 
     The pixel loop is branch-free (selects) and the "numpy" error model drops
     the division-by-zero checks, so that LLVM vectorises it (measured 2.7× a
     pixel-at-a-time loop on one AVX2 core, bit-identical results: no
     ``fastmath``, no FMA contraction). Rows not given (no var, mask, protect,
-    cons) are stand-ins of the same length, never read. With ``reject`` the
-    consensus statistics go into s0 (Σz²), s1 (max z²) and s2 (NaN count);
-    returns (rejected, finite) pixel counts of the row.
+    cons, near, hits) are stand-ins of the same length, never read. With
+    ``reject`` the consensus statistics go into s0 (Σz²), s1 (max z²) and s2
+    (NaN count), and hr = 1 where this plane's z² > L² (0 without a
+    consensus); nr: this plane's own "near an outlier" flag (bit 0) of the
+    last pass. Returns (rejected, finite) pixel counts of the row.
     """
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    half = np.float32(0.5)
     big = np.float32(np.inf)
     nrej = 0
     nfin = 0
@@ -92,9 +93,12 @@ def _weight_row(yr, er, vr, mr, pr, c0, c1, s0, s1, s2, o0, o1, vmode, fl, inv, 
             if has_cons:
                 m2 = c0[j]
                 lim2 = zt2 * m2 if m2 > one else zt2
-                bad = (z2 > lim2) | ((c1[j] > half) & (z2 > lo2 * lim2))
+                hit = z2 > lim2
+                bad = hit | (((nr[j] & 1) != 0) & (z2 > lo2 * lim2))
+                hr[j] = 1 if hit else 0
             else:
                 bad = z2 > lim2
+                hr[j] = 0
             f = zero if bad else f
             nrej += 1 if (ok & bad) else 0
             nfin += 1 if ok else 0
@@ -140,6 +144,7 @@ def robust_weights(y, yhat, p, vmode, var, floor, sigma, delta, huber, mask, has
     P, h, w = y.shape
     fl = np.float32(floor)
     one = np.float32(1.0)
+    nb = np.zeros(w, np.uint8)  # stand-in near/hits rows, never read or written here
     for kr in prange(P * h):
         k = kr // h
         i = kr % h
@@ -153,7 +158,7 @@ def robust_weights(y, yhat, p, vmode, var, floor, sigma, delta, huber, mask, has
             o0, o1 = out[0, k, po + i, po:po + w], out[1, k, po + i, po:po + w]
         else:
             o0, o1 = np.empty(w, np.float32), np.empty(w, np.float32)
-        _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, pr, yr, yr, yr, yr, yr, o0, o1,
+        _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, pr, yr, nb, nb, yr, yr, yr, o0, o1,
                     vmode, fl, inv, ds, one, huber, has_mask, has_protect, False, False,
                     one, one)
         if r > 1:
@@ -307,18 +312,21 @@ def update(x, num, den, kappa, alpha, den_floor, y0, y1, x0, x1, step, g0, g1, b
 
 @njit(parallel=True, cache=True)
 def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, mask, has_mask,
-                      cons, has_cons, zt, lo_frac, C, out, po, r, acc, rej, fin):
+                      cons, has_cons, near, hits, zt, lo_frac, C, out, po, r, acc, rej, fin):
     """:func:`robust_weights` with cross-frame consensus rejection, and its statistics.
 
     z² = (y - ŷ)² / (σ² V unit²): the standardised residual in units of the
     real scatter. From the previous pass, cons[0] = m², the mean z² of the
-    frames at the pixel with the largest left out, and cons[1] = 1 near a
-    pixel where some frame stood out. Limit L = zt · max(1, m): a residual
-    shared by all frames raises it, one frame's outlier does not. Rejected
-    (w = 0) where z > L, or z > lo_frac · L near an outlier (trails grow
-    along their wings). acc[0] += z², acc[1] = max(acc[1], z²) and acc[2] +=
-    1 where y is NaN (frames without data), per channel, for the next pass;
-    rej[k, i], fin[k, i]: rejected and finite pixels per row. Compared
+    frames at the pixel with the largest left out; near[k] bit 0 = 1 near a
+    pixel where plane k itself stood out (z > L) in the last pass. Limit
+    L = zt · max(1, m): a residual shared by all frames raises it, one
+    frame's outlier does not. Rejected (w = 0) where z > L, or z > lo_frac ·
+    L near the plane's own outlier (a trail grows along its wings; other
+    frames' samples there are not touched). hits[k] = 1 where z > L (with a
+    consensus; 0 without), for the next pass's near. acc[0] += z²,
+    acc[1] = max(acc[1], z²) and acc[2] += 1 where y is NaN (frames without
+    data), per channel, for the next pass; rej[k, i], fin[k, i]: rejected
+    and finite pixels per row. Compared
     squared: no square root per pixel. Rows run in parallel and each row's
     planes in order, so the sums do not depend on the threads.
     """
@@ -338,10 +346,10 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
             vr = var[k, i] if vmode == 2 else yr
             mr = mask[k, i] if has_mask else yr
             c0 = cons[0, c, i] if has_cons else yr
-            c1 = cons[1, c, i] if has_cons else yr
             if r == 1:
                 o0, o1 = out[0, k, po + i, po:po + w], out[1, k, po + i, po:po + w]
-            nr, nf = _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, yr, c0, c1, acc[0, c, i],
+            nr, nf = _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, yr, c0, near[k, i],
+                                 hits[k, i], acc[0, c, i],
                                  acc[1, c, i], acc[2, c, i], o0, o1, vmode, fl, inv, ds, u2,
                                  huber, has_mask, False, True, has_cons, zt2, lo2)
             if r > 1:

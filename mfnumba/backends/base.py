@@ -162,12 +162,15 @@ class Backend(Protocol):
         and ``delta``: one per plane."""
     def consensus_weights(self, y, yhat, out, acc, *, p: int, noise: NoiseModel, sigma, unit,
                           delta, huber: bool, cons=None, zt: float = 5.0, lo_frac: float = 0.5,
-                          channels: int = 1, mask=None, var=None, p_out=None, r: int = 1):
+                          channels: int = 1, mask=None, var=None, p_out=None, r: int = 1,
+                          near=None, hits=None):
         """:meth:`robust_weights` with cross-frame consensus rejection: w = 0 where
         z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, √cons[0]), or > lo_frac·L where
-        cons[1] marks a nearby outlier; ``acc`` (3, C, h, w) gathers Σz², max z²
-        and the count of NaN frames per channel for the next pass. Returns host (rejected,
-        finite) pixel counts per plane."""
+        bit 0 of ``near`` (P, h, w) uint8 marks the plane's own outlier nearby
+        (None: none); ``hits`` (P, h, w) uint8 gets 1 where z > L (0 without
+        ``cons``); ``acc`` (3, C, h, w) gathers Σz², max z² and the count of NaN
+        frames per channel for the next pass. Returns host (rejected, finite)
+        pixel counts per plane."""
     def block_sum(self, a, r: int, offset: int, out):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
     def replicate(self, u, r: int, offset: int, out):

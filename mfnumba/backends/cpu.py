@@ -131,15 +131,20 @@ class CPUBackend:
 
     def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
                           huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
-                          p_out=None, r=1):
-        P, h = y.shape[0], y.shape[1]
+                          p_out=None, r=1, near=None, hits=None):
+        P, h, w = y.shape
         rej = np.zeros((P, h), np.int64)
         fin = np.zeros((P, h), np.int64)
+        if near is None:
+            near = np.zeros((P, h, w), np.uint8)
+        if hits is None:
+            hits = np.empty((P, h, w), np.uint8)
         K.consensus_weights(y, yhat, p, noise.code, _or_dummy(var), noise.floor,
                             np.asarray(sigma, np.float64), np.asarray(unit, np.float64),
                             np.asarray(delta, np.float64), bool(huber), _or_dummy(mask),
                             mask is not None, _DUMMY4 if cons is None else cons,
-                            cons is not None, float(zt), float(lo_frac), int(channels), out,
+                            cons is not None, near, hits, float(zt), float(lo_frac),
+                            int(channels), out,
                             p if p_out is None else p_out, int(r), acc, rej, fin)
         return rej.sum(axis=1), fin.sum(axis=1)
 

@@ -381,13 +381,14 @@ class CUDABackend:
     @_api
     def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
                           huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
-                          p_out=None, r=1):
+                          p_out=None, r=1, near=None, hits=None):
         prm = cupy.asarray(L.consensus_params(*(self.to_host(a) for a in (sigma, unit, delta))))
         launch, counts = L.consensus_weights(
             cupy, self._in(y), self._in(yhat), p, prm, huber, noise,
             self._out(out, np.float32, "consensus_weights out"),
             self._out(acc, np.float32, "consensus_weights acc"), self._in(mask), self._in(cons),
-            zt, lo_frac, int(channels), p_out, int(r), self._in(var), self._dummy)
+            zt, lo_frac, int(channels), p_out, int(r), self._in(var), self._dummy,
+            near=self._in(near, np.uint8), hits=hits)
         self._launch(launch)
         rej, fin = cupy.asnumpy(counts).astype(np.int64)  # the protocol's host counts: a sync
         return rej, fin
