@@ -9,8 +9,10 @@ frames and the current estimate, a :class:`Partial`:
 * the residual and denominator samples of each of its planes, for the noise
   scales and the χ² of the pass;
 * with the consensus rejection, the per-pixel statistics over its frames
-  (Σz², max z², frames without data) and each plane's rejected and finite
-  pixel counts.
+  (Σz², max z², frames without data), each plane's rejected and finite
+  pixel counts, and each plane's own outliers (bit-packed ``hits``), which
+  the driver grows into the next pass's ``near`` flags (sent back with the
+  pass's inputs: a worker keeps no state between passes).
 
 Every field adds (or takes the maximum) across disjoint sets of frames, so
 parts reduce in any order and grouping (:func:`merge`). The solver's driver
@@ -42,11 +44,12 @@ class Partial:
     cstat: np.ndarray | None = None  # (3, C, h, w) float32: Σz², max z², frames without data
     rej: dict[int, float] = field(default_factory=dict)  # plane -> rejected pixels
     fin: dict[int, float] = field(default_factory=dict)  # plane -> finite pixels
+    hits: dict[int, np.ndarray] = field(default_factory=dict)  # plane -> own outliers, packed
 
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays it carries (what a worker sends back per pass)."""
-        arrays = list(self.z.values()) + list(self.q.values()) + [self.nd, self.cstat]
+        arrays = [*self.z.values(), *self.q.values(), *self.hits.values(), self.nd, self.cstat]
         return sum(a.nbytes for a in arrays if a is not None)
 
 
@@ -57,6 +60,7 @@ def shifted(part: Partial, planes: int) -> Partial:
         part.q = {k + planes: v for k, v in part.q.items()}
         part.rej = {k + planes: v for k, v in part.rej.items()}
         part.fin = {k + planes: v for k, v in part.fin.items()}
+        part.hits = {k + planes: v for k, v in part.hits.items()}
     return part
 
 
@@ -67,6 +71,7 @@ def merge(a: Partial, b: Partial) -> Partial:
         raise ValueError(f"parts overlap on plane(s) {sorted(overlap)[:5]}")
     a.z.update(b.z)
     a.q.update(b.q)
+    a.hits.update(b.hits)
     for k, v in b.rej.items():
         a.rej[k] = a.rej.get(k, 0.0) + v
     for k, v in b.fin.items():

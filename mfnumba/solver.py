@@ -102,12 +102,10 @@ class Solver(DeviceGuard):
             log.info("--reject consensus: %d frame(s), fewer than %d: no pixel is rejected",
                      problem.n_frames, _MIN_FRAMES)
         self.cons_host = None  # (2, C, h, w): consensus level and outlier flag of the last pass
-        # each of this solver's planes' own outliers (mfnumba.consensus, bit-packed): those of
-        # the pass being computed, and near those of the last applied pass. They stay where
-        # the frames are (a worker's with its share), never sent.
+        # each plane's own outliers (mfnumba.consensus, bit-packed): hits of the pass being
+        # computed (they travel in its Partial), and near, grown from the last applied pass's
+        # hits (the driver's; a worker is sent its planes' with each pass)
         self.hits_host = self.near_host = None
-        self._gathered = 0  # gathering passes applied (the driver's count; a worker is told it)
-        self._grown = 0  # ... of which the flags are grown into bit 0
         self._x_host = self._xdev = self.floor_host = self._floordev = None
         self.rejected = np.zeros(problem.n_frames)
         self.stop_reason = "iters"
@@ -201,7 +199,8 @@ class Solver(DeviceGuard):
         C = self.problem.channels
         planes = slice(frames.start * C, frames.stop * C)
         return {"sigma": self.sigma[planes], "delta": self.delta[planes],
-                "scale": self._scale[planes], "cons": self.cons_host, "gathered": self._gathered}
+                "scale": self._scale[planes], "cons": self.cons_host,
+                "near": None if self.near_host is None else self.near_host[planes]}
 
     def join(self, settings: dict, extent_shape: tuple[int, ...]) -> None:
         """Take the driver's :meth:`settings` in place of :meth:`setup`."""
@@ -218,18 +217,17 @@ class Solver(DeviceGuard):
         self.x_host = x
         self.sigma, self.delta, self._scale = inputs["sigma"], inputs["delta"], inputs["scale"]
         self.cons_host = inputs["cons"]
-        self._gathered = inputs.get("gathered", self._gathered)
+        near = inputs.get("near")
+        if near is not None:  # the driver's flags of this share's planes: no state kept here
+            self._flags()[1][...] = near
 
     def _flags(self) -> tuple[np.ndarray, np.ndarray]:
-        """(hits, near): the planes' own outliers, near grown from the last applied pass's
-        hits (once per pass: a pass recomputed after a device failure reads the same)."""
+        """(hits, near) of this solver's planes, packed; allocated (empty) when first asked.
+        A pass writes hits and reads near; only :meth:`apply` changes near, so a pass
+        recomputed after a device failure reads the same."""
         if self.near_host is None:
             self.hits_host, self.near_host = flag_maps(
                 self.problem.n_frames * self.problem.channels, *self.problem.shape)
-            self._grown = self._gathered
-        if self._grown < self._gathered:
-            grow_flags(self.hits_host, self.near_host, self.problem.shape[1])
-            self._grown = self._gathered
         return self.hits_host, self.near_host
 
     def _on_device(self) -> None:
@@ -482,6 +480,9 @@ class Solver(DeviceGuard):
                 cy, cx = tile.core_in_model
                 a, b, c, d = tile.core
                 part.nd[:, :, a:b, c:d] = self.be.to_host(self._nd[:, :, cy, cx])
+        if gather:  # each plane's own outliers of this pass, for the driver's growth
+            hits = self._flags()[0]
+            part.hits = {k: hits[k] for k in range(frames.start * C, frames.stop * C)}
         zs = {p: [] for p in range(frames.start * C, frames.stop * C)}
         qs = {p: [] for p in zs}
         for start, samples in self._pending:  # back to the host once per pass
@@ -538,7 +539,11 @@ class Solver(DeviceGuard):
         rejected fraction of each frame."""
         self.cons_host = consensus_maps(part.cstat, self.problem.n_frames, self.opt.reject_z,
                                         out=self.cons_host)
-        self._gathered += 1  # the pass's own-outlier flags grow before the next pass reads them
+        hits, near = self._flags()
+        for k, a in part.hits.items():  # a worker's planes; the local pass wrote them in place
+            if not np.shares_memory(a, hits[k]):
+                hits[k] = a
+        grow_flags(hits, near, self.problem.shape[1])  # what the next pass reads
         C = self.problem.channels
         planes = range(self.problem.n_frames * C)
         rej = np.array([part.rej.get(k, 0.0) for k in planes])
@@ -620,8 +625,7 @@ class Solver(DeviceGuard):
                 "near": self._packed_flags()}
 
     def _packed_flags(self) -> np.ndarray:
-        """The flags the next pass reads, packed (empty when this solver holds none: a Dask
-        driver's are on the workers)."""
+        """The flags the next pass reads, packed (empty before the first consensus)."""
         if self.near_host is None or not self._consensus:
             return np.zeros(0, np.uint8)
         return self._flags()[1]
@@ -643,14 +647,13 @@ class Solver(DeviceGuard):
         cons = st.get("consensus")
         self.cons_host = None if cons is None or np.size(cons) == 0 else np.asarray(cons, np.float32)
         near = st.get("near")
-        self.near_host, self._gathered, self._grown = None, int(self.cons_host is not None), 0
+        self.near_host = None
         if near is not None and np.size(near) and self._consensus:
             P, (h, w) = self.problem.n_frames * self.problem.channels, self.problem.shape
             if near.shape != (P, h, (w + 7) // 8):
                 raise ValueError(f"checkpoint flags {near.shape} != {(P, h, (w + 7) // 8)}")
             self.hits_host, self.near_host = flag_maps(P, h, w)
             self.near_host[...] = near
-            self._grown = self._gathered
         if st["conv"] != self.conv:
             raise ValueError(f"checkpoint convolution {st['conv']} != {self.conv}: pass it to setup")
 
