@@ -535,8 +535,9 @@ class Solver(DeviceGuard):
         return got
 
     def _set_consensus(self, part: Partial) -> None:
-        """The consensus maps for the next pass (:mod:`mfnumba.consensus`), and the
-        rejected fraction of each frame."""
+        """The consensus maps for the next pass (:mod:`mfnumba.consensus`), each plane's
+        near flags grown from its own outliers of this pass, and the rejected fraction
+        of each frame."""
         self.cons_host = consensus_maps(part.cstat, self.problem.n_frames, self.opt.reject_z,
                                         out=self.cons_host)
         hits, near = self._flags()
