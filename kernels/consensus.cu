@@ -1,11 +1,14 @@
 // Robust weights with cross-frame consensus rejection, and the statistics of
 // the next pass's consensus (planes k = frame · C + c):
-//   out[0, k] = U(w·y), out[1, k] = U(w·ŷ),  w = 0 where z² > L² or (near and z² > lo²L²)
+//   out[0, k] = U(w·y), out[1, k] = U(w·ŷ),
+//     w = 0 where z² > L² or (near[k] & 1 and z² > lo²L²): the plane's own outlier nearby
+//   hits[k] = z² > L² (0 without a consensus), for the next pass's near
 //   acc[0, c] += Σ_k z²,  acc[1, c] = max(acc[1, c], max_k z²),  acc[2, c] += #(y NaN)
 //   counts[0, k] += rejected, counts[1, k] += finite pixels
 // One thread per pixel (c, i, j) of acc, looping over its planes k = c, c + C,
 // … in order: acc needs no atomics and its float sums are the CPU's. The
-// counts are summed per warp and added with integer atomics (exact). ŷ is
+// counts are summed per warp and added with integer atomics (exact); each
+// thread reads and writes only its own pixel of near and hits. ŷ is
 // read at offset p, out written over r×r blocks at offset po (as
 // mf_robust_weights); prm (3, P) holds each plane's 1/σ², δσ, 1/unit².
 #include "mfnumba_math.cuh"
@@ -16,7 +19,9 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
     mf_i64 vmode, const float* var, mf_i64 v_sp, mf_i64 v_sr, double floor,
     const float* prm, mf_i64 huber,
     const float* mask, mf_i64 m_sp, mf_i64 m_sr, mf_i64 has_mask,
-    const float* cons, mf_i64 c_sk, mf_i64 c_sc, mf_i64 c_sr, mf_i64 has_cons,
+    const float* cons, mf_i64 c_sc, mf_i64 c_sr, mf_i64 has_cons,
+    const unsigned char* near, mf_i64 n_sp, mf_i64 n_sr, mf_i64 has_near,
+    unsigned char* hits, mf_i64 h_sp, mf_i64 h_sr, mf_i64 has_hits,
     double zt, double lo_frac,
     float* out, mf_i64 o_sk, mf_i64 o_sp, mf_i64 o_sr, mf_i64 po, mf_i64 r,
     float* acc, mf_i64 a_sk, mf_i64 a_sc, mf_i64 a_sr, unsigned long long* counts,
@@ -30,12 +35,10 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
         mf_i64 row = mf_div(q, w), j = q - row * w;
         mf_i64 c = mf_div(row, h), i = row - c * h;
         float lim2 = zt2, sum = 0.0f, top = 0.0f, gaps = 0.0f;
-        bool near = false;
         float* st = acc + c * a_sc + i * a_sr + j;
         if (live) {
             if (has_cons) {
-                const float* cp = cons + c * c_sc + i * c_sr + j;
-                lim2 = mf_consensus_limit(zt2, cp[0], cp[c_sk], &near);
+                lim2 = mf_consensus_limit(zt2, cons[c * c_sc + i * c_sr + j]);  // cons[0]
             }
             sum = st[0];
             top = st[a_sk];
@@ -50,10 +53,13 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
                 float e = yhat[k * e_sp + (i + p) * e_sr + j + p];
                 float varv = vmode == MF_V_MAP ? var[k * v_sp + i * v_sr + j] : 1.0f;
                 float m = has_mask ? mask[k * m_sp + i * m_sr + j] : 1.0f;
+                bool own = has_cons && has_near && (near[k * n_sp + i * n_sr + j] & 1u) != 0;
                 float a0, a1, z2;
+                bool hit;
                 state = mf_consensus_weight(v, e, prm[k], prm[P + k], prm[2 * P + k], (int)vmode,
-                                            (float)floor, varv, huber != 0, lim2, lo2, near,
-                                            has_mask != 0, m, &a0, &a1, &z2);
+                                            (float)floor, varv, huber != 0, lim2, lo2, own,
+                                            has_mask != 0, m, &a0, &a1, &z2, &hit);
+                if (has_hits) hits[k * h_sp + i * h_sr + j] = (has_cons && hit) ? 1 : 0;
                 mf_consensus_stat(state, z2, &sum, &top, &gaps);
                 float* o = out + k * o_sp + (po + r * i) * o_sr + po + r * j;
                 for (mf_i64 u = 0; u < r; ++u)

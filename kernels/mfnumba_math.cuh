@@ -155,29 +155,28 @@ MF_HD double mf_update(float x, float num, float den, double kappa, double alpha
 // Consensus rejection ---------------------------------------------------------
 // z² = (y - ŷ)²/(σ² V unit²), the standardised residual in units of the real
 // scatter, against the limit L² = zt² · max(1, m²) that the frames' consensus
-// of the last pass (cons[0] = m², cons[1] = an outlier nearby) sets.
+// of the last pass (cons[0] = m²) sets; a plane's own outlier of the last
+// pass nearby (its `near` flag, bit 0) lowers its limit to lo² L².
 
 enum { MF_C_NAN = 0, MF_C_KEPT = 1, MF_C_REJECTED = 2 };  // a pixel's state
 
-// The limit L² of one pixel from its consensus m² and outlier flag (zt² alone
-// without a consensus: the caller skips this); *near = the flag is set.
-MF_HD float mf_consensus_limit(float zt2, float m2, float flag, bool* near) {
-    *near = flag > 0.5f;
+// The limit L² of one pixel from its consensus m² (zt² alone without a
+// consensus: the caller skips this; a NaN m² gives zt², as on the CPU).
+MF_HD float mf_consensus_limit(float zt2, float m2) {
     return m2 > 1.0f ? zt2 * m2 : zt2;
 }
 
 // Weight of one native pixel with consensus rejection: w = ψ(z)/z · m / σ²
 // as mf_weight (no `protect`), but 0 where z² > lim2, or z² > lo2 · lim2
-// near an outlier. Writes a0 = w·y, a1 = w·ŷ and *z2 (all 0 where y is not
-// finite) and returns the pixel's state. In the CPU kernel's float32 order.
+// where `near` (the plane's own outlier nearby). Writes a0 = w·y, a1 = w·ŷ
+// and *z2 (all 0 where y is not finite), *hit = z² > lim2 (worked out before
+// the finiteness test, as the CPU kernel's branch-free row: y = ±Inf gives
+// a hit, NaN none), and returns the pixel's state. In the CPU kernel's
+// float32 order.
 MF_HD int mf_consensus_weight(float v, float e, float inv, float ds, float u2, int vmode,
                               float floor, float varv, bool huber, float lim2, float lo2,
                               bool near, bool has_mask, float m, float* a0, float* a1,
-                              float* z2) {
-    *a0 = 0.0f;
-    *a1 = 0.0f;
-    *z2 = 0.0f;
-    if (!mf_isfinite(v)) return MF_C_NAN;
+                              float* z2, bool* hit) {
     float wt = inv;
     float ve = 1.0f;
     if (vmode != MF_V_CONST) {
@@ -186,13 +185,18 @@ MF_HD int mf_consensus_weight(float v, float e, float inv, float ds, float u2, i
     }
     float a = v - e;
     float zz = a * a * wt * u2;  // wt = 1/(σ² V) here
+    *hit = zz > lim2;
+    *a0 = 0.0f;
+    *a1 = 0.0f;
+    *z2 = 0.0f;
+    if (!mf_isfinite(v)) return MF_C_NAN;
     float f = 1.0f;
     if (huber) {
         float thr = ds * sqrtf(ve);
         if (fabsf(a) > thr) f = thr / fabsf(a);
     }
     int state = MF_C_KEPT;
-    if (zz > lim2 || (near && zz > lo2 * lim2)) {
+    if (*hit || (near && zz > lo2 * lim2)) {
         f = 0.0f;
         state = MF_C_REJECTED;
     }

@@ -307,10 +307,12 @@ def test_gpu_element_kernels(backends, rng):
 @gpu
 @pytest.mark.parametrize("r,C", [(1, 1), (2, 3)])
 def test_gpu_consensus_weights(backends, rng, r, C):
-    """Outputs, statistics and counts as the CPU's, and the same bits on a second run.
+    """Outputs, statistics, counts and hits as the CPU's, and the same bits on a second run.
 
     h·w is no multiple of 32: warps straddle channels and rows, as they do in
-    a real tile; five frames per channel make several plane groups per warp."""
+    a real tile; five frames per channel make several plane groups per warp.
+    near and hits as the solver passes them (windows of its host flags; bit 1
+    of near is not read), and hits on the device, written in place."""
     g, c = backends
     B, h, w, p = 5, 37, 45, 3
     P = B * C
@@ -326,29 +328,47 @@ def test_gpu_consensus_weights(backends, rng, r, C):
     mask = rng.uniform(0.5, 1.0, (P, h, w)).astype(np.float32)
     cons = np.zeros((2, C, h, w), np.float32)
     cons[0] = rng.uniform(0.3, 2.5, (C, h, w))
-    cons[1, :, 9:14, :] = 1.0
+    cons[1] = 1.0  # no longer read
+    y[P - 1, 10, :] += 9.0  # the trail's wings
+    y[P - 1, 12, :] += 9.0
+    flags = np.zeros((2, P + 1, h + 3, w + 2), np.uint8)  # the solver's, windowed
+    near, hits = flags[:, :P, :h, :w]
+    near[P - 1, 9:14, :] = 1  # the trail's own outlier of the last pass
+    near[0, 18:23, 28:33] = 3  # bit 1: this pass's, not read
+    near[1] = np.where(rng.random((h, w)) < 0.5, 2, 0)
     sigma, unit, delta = rng.uniform(2.5, 3.5, P), rng.uniform(0.9, 1.1, P), np.full(P, 2.5)
     yd, yhd = g.asarray(y), g.asarray(yhat)
-    for mode, huber, cs, m in (("mad", True, cons, mask), ("map", False, None, None),
-                               ("poisson", True, cons, None)):
+    for mode, huber, cs, m, nr in (("mad", True, cons, mask, near),
+                                   ("map", False, None, None, None),
+                                   ("poisson", True, cons, None, near),
+                                   ("mad", False, cons, None, None)):
         kw = dict(p=py, noise=NoiseModel(mode, 1.0), sigma=sigma, unit=unit, delta=delta,
                   huber=huber, cons=cs, zt=3.0, lo_frac=0.5, channels=C, mask=m, var=var,
-                  p_out=p, r=r)
+                  p_out=p, r=r, near=nr)
         oc, ac = np.zeros((2, P) + grid, np.float32), np.full((3, C, h, w), 0.5, np.float32)
-        want = c.consensus_weights(y, yhat, oc, ac, **kw)
+        hc = np.full((P, h, w), 9, np.uint8)
+        want = c.consensus_weights(y, yhat, oc, ac, hits=hc, **kw)
         runs = []
-        for _ in range(2):
+        for on_device in (False, True):
             og, ag = g.zeros((2, P) + grid), g.asarray(np.full((3, C, h, w), 0.5, np.float32))
-            got = g.consensus_weights(yd, yhd, og, ag, **kw)
-            runs.append((cuda.cupy.asnumpy(og), cuda.cupy.asnumpy(ag), got))
-        (o1, a1, n1), (o2, a2, n2) = runs
+            flags[1] = 9
+            hg = g.asarray(np.full((P, h, w), 9, np.uint8), np.uint8) if on_device else hits
+            got = g.consensus_weights(yd, yhd, og, ag, hits=hg, **kw)
+            runs.append((cuda.cupy.asnumpy(og), cuda.cupy.asnumpy(ag), got,
+                         cuda.cupy.asnumpy(hg) if on_device else hits.copy()))
+            assert (flags[1, P:] == 9).all() and (flags[1, :, h:] == 9).all()
+            assert (flags[1, :, :, w:] == 9).all()  # only the window written
+        (o1, a1, n1, h1), (o2, a2, n2, h2) = runs
         np.testing.assert_allclose(o1, oc, rtol=1e-6, atol=0)
         np.testing.assert_allclose(a1, ac, rtol=1e-6, atol=0)
         for u, v in zip(n1, want):
             np.testing.assert_array_equal(u, v)
+        np.testing.assert_array_equal(h1, hc)
         assert n1[0][P - 1] >= w  # the trail's row
+        assert h1[P - 1, 11].all() if cs is not None else not h1.any()
         np.testing.assert_array_equal(o1, o2)  # deterministic: no float atomics
         np.testing.assert_array_equal(a1, a2)
+        np.testing.assert_array_equal(h1, h2)
         for u, v in zip(n1, n2):
             np.testing.assert_array_equal(u, v)
 

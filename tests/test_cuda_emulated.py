@@ -326,7 +326,9 @@ def test_every_method_matches_cpu(emu, rng):
 @pytest.mark.parametrize("r,C", [(1, 1), (2, 1), (1, 3), (2, 3)])
 def test_consensus_weights_run_their_kernel_and_match_cpu(emu, rng, r, C):
     """The solver's call: a strided host block y, ŷ at offset p (native when r > 1),
-    the batch view of the weight buffer and the tile's view of the statistics."""
+    the batch view of the weight buffer, the tile's view of the statistics and
+    windows of the host flags (near: bit 0 read, a stale bit 1 not; hits
+    written), as the CPU's."""
     cuda, cp = emu
     be, cpu = cuda.CUDABackend(), CPUBackend()
     B, h, w, p = 4, 11, 13, 2
@@ -345,29 +347,59 @@ def test_consensus_weights_run_their_kernel_and_match_cpu(emu, rng, r, C):
     mask = rng.uniform(0.5, 1.0, (P, h, w)).astype(np.float32)
     cons = np.zeros((2, C, h, w), np.float32)
     cons[0] = rng.uniform(0.3, 2.5, (C, h, w))
-    cons[1, :, 6:9, :] = 1.0
+    cons[1] = 1.0  # no longer read: near is per plane
     sigma, unit, delta = rng.uniform(2.5, 3.5, P), rng.uniform(0.9, 1.1, P), np.full(P, 2.5)
-    variants = [("mad", True, cons, mask), ("mad", False, None, None), ("poisson", True, None, mask),
-                ("map", False, cons, None), ("map", True, cons, mask)]
-    for mode, huber, cs, m in variants:
+    y[P - 1, 3, :] += 9.0  # the trail's wings
+    y[P - 1, 5, :] += 9.0
+    # the solver's flags: (2, B·C, tile h, tile w), near = plane 0 and hits = plane 1 windowed
+    flags = np.zeros((2, P + C, h + 2, w + 3), np.uint8)
+    near, hits = flags[:, :P, :h, :w]
+    near[P - 1, 2:7, :] = 1  # the trail's own outlier of the last pass
+    near[0, 6:9, 7:10] = 3  # bit 0, and bit 1 (this pass's, being written): not read
+    near[1] = np.where(rng.random((h, w)) < 0.5, 2, 0)  # bit 1 alone: not near
+    variants = [("mad", True, cons, mask, near), ("mad", False, None, None, None),
+                ("poisson", True, None, mask, near), ("map", False, cons, None, None),
+                ("map", True, cons, mask, near), ("mad", False, cons, None, near)]
+    for mode, huber, cs, m, nr in variants:
         kw = dict(p=py, noise=NoiseModel(mode, 1.0), sigma=sigma, unit=unit, delta=delta,
                   huber=huber, cons=cs, zt=3.0, lo_frac=0.5, channels=C, mask=m, var=var,
-                  p_out=p, r=r)
+                  p_out=p, r=r, near=nr)
         wbuf = np.zeros((2, P + C) + g, np.float32)
         cbuf = np.full((3, C, h + 3, w + 1), 0.5, np.float32)
         out, acc = wbuf[:, :P], cbuf[:, :, :h, :w]
+        flags[1] = 9  # every pixel of the window rewritten, nothing outside it
         n0 = len(cp.launches)
-        got = be.consensus_weights(y, yhat, out, acc, **kw)
+        got = be.consensus_weights(y, yhat, out, acc, hits=hits, **kw)
         assert cp.launches[n0:] == ["mf_consensus_weights"]  # the kernel, not a host copy
         want_out, want_acc = np.zeros((2, P) + g, np.float32), np.full((3, C, h, w), 0.5, np.float32)
-        want = cpu.consensus_weights(np.ascontiguousarray(y), yhat, want_out, want_acc, **kw)
+        want_hits = np.full((P, h, w), 9, np.uint8)
+        want = cpu.consensus_weights(np.ascontiguousarray(y), yhat, want_out, want_acc,
+                                     hits=want_hits, **kw)
         np.testing.assert_array_equal(out, want_out)
         np.testing.assert_array_equal(acc, want_acc)
+        np.testing.assert_array_equal(hits, want_hits)
+        assert (flags[1, P:] == 9).all() and (flags[1, :, h:] == 9).all()
+        assert (flags[1, :, :, w:] == 9).all()
         assert (cbuf[:, :, h:] == 0.5).all() and (cbuf[:, :, :, w:] == 0.5).all()
         for a, b in zip(got, want):
             assert a.dtype == np.int64 and isinstance(a, np.ndarray)  # host counts, as the CPU's
             np.testing.assert_array_equal(a, b)
         assert got[0][P - 1] >= w  # the trail's row is rejected
+        if cs is None:
+            assert not hits.any()
+        else:
+            assert hits[P - 1, 4].all()
+        if cs is not None and nr is not None:  # the trail's own flag took some of its wings
+            plain = be.consensus_weights(y, yhat, np.zeros_like(out), acc.copy(),
+                                         **dict(kw, near=None))
+            if mode == "mad":  # (the var map's V ≈ 10 leaves the wings' z below lo_frac · L)
+                assert plain[0][P - 1] < got[0][P - 1]
+            assert (plain[0][:P - 1] <= got[0][:P - 1]).all()
+            # bit 1 alone everywhere: as no flag at all; hits=None: not written
+            stale = be.consensus_weights(y, yhat, np.zeros_like(out), acc.copy(),
+                                         **dict(kw, near=np.full_like(near, 2)))
+            for a, b in zip(plain, stale):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_update_with_sky_floor_runs_its_kernel_and_matches_cpu(emu, rng):

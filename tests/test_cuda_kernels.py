@@ -255,9 +255,13 @@ def test_residual_samples(lib, rng, noise, step, origin, rows, cols):
 
 def _consensus_case(rng, P, C, h, w, p):
     """Frames with NaN, ±Inf and zeros in y and ŷ, a trail and a cosmic ray; the
-    consensus of a last pass (m² below and above 1, NaN, outlier flags)."""
+    consensus of a last pass (m² below and above 1, NaN) and each plane's own
+    outlier flags of it (near, bit 0; bit 1, the solver's flags of this pass,
+    is set in places and must not be read)."""
     y, grid = _frames(rng, P, h, w, p)
     y[P - 1, 5, :] += 300.0  # a trail in one plane
+    y[P - 1, 4, :] += 10.0  # its wings, about lo_frac · L (by the noise model, σ and m²)
+    y[P - 1, 6, :] += 7.0
     y[0, 6, 7] += 900.0  # a cosmic ray
     grid[1, p + 3, p + 2] = np.nan  # ŷ not finite where y is
     grid[2 % P, p + 4, p + 1] = np.inf
@@ -265,8 +269,19 @@ def _consensus_case(rng, P, C, h, w, p):
     cons = np.zeros((2, C, h, w), np.float32)
     cons[0] = rng.uniform(0.2, 3.0, (C, h, w))
     cons[0, 0, 1, 1] = np.nan
-    cons[1, :, 4:7, :] = 1.0
-    return y, grid, cons
+    cons[1] = 1.0  # the old shared "near" plane: no longer read
+    near = np.zeros((P, h, w), np.uint8)
+    near[P - 1, 4:7, :] = 1  # the trail's own flag: its wings go at lo_frac · L
+    near[0, 5:8, 5:10] = 3  # bit 0 and a stale bit 1
+    near[1, :, :] = np.where(rng.random((h, w)) < 0.5, 2, 0)  # bit 1 alone: not near
+    near[1, 0:3, 0:4] |= 1
+    return y, grid, cons, near
+
+
+def _host_hits(P, h, w, fill=7):
+    """A (P, h, w) uint8 window of a wider buffer (as the solver's flags), and the buffer."""
+    buf = np.full((P + 1, h + 2, w + 3), fill, np.uint8)
+    return buf[1:, 1:h + 1, 2:w + 2], buf
 
 
 @pytest.mark.parametrize("noise", ["mad", "poisson", "map"])
@@ -276,7 +291,7 @@ def test_consensus_weights_match_cpu(lib, rng, noise, r, C, P):
     counts per plane: the CPU kernel's, bit for bit (C = 3, P = 7: a plane short)."""
     h, w, p, po = 9, 11, 2, 3
     model = NoiseModel(noise, 1.0)
-    y, grid, cons = _consensus_case(rng, P, C, h, w, p)
+    y, grid, cons, near = _consensus_case(rng, P, C, h, w, p)
     var = (rng.random((P, h, w)) * 2 + 0.5).astype(np.float32) if noise == "map" else None
     mask = rng.random((P, h, w)).astype(np.float32)
     sigma, unit = rng.uniform(2.5, 3.5, P), rng.uniform(0.8, 1.2, P)
@@ -284,25 +299,49 @@ def test_consensus_weights_match_cpu(lib, rng, noise, r, C, P):
     fine = (po + r * h + 1, po + r * w + 2)
     acc0 = np.zeros((3, C, h + 2, w + 3), np.float32)
     acc0[:, :, :h, :w] = rng.random((3, C, h, w)) * 4  # gathered from an earlier batch
-    for huber, m, cs in ((True, mask, cons), (False, None, cons), (True, None, None),
-                         (False, mask, None)):
+    for huber, m, cs, nr in ((True, mask, cons, near), (False, None, cons, None),
+                             (False, mask, cons, near), (True, None, None, near),
+                             (False, mask, None, None)):
         kw = dict(p=p, noise=model, sigma=sigma, unit=unit, delta=delta, huber=huber, cons=cs,
-                  zt=3.0, lo_frac=0.5, channels=C, mask=m, var=var, p_out=po, r=r)
+                  zt=3.0, lo_frac=0.5, channels=C, mask=m, var=var, p_out=po, r=r, near=nr)
         buf = np.full((2, P + 2) + fine, -7.0, np.float32)
         out = buf[:, 1:P + 1]  # a strided batch view, as the solver's
         accb = acc0.copy()
         acc = accb[:, :, :h, :w]  # the solver's view of its tile buffer
+        hits, hbuf = _host_hits(P, h, w)
         launch, counts = L.consensus_weights(
             np, y, grid, p, L.consensus_params(sigma, unit, delta), huber, model, out, acc, m,
-            cs, 3.0, 0.5, C, po, r, var, DUMMY)
+            cs, 3.0, 0.5, C, po, r, var, DUMMY, near=nr, hits=hits)
         run(lib, launch)
         cpu_out = np.full((2, P) + fine, -7.0, np.float32)
         cpu_acc = acc0[:, :, :h, :w].copy()
-        rej, fin = CPUBackend().consensus_weights(y, grid, cpu_out, cpu_acc, **kw)
+        cpu_hits = np.full((P, h, w), 7, np.uint8)
+        rej, fin = CPUBackend().consensus_weights(y, grid, cpu_out, cpu_acc, hits=cpu_hits, **kw)
         np.testing.assert_array_equal(out, cpu_out)
         np.testing.assert_array_equal(acc, cpu_acc)
+        np.testing.assert_array_equal(hits, cpu_hits)
         np.testing.assert_array_equal(counts[0], rej)
         np.testing.assert_array_equal(counts[1], fin)
+        assert (hbuf[0] == 7).all() and (hbuf[:, 0] == 7).all() and (hbuf[:, h + 1:] == 7).all()
+        assert (hbuf[:, :, :2] == 7).all() and (hbuf[:, :, w + 2:] == 7).all()  # only the window
+        if cs is None:
+            assert not hits.any()
+        else:
+            assert hits[P - 1, 5].sum() >= w - 2 and hits[0, 6, 7] == 1  # trail, cosmic ray
+        # the kernel without near/hits: the same weights as with near all zero
+        if nr is not None and cs is not None:
+            o2, a2 = np.full_like(out, -7.0), acc0[:, :, :h, :w].copy()
+            launch, c2 = L.consensus_weights(
+                np, y, grid, p, L.consensus_params(sigma, unit, delta), huber, model, o2, a2, m,
+                cs, 3.0, 0.5, C, po, r, var, DUMMY)
+            run(lib, launch)
+            o3, a3 = np.full_like(out, -7.0), acc0[:, :, :h, :w].copy()
+            CPUBackend().consensus_weights(y, grid, o3, a3, **dict(kw, near=None))
+            np.testing.assert_array_equal(o2, o3)
+            np.testing.assert_array_equal(a2, a3)
+            assert (c2[0] <= counts[0]).all() and (c2[1] == counts[1]).all()
+            if noise != "poisson":  # (Poisson's V = ŷ leaves the wings' z below lo_frac · L)
+                assert (c2[0] < counts[0]).any()  # near rejected more
         assert counts.dtype == np.uint64 and (counts[1] > 0).all()
         assert (buf[:, 0] == -7).all() and (buf[:, P + 1] == -7).all()  # nothing outside
         np.testing.assert_array_equal(accb[:, :, h:], acc0[:, :, h:])
@@ -316,21 +355,30 @@ def test_consensus_weights_match_cpu(lib, rng, noise, r, C, P):
 
 def test_consensus_weights_match_reference(lib, rng):
     P, C, h, w, p = 6, 3, 10, 12, 2
-    y, grid, cons = _consensus_case(rng, P, C, h, w, p)
+    y, grid, cons, near = _consensus_case(rng, P, C, h, w, p)
     grid = np.nan_to_num(grid, nan=20.0, posinf=20.0, neginf=20.0)  # the reference wants ŷ finite
     cons[0, 0, 1, 1] = 0.5
     yh = grid[:, p:p + h, p:p + w]
     sigma, unit = rng.uniform(2.5, 3.5, P), rng.uniform(0.9, 1.1, P)
     mask = rng.uniform(0.5, 1.0, (P, h, w)).astype(np.float32)
-    for cs in (None, cons):
+    finite = np.isfinite(y)
+    grown = {}
+    for cs, nr in ((None, None), (None, near), (cons, None), (cons, near), (cons[:1], near)):
         out = np.zeros((2, P) + grid.shape[1:], np.float32)
         acc = np.zeros((3, C, h, w), np.float32)
+        hits, _ = _host_hits(P, h, w)
         launch, counts = L.consensus_weights(
             np, y, grid, p, L.consensus_params(sigma, unit, np.full(P, 2.5)), False,
-            NoiseModel("mad", 0.0), out, acc, mask, cs, 5.0, 0.5, C, None, 1, None, DUMMY)
+            NoiseModel("mad", 0.0), out, acc, mask, cs, 5.0, 0.5, C, None, 1, None, DUMMY,
+            near=nr, hits=hits)
         run(lib, launch)
-        want_w, want_rej, want_fin, stats = ref.consensus_weights(
-            y, yh.astype(np.float64), sigma, unit, cons=cs, mask=mask, channels=C)
+        want_w, want_rej, want_fin, stats, want_hits = ref.consensus_weights(
+            y, yh.astype(np.float64), sigma, unit, cons=cs, mask=mask, channels=C, near=nr)
+        # where y is finite; ±Inf y is a hit (z = ∞) in the CPU kernel, none in the reference
+        np.testing.assert_array_equal(hits[finite], want_hits[finite])
+        assert set(np.unique(hits)) <= {0, 1}
+        if cs is not None:
+            grown[nr is not None] = counts[0][P - 1]
         core = (slice(None), slice(p, p + h), slice(p, p + w))
         np.testing.assert_allclose(out[0][core], want_w * np.nan_to_num(y, posinf=0, neginf=0),
                                    rtol=1e-5, atol=1e-7)
@@ -339,6 +387,26 @@ def test_consensus_weights_match_reference(lib, rng):
         np.testing.assert_array_equal(counts[1], want_fin)
         for got, want in zip(acc, stats):
             np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert grown[True] > grown[False]  # the trail's own flag took its wings
+
+    def kernel(nr):
+        out, acc = np.zeros((2, P) + grid.shape[1:], np.float32), np.zeros((3, C, h, w), np.float32)
+        hits = np.zeros((P, h, w), np.uint8)
+        launch, counts = L.consensus_weights(
+            np, y, grid, p, L.consensus_params(sigma, unit, np.full(P, 2.5)), False,
+            NoiseModel("mad", 0.0), out, acc, mask, cons, 5.0, 0.5, C, None, 1, None, DUMMY,
+            near=nr, hits=hits)
+        run(lib, launch)
+        return out, acc, hits, counts
+
+    none, stale, both = (kernel(np.full((P, h, w), b, np.uint8)) for b in (0, 2, 3))
+    for u, v in zip(none, stale):  # bit 1 alone everywhere: as no flag at all
+        np.testing.assert_array_equal(u, v)
+    for u, v in zip(none, kernel(None)):
+        np.testing.assert_array_equal(u, v)
+    assert (both[3][0] >= none[3][0]).all()
+    assert both[3][0][P - 1] > none[3][0][P - 1]  # bit 0 everywhere: the wings go
+    np.testing.assert_array_equal(both[2], none[2])  # hits: z > L, whatever the flags
 
 
 # The device path on the host: the consensus kernel counts with warp ballots,
@@ -469,24 +537,28 @@ def test_consensus_device_path_with_warps(warps, rng, r, C, P, grid, block):
     """Grid-stride loops, lanes past the end, warps across channels and rows (9·11
     pixels a channel), several planes a warp: the CPU's outputs and counts."""
     h, w, p, po = 9, 11, 2, 1
-    y, yhat, cons = _consensus_case(rng, P, C, h, w, p)
+    y, yhat, cons, near = _consensus_case(rng, P, C, h, w, p)
     sigma, unit, delta = rng.uniform(2.5, 3.5, P), rng.uniform(0.8, 1.2, P), np.full(P, 2.0)
     mask = rng.random((P, h, w)).astype(np.float32)
     fine = (po + r * h, po + r * w)
     model = NoiseModel("poisson", 1.0)
-    for huber, cs in ((True, cons), (False, None)):
+    for huber, cs, nr in ((True, cons, near), (False, None, None), (False, cons, None)):
         out = np.zeros((2, P) + fine, np.float32)
         acc = np.ones((3, C, h, w), np.float32)
+        hits, _ = _host_hits(P, h, w)
         launch, counts = L.consensus_weights(
             np, y, yhat, p, L.consensus_params(sigma, unit, delta), huber, model, out, acc, mask,
-            cs, 3.0, 0.5, C, po, r, None, DUMMY)
+            cs, 3.0, 0.5, C, po, r, None, DUMMY, near=nr, hits=hits)
         run_grid(warps, launch, grid, block)
         cpu_out, cpu_acc = np.zeros_like(out), np.ones_like(acc)
+        cpu_hits = np.full((P, h, w), 7, np.uint8)
         rej, fin = CPUBackend().consensus_weights(
             y, yhat, cpu_out, cpu_acc, p=p, noise=model, sigma=sigma, unit=unit, delta=delta,
-            huber=huber, cons=cs, zt=3.0, lo_frac=0.5, channels=C, mask=mask, p_out=po, r=r)
+            huber=huber, cons=cs, zt=3.0, lo_frac=0.5, channels=C, mask=mask, p_out=po, r=r,
+            near=nr, hits=cpu_hits)
         np.testing.assert_array_equal(out, cpu_out)
         np.testing.assert_array_equal(acc, cpu_acc)
+        np.testing.assert_array_equal(hits, cpu_hits)
         np.testing.assert_array_equal(counts[0], rej)
         np.testing.assert_array_equal(counts[1], fin)
         assert counts[0].sum() > 0
@@ -512,6 +584,17 @@ def test_consensus_launcher_refuses_mismatched_shapes(rng):
     with pytest.raises(ValueError, match="params"):
         L.consensus_weights(np, y, grid, 0, prm[:, :2].copy(), True, NoiseModel("mad", 0.0),
                             out, acc, None, None, *args)
+    flags = np.zeros((P, h, w), np.uint8)
+    for nm in ("near", "hits"):
+        with pytest.raises(ValueError, match=nm):
+            L.consensus_weights(np, y, grid, 0, prm, True, NoiseModel("mad", 0.0), out, acc,
+                                None, None, *args, **{nm: flags[:, :, :-1]})
+        with pytest.raises(TypeError, match=nm):
+            L.consensus_weights(np, y, grid, 0, prm, True, NoiseModel("mad", 0.0), out, acc,
+                                None, None, *args, **{nm: flags.astype(np.float32)})
+    with pytest.raises(ValueError, match="non-contiguous"):
+        L.consensus_weights(np, y, grid, 0, prm, True, NoiseModel("mad", 0.0), out, acc,
+                            None, None, *args, hits=np.zeros((P, h, 2 * w), np.uint8)[:, :, ::2])
 
 
 # the update ----------------------------------------------------------------------------

@@ -180,11 +180,15 @@ def consensus_params(sigma, unit, delta) -> np.ndarray:
 
 
 def consensus_weights(xp, y, yhat, p, prm, huber, noise: NoiseModel, out, acc, mask, cons, zt,
-                      lo_frac, channels, p_out, r, var, dummy):
+                      lo_frac, channels, p_out, r, var, dummy, near=None, hits=None):
     """Launch plus its counts (2, P) uint64 in ``xp``: rejected and finite pixels per plane.
 
     ``prm``: :func:`consensus_params` (on the device on a GPU). One element
     per pixel of ``acc`` (3, C, h, w); the kernel loops over each one's planes.
+    Only ``cons[0]`` (m²) is read. ``near`` (P, h, w) uint8: bit 0 = the
+    plane's own outlier nearby (None: none); ``hits`` (P, h, w) uint8, written
+    where given: 1 where z > L (0 without ``cons``). Both may be strided views
+    with contiguous rows.
     """
     _check(y, np.float32, 3, "y")
     _check(yhat, np.float32, 3, "yhat")
@@ -204,19 +208,28 @@ def consensus_weights(xp, y, yhat, p, prm, huber, noise: NoiseModel, out, acc, m
         raise ValueError(f"consensus_weights: params {prm.shape} for {P} planes (C-contiguous)")
     if cons is not None:
         _check(cons, np.float32, 4, "cons")
-        if cons.shape != (2, C, h, w):
+        if cons.shape[0] < 1 or cons.shape[1:] != (C, h, w):
             raise ValueError(f"consensus_weights: cons {cons.shape}, expected {(2, C, h, w)}")
+    for a, nm in ((near, "near"), (hits, "hits")):
+        if a is not None:
+            _check(a, np.uint8, 3, nm)
+            if a.shape != (P, h, w):
+                raise ValueError(f"consensus_weights: {nm} {a.shape}, expected {(P, h, w)}")
     counts = xp.zeros((2, P), np.uint64)
     sy, se, so, sa = strides(y), strides(yhat), strides(out), strides(acc)
-    sc = strides(cons) if cons is not None else (0, 0, 0)
+    sc = strides(cons) if cons is not None else (0, 0, 0, 0)
+    sn = strides(near) if near is not None else (0, 0, 0)
+    sh = strides(hits) if hits is not None else (0, 0, 0)
     v, vs0, vs1 = _plane(var if noise.mode == "map" else None, "var", dummy)
     m, ms0, ms1 = _plane(mask, "mask", dummy)
     return Launch("consensus", "mf_consensus_weights", C * h * w,
                   (y, _I(sy[0]), _I(sy[1]), yhat, _I(se[0]), _I(se[1]), _I(p), _I(noise.code),
                    v, vs0, vs1, _D(noise.floor), prm, _I(bool(huber)),
                    m, ms0, ms1, _I(mask is not None),
-                   dummy if cons is None else cons, _I(sc[0]), _I(sc[1]), _I(sc[2]),
-                   _I(cons is not None), _D(zt), _D(lo_frac),
+                   dummy if cons is None else cons, _I(sc[1]), _I(sc[2]), _I(cons is not None),
+                   dummy if near is None else near, _I(sn[0]), _I(sn[1]), _I(near is not None),
+                   dummy if hits is None else hits, _I(sh[0]), _I(sh[1]), _I(hits is not None),
+                   _D(zt), _D(lo_frac),
                    out, _I(so[0]), _I(so[1]), _I(so[2]), _I(po), _I(r),
                    acc, _I(sa[0]), _I(sa[1]), _I(sa[2]), counts, _I(P), _I(C), _I(h), _I(w))), counts
 

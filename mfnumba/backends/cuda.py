@@ -383,14 +383,26 @@ class CUDABackend:
                           huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
                           p_out=None, r=1, near=None, hits=None):
         prm = cupy.asarray(L.consensus_params(*(self.to_host(a) for a in (sigma, unit, delta))))
+        # hits held on the host (the solver's flags, a strided window) are written on the
+        # device and copied there after the launch; a device array is written in place
+        on_host = hits is not None and not isinstance(hits, cupy.ndarray)
+        if on_host:
+            if hits.dtype != np.uint8 or hits.shape != y.shape:
+                raise TypeError(f"consensus_weights hits: expected {y.shape} uint8, "
+                                f"got {hits.shape} {hits.dtype}")
+            dhits = cupy.empty(hits.shape, np.uint8)
+        else:
+            dhits = None if hits is None else self._out(hits, np.uint8, "consensus_weights hits")
         launch, counts = L.consensus_weights(
             cupy, self._in(y), self._in(yhat), p, prm, huber, noise,
             self._out(out, np.float32, "consensus_weights out"),
             self._out(acc, np.float32, "consensus_weights acc"), self._in(mask), self._in(cons),
             zt, lo_frac, int(channels), p_out, int(r), self._in(var), self._dummy,
-            near=self._in(near, np.uint8), hits=hits)
+            near=self._in(near, np.uint8), hits=dhits)
         self._launch(launch)
         rej, fin = cupy.asnumpy(counts).astype(np.int64)  # the protocol's host counts: a sync
+        if on_host:
+            hits[...] = cupy.asnumpy(dhits)
         return rej, fin
 
     @_api
