@@ -169,9 +169,8 @@ MF_HD float mf_consensus_limit(float zt2, float m2) {
 // Weight of one native pixel with consensus rejection: w = ψ(z)/z · m / σ²
 // as mf_weight (no `protect`), but 0 where z² > lim2, or z² > lo2 · lim2
 // where `near` (the plane's own outlier nearby). Writes a0 = w·y, a1 = w·ŷ
-// and *z2 (all 0 where y is not finite), *hit = z² > lim2 (worked out before
-// the finiteness test, as the CPU kernel's branch-free row: y = ±Inf gives
-// a hit, NaN none), and returns the pixel's state. In the CPU kernel's
+// and *z2, *hit = z² > lim2 (all 0 where y is not finite: NaN and ±Inf are
+// no data, not outliers), and returns the pixel's state. In the CPU kernel's
 // float32 order.
 MF_HD int mf_consensus_weight(float v, float e, float inv, float ds, float u2, int vmode,
                               float floor, float varv, bool huber, float lim2, float lo2,
@@ -185,11 +184,12 @@ MF_HD int mf_consensus_weight(float v, float e, float inv, float ds, float u2, i
     }
     float a = v - e;
     float zz = a * a * wt * u2;  // wt = 1/(σ² V) here
-    *hit = zz > lim2;
+    *hit = false;  // only a finite pixel is an outlier (NaN and ±Inf are no data)
     *a0 = 0.0f;
     *a1 = 0.0f;
     *z2 = 0.0f;
     if (!mf_isfinite(v)) return MF_C_NAN;
+    *hit = zz > lim2;
     float f = 1.0f;
     if (huber) {
         float thr = ds * sqrtf(ve);

@@ -95,7 +95,7 @@ def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, o0, o1, vmode, fl, i
                 lim2 = zt2 * m2 if m2 > one else zt2
                 hit = z2 > lim2
                 bad = hit | (((nr[j] & 1) != 0) & (z2 > lo2 * lim2))
-                hr[j] = 1 if hit else 0
+                hr[j] = 1 if (ok & hit) else 0  # no data (NaN, ±Inf) is no outlier
             else:
                 bad = z2 > lim2
                 hr[j] = 0
