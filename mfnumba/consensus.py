@@ -7,13 +7,9 @@ standardised residuals z² (Σz², max z², frames without data; see
 * ``cons[0] = m²``, the mean z² of the frames with the largest left out (a
   trimmed mean, so that the outlier does not raise its own limit); 1e24 where
   fewer than ``MIN_FRAMES`` frames have data (no consensus, nothing rejected);
-* ``cons[1] = 1`` within ``GROW_R`` native px of a pixel where some frame
-  exceeded its limit zt·max(1, m) (a 3×3 square: side 2·GROW_R + 1). The
-  kernel no longer reads it (see below): left until the maps are slimmed to
-  m² alone (half of what goes to the workers each pass).
 
-One Numba pass over the pixels and a separable dilation: this runs once per
-iteration on the driver, over the whole frame.
+One Numba pass over the pixels: this runs once per iteration on the
+driver, over the whole frame, and the map goes to the workers with x.
 
 The growth is each frame's own: the kernel marks, per plane, where that
 plane's z > L (``hits``), :func:`grow_flags` dilates them by ``GROW_R`` after
@@ -38,78 +34,46 @@ GROW_R = 1  # native px: how far "near" reaches (a 3×3 square; the wings of a t
 NO_CONSENSUS = 1e24
 
 
-def consensus_maps(cstat: np.ndarray, n_frames: int, reject_z: float,
-                   out: np.ndarray | None = None) -> np.ndarray:
-    """(2, C, h, w) float32 maps ``cons`` for the next pass, from ``cstat`` (3, C, h, w).
+def consensus_maps(cstat: np.ndarray, n_frames: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(1, C, h, w) float32 map ``cons`` (m²) for the next pass, from ``cstat`` (3, C, h, w).
 
-    ``out``: the array to write (reused between passes), else a new one.
+    ``out``: the array to write (reused between passes), else a new one. The
+    limit zt·max(1, m) is the weights kernel's, from m².
 
     >>> st = np.zeros((3, 1, 8, 8), np.float32)
     >>> st[0] = 4.0 * 1.0; st[1] = 1.0          # four frames, z² = 1 each
     >>> st[0, 0, 4, 4] += 99.0; st[1, 0, 4, 4] = 100.0   # one frame at z = 10
-    >>> cons = consensus_maps(st, 4, 5.0)
-    >>> float(cons[0, 0, 4, 4]), float(cons[1, 0, 3, 5]), float(cons[1, 0, 2, 2])
-    (1.0, 1.0, 0.0)
+    >>> cons = consensus_maps(st, 4)
+    >>> cons.shape, float(cons[0, 0, 4, 4]), float(cons[0, 0, 0, 0])
+    ((1, 1, 8, 8), 1.0, 1.0)
     """
     cstat = np.ascontiguousarray(cstat, dtype=np.float32)
     if out is None:
-        out = np.empty((2,) + cstat.shape[1:], np.float32)
-    _maps(cstat, np.float32(n_frames), np.float32(reject_z * reject_z), np.float32(MIN_FRAMES),
-          GROW_R, out)
+        out = np.empty((1,) + cstat.shape[1:], np.float32)
+    _maps(cstat, np.float32(n_frames), np.float32(MIN_FRAMES), out)
     return out
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _maps(stat, n_frames, zt2, min_frames, grow_r, out):
-    """m² into out[0], the dilated outlier flag into out[1] (as numpy's float32 math).
-
-    The dilation is separable: each row's flagged pixels (few) widened along
-    the row, then the rows within ``grow_r`` of a row or-ed together.
-    """
+def _maps(stat, n_frames, min_frames, out):
+    """m² into out[0], as numpy's float32 math would give it."""
     C, h, w = stat.shape[1], stat.shape[2], stat.shape[3]
     zero = np.float32(0.0)
     one = np.float32(1.0)
     big = np.float32(NO_CONSENSUS)
-    rows = np.zeros((C, h, w), np.uint8)
     for ci in prange(C * h):
         c = ci // h
         i = ci % h
-        flag = np.empty(w, np.uint8)
         m2r = out[0, c, i]
         sr, tr, gr = stat[0, c, i], stat[1, c, i], stat[2, c, i]
         for j in range(w):
             n = n_frames - gr[j]
-            top = tr[j]
-            m2 = sr[j] - top
+            m2 = sr[j] - tr[j]
             m2 = zero if m2 < zero else m2  # NaN stays NaN, as np.maximum keeps it
             d = n - one
             m2 = m2 / (one if d < one else d)
-            m2 = big if n < min_frames else m2
-            m2r[j] = m2
-            flag[j] = 1 if top > (one if m2 < one else m2) * zt2 else 0
-        row = rows[c, i]
-        for j in range(w):
-            if flag[j]:
-                for t in range(max(0, j - grow_r), min(w, j + grow_r + 1)):
-                    row[t] = 1
-    for ci in prange(C * h):
-        c = ci // h
-        i = ci % h
-        m = np.zeros(w, np.uint8)
-        for t in range(max(0, i - grow_r), min(h, i + grow_r + 1)):
-            r = rows[c, t]
-            for j in range(w):
-                m[j] |= r[j]
-        o = out[1, c, i]
-        for j in range(w):
-            o[j] = one if m[j] != 0 else zero
+            m2r[j] = big if n < min_frames else m2
 
-
-
-# Each plane's own outliers, for the growth: bit-packed along rows as np.packbits does (pixel
-# j in bit 7 - j % 8 of byte j // 8), two maps of (P, h, ⌈w/8⌉) bytes: ``hits`` (z > L in the
-# pass being computed, written by the tiles on the pixels they own) and ``near`` (the last
-# applied pass's hits, grown by GROW_R; read by every tile over its window).
 
 def flag_maps(planes: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """(hits, near): empty packed flag maps of ``planes`` planes of h × w px."""

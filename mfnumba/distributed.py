@@ -308,9 +308,11 @@ class DaskExecutor:
         cons = None
         if solver.cons_host is not None:
             cons = c.scatter(solver.cons_host, broadcast=True, hash=False)
-        parts = []
+        parts, flags = [], 0
         for st, r in zip(self.states, self.shares):
             inputs = solver.pass_inputs(r)
+            if inputs.get("near") is not None:  # the share's own flags, 1 bit a pixel, in the task
+                flags += inputs["near"].nbytes
             inputs["cons"] = cons  # a future: Dask resolves it on the worker
             parts.append(c.submit(_part, st, x, inputs, accumulate, gather, pure=False))
         while len(parts) > 1:  # pairwise on the workers: a tree, not N parts to the driver
@@ -321,7 +323,7 @@ class DaskExecutor:
         # Dask's own accounting: the bytes of each piece of data and on how many workers
         out = [f for f in (x, cons) if f is not None]
         sizes = c.run_on_scheduler(_sizes, keys=[f.key for f in out] + [parts[0].key])
-        self.sent.append(sum(n * copies for n, copies in (sizes[f.key] for f in out)))
+        self.sent.append(sum(n * copies for n, copies in (sizes[f.key] for f in out)) + flags)
         self.received.append(sizes[parts[0].key][0])
         del x, cons, parts
         return part

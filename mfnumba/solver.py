@@ -101,7 +101,7 @@ class Solver(TilePass, DeviceGuard):
         if options.reject == "consensus" and not self._consensus:
             log.info("--reject consensus: %d frame(s), fewer than %d: no pixel is rejected",
                      problem.n_frames, _MIN_FRAMES)
-        self.cons_host = None  # (2, C, h, w): consensus level and outlier flag of the last pass
+        self.cons_host = None  # (1, C, h, w): the consensus level m² of the last pass
         # each plane's own outliers (mfnumba.consensus, bit-packed): hits of the pass being
         # computed (they travel in its Partial), and near, grown from the last applied pass's
         # hits (the driver's; a worker is sent its planes' with each pass)
@@ -320,8 +320,7 @@ class Solver(TilePass, DeviceGuard):
         """The consensus maps for the next pass (:mod:`mfnumba.consensus`), each plane's
         near flags grown from its own outliers of this pass, and the rejected fraction
         of each frame."""
-        self.cons_host = consensus_maps(part.cstat, self.problem.n_frames, self.opt.reject_z,
-                                        out=self.cons_host)
+        self.cons_host = consensus_maps(part.cstat, self.problem.n_frames, out=self.cons_host)
         hits, near = self._flags()
         for k, a in part.hits.items():  # a worker's planes; the local pass wrote them in place
             if not np.shares_memory(a, hits[k]):

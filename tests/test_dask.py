@@ -165,15 +165,17 @@ def test_per_pass_only_x_goes_out_and_one_part_comes_back(reject, cluster, tmp_p
         s.run()
         x = s.x_host.nbytes
         cons = 0 if s.cons_host is None else s.cons_host.nbytes
-        # the last pass, as the scheduler counts it: x (and the consensus maps) to each worker
-        assert ex.sent[-1] == len(ex.states) * (x + cons) > 0
-        # back: one reduced part: num/den over the extent, the statistics, the samples
-        samples = 2 * 8 * n * int(np.ceil(frames.shape[-2] / s.res_step)) * \
-            int(np.ceil(frames.shape[-1] / s.res_step))
-        stats = 1.5 * cons  # Σz², max z², counts against the maps' two planes
-        assert 2 * x <= ex.received[-1] <= 2 * x + stats + samples + 4096
-        out[n] = ex.sent[-1]
-    assert out[4] == out[8]  # twice the frames: the same traffic out
+        h, w = frames.shape[-2:]
+        flags = n * h * -(-w // 8) if reject == "consensus" else 0  # 1 bit a pixel a frame
+        # the last pass, as the scheduler counts it: x (and the consensus map) to each worker,
+        # and each worker its own frames' growth flags
+        assert ex.sent[-1] == len(ex.states) * (x + cons) + flags > 0
+        # back: one reduced part: num/den over the extent, the statistics, the samples, the flags
+        samples = 2 * 4 * n * int(np.ceil(h / s.res_step)) * int(np.ceil(w / s.res_step))
+        stats = 3 * cons  # Σz², max z², counts against the map's one plane
+        assert 2 * x <= ex.received[-1] <= 2 * x + stats + samples + flags + 4096
+        out[n] = ex.sent[-1] - flags
+    assert out[4] == out[8]  # twice the frames: the same traffic out, but for their flags
 
 
 def test_a_cluster_run_interrupted_resumes_from_its_checkpoint(tmp_path, rng):

@@ -209,7 +209,7 @@ def consensus_weights(xp, y, yhat, p, prm, huber, noise: NoiseModel, out, acc, m
     if cons is not None:
         _check(cons, np.float32, 4, "cons")
         if cons.shape[0] < 1 or cons.shape[1:] != (C, h, w):
-            raise ValueError(f"consensus_weights: cons {cons.shape}, expected {(2, C, h, w)}")
+            raise ValueError(f"consensus_weights: cons {cons.shape}, expected {(1, C, h, w)}")
     for a, nm in ((near, "near"), (hits, "hits")):
         if a is not None:
             _check(a, np.uint8, 3, nm)
