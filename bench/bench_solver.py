@@ -93,6 +93,53 @@ class TimedBackend:
         return name
 
 
+def _breakdown(solver, backend, steps: int):
+    """Step times and every backend call of ``steps`` steps through a :class:`TimedBackend`."""
+    timed = TimedBackend(backend)
+    solver.be = timed
+    times, marks = [], [0]
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        solver.step()
+        times.append(time.perf_counter() - t0)
+        marks.append(len(timed.events))
+    solver.be = backend
+    return times, timed.events, marks
+
+
+def _breakdown_table(what: str, times, events, marks, *, n: int, half: float, best: str):
+    """Markdown: per piece, the median over the steps of its time in a step."""
+    ms, steps = 1e3, len(times)
+    pieces = defaultdict(lambda: np.zeros(steps))
+    counts = defaultdict(int)
+    for k in range(steps):
+        for label, dt in events[marks[k]:marks[k + 1]]:
+            pieces[label][k] += dt
+            counts[label] += 1
+    pieces["solver (Python, not in the backend)"] = np.array(times) - sum(pieces.values())
+    order = ["spectral_multiply", "irfft2(ŷ)", "robust_weights", "consensus_weights",
+             "rfft2(w·y, w·ŷ)", "spectral_accumulate", "rfft2(x)", "irfft2(NUM, DEN)", "update"]
+    order += [k for k in pieces if k not in order]
+    out = [f"## Breakdown, {what} ({steps} steps through a timing backend, "
+           f"ms per step: {', '.join(f'{t * ms:.0f}' for t in times)})", "",
+           f"Median over the steps of each piece's time in a step. Half-FFT = fastest floor "
+           f"({best}) / 3 = {half * ms:.2f} ms; at the floor the per-frame FFT rows "
+           f"would read about 1 (irfft2) and 2 (rfft2 of two planes).", "",
+           "| piece | calls / iter | ms per iteration | ms per frame-iteration | × half-FFT |",
+           "|---|---:|---:|---:|---:|"]
+    for label in order:
+        if label not in pieces:
+            continue
+        t_it = float(np.median(pieces[label]))
+        calls = f"{counts[label] / steps:g}" if label in counts else ""
+        out.append(f"| {label} | {calls} | {t_it * ms:.1f} | {t_it / n * ms:.2f} | "
+                   f"{t_it / n / half:.2f} |")
+    t_it = float(np.median(times))
+    out += [f"| **step (median)** | | {t_it * ms:.1f} | {t_it / n * ms:.2f} | "
+            f"{t_it / n / half:.2f} |", ""]
+    return out
+
+
 # the stack --------------------------------------------------------------------
 def make_stack(n_frames: int, size: int, psf: int, seed: int = 1):
     """Simulated (N, h, w) frames with a few NaN pixels, and (N, K, K) PSFs."""
@@ -308,40 +355,30 @@ def main(argv=None) -> int:
         scipy_iteration(x0, frames, psfs)
         t_ref_mt = (time.perf_counter() - t0) / n
 
-    # mfnumba: plain steps, then a few through the timing backend.
-    for _ in range(args.warmup - 1):
-        solver.step()
-    step_times = []
-    for _ in range(args.iters):
-        t0 = time.perf_counter()
-        solver.step()
-        step_times.append(time.perf_counter() - t0)
-    t_mf = float(np.median(step_times)) / n
-    # the default options (consensus rejection, sky floor) with the variance maps a run
-    # builds by default (mfnumba.maps.variance_map): what a run costs by default
+    # mfnumba: the reference's math and the default options (consensus rejection, sky floor,
+    # the variance maps a run builds: mfnumba.maps.variance_map), their steps interleaved so
+    # that a busy moment of this shared machine falls on both alike
     from mfnumba.maps import variance_map
 
     var = np.stack([variance_map(f)[0] for f in frames])[:, None].astype(np.float32)
     dflt = Solver(Problem(frames[:, None], psfs, var=var),
                   Options(conv="fft", early_stop=False, iters=1000), backend)
     dflt.setup(np.nanmedian(frames, axis=0)[None].astype(np.float32))
-    dflt_times = []
-    for k in range(args.warmup + args.iters):
-        t0 = time.perf_counter()
+    for _ in range(args.warmup):
         dflt.step()
-        if k >= args.warmup:
-            dflt_times.append(time.perf_counter() - t0)
-    t_dflt = float(np.median(dflt_times)) / n
-    del dflt
-    timed = TimedBackend(backend)
-    solver.be = timed
-    bd_steps, bd_times, marks = max(2, args.iters), [], [0]
-    for _ in range(bd_steps):
-        t0 = time.perf_counter()
+    for _ in range(args.warmup - 1):
         solver.step()
-        bd_times.append(time.perf_counter() - t0)
-        marks.append(len(timed.events))
-    solver.be = backend
+    step_times, dflt_times = [], []
+    for _ in range(args.iters):
+        for who, times in ((solver, step_times), (dflt, dflt_times)):
+            t0 = time.perf_counter()
+            who.step()
+            times.append(time.perf_counter() - t0)
+    t_mf = float(np.median(step_times)) / n
+    t_dflt = float(np.median(dflt_times)) / n
+    breakdowns = {"the reference's math": _breakdown(solver, backend, max(2, args.iters)),
+                  "the default options": _breakdown(dflt, backend, max(2, args.iters))}
+    del dflt
 
     # Floors: batched like the solver, and one plane per call; scipy.fft and rocket-fft.
     C, B = 1, solver.batch
@@ -361,8 +398,9 @@ def main(argv=None) -> int:
     out += [f"Stack: {n} frames of {args.size}×{args.size} (simulated, {int(np.isnan(frames).sum())} NaN "
             f"pixels), PSF {args.psf}×{args.psf}, grid {g.grid[0]}×{g.grid[1]} (extent {e0}×{e1}), "
             f"solver batch {B}, {args.threads} threads.",
-            f"mfnumba: median of {args.iters} steps after {args.warmup} warm-up "
-            f"(ms per step: {', '.join(f'{t * ms:.0f}' for t in step_times)}); "
+            f"mfnumba: median of {args.iters} steps after {args.warmup} warm-up, the two option "
+            f"sets interleaved (ms per step: {', '.join(f'{t * ms:.0f}' for t in step_times)}; "
+            f"default options {', '.join(f'{t * ms:.0f}' for t in dflt_times)}); "
             f"reference: mean of {args.ref_iters} iteration(s), {ref_dtype} throughout "
             f"(ms per iteration: {', '.join(f'{t * ms:.0f}' for t in ref_times)}); "
             f"FFTs: median of {args.reps} calls.", ""]
@@ -395,34 +433,8 @@ def main(argv=None) -> int:
             f"max {rel.max():.2e}, 99.9 % {np.quantile(rel, 0.999):.2e}, median {np.median(rel):.2e}"
             f" ({'ok' if rel.max() <= 1e-3 else 'CHECK'}: max <= 1e-3)", ""]
 
-    # Per piece: its time in each step, then the median over steps.
-    pieces = defaultdict(lambda: np.zeros(bd_steps))
-    counts = defaultdict(int)
-    for k in range(bd_steps):
-        for label, dt in timed.events[marks[k]:marks[k + 1]]:
-            pieces[label][k] += dt
-            counts[label] += 1
-    rest = np.array(bd_times) - sum(pieces.values())
-    pieces["solver (Python, not in the backend)"] = rest
-    order = ["spectral_multiply", "irfft2(ŷ)", "residual_scale", "robust_weights",
-             "rfft2(w·y, w·ŷ)", "spectral_accumulate", "rfft2(x)",
-             "irfft2(NUM, DEN)", "update"]
-    order += [k for k in pieces if k not in order]
-    out += [f"## Breakdown ({bd_steps} steps through a timing backend, "
-            f"ms per step: {', '.join(f'{t * ms:.0f}' for t in bd_times)})", "",
-            f"Median over the steps of each piece's time in a step. Half-FFT = fastest floor "
-            f"({best_key[0]}) / 3 = {half * ms:.2f} ms; at the floor the per-frame FFT rows "
-            f"would read about 1 (irfft2) and 2 (rfft2 of two planes).", "",
-            "| piece | calls / iter | ms per iteration | ms per frame-iteration | × half-FFT |",
-            "|---|---:|---:|---:|---:|"]
-    for label in order:
-        if label not in pieces:
-            continue
-        t_it = float(np.median(pieces[label]))
-        calls = f"{counts[label] / bd_steps:g}" if label in counts else ""
-        out.append(f"| {label} | {calls} | {t_it * ms:.1f} | {t_it / n * ms:.2f} | {t_it / n / half:.2f} |")
-    t_it = float(np.median(bd_times))
-    out.append(f"| **step (median)** | | {t_it * ms:.1f} | {t_it / n * ms:.2f} | {t_it / n / half:.2f} |")
+    for what, bd in breakdowns.items():
+        out += _breakdown_table(what, *bd, n=n, half=half, best=best_key[0])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out += ["", f"Peak RSS {peak:.2f} GiB; whole run {time.perf_counter() - wall0:.0f} s."]
     print("\n".join(out))
