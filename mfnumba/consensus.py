@@ -103,9 +103,15 @@ def grow_flags(hits: np.ndarray, near: np.ndarray, w: int, grow_r: int | None = 
     >>> int(g[0].sum()), int(g[0, 1, 3]), int(g[1].sum())
     (9, 1, 0)
     """
-    _grow(hits, near, int(w), GROW_R if grow_r is None else int(grow_r))
+    r = GROW_R if grow_r is None else int(grow_r)
+    if not 0 <= r <= 7:
+        raise ValueError(f"growth radius {r}: expected 0 to 7 px (a byte's shift)")
+    _grow(hits, near, int(w), r)
     return near
 
+
+# Packed rows hold column c at bit 7 - (c & 7) of byte c >> 3 (np.packbits' order). Flags
+# are rare (outliers): the loops work a byte at a time and skip the zero ones.
 
 @njit(parallel=True, cache=True)
 def _unpack(packed, k0, r0, c0, out):
@@ -113,9 +119,15 @@ def _unpack(packed, k0, r0, c0, out):
     for ki in prange(n * h):
         k, i = ki // h, ki % h
         src, dst = packed[k0 + k, r0 + i], out[k, i]
-        for j in range(w):
-            c = c0 + j
-            dst[j] = (src[c >> 3] >> (7 - (c & 7))) & 1
+        dst[:] = 0
+        for b in range(c0 >> 3, ((c0 + w - 1) >> 3) + 1):
+            v = src[b]
+            if v == 0:
+                continue
+            for t in range(8):
+                j = (b << 3) + t - c0
+                if 0 <= j < w and (v >> (7 - t)) & 1:
+                    dst[j] = 1
 
 
 @njit(parallel=True, cache=True)
@@ -124,28 +136,47 @@ def _set(packed, k0, r0, c0, flags):
     for ki in prange(n * h):  # one row of one plane per thread: no byte is shared
         k, i = ki // h, ki % h
         src, dst = flags[k, i], packed[k0 + k, r0 + i]
-        for j in range(w):
+        j = 0
+        while j < w and ((c0 + j) & 7) != 0:  # the bits before the first whole byte
             c = c0 + j
             bit = np.uint8(1 << (7 - (c & 7)))
             dst[c >> 3] = (dst[c >> 3] | bit) if src[j] != 0 else (dst[c >> 3] & ~bit)
+            j += 1
+        while j + 8 <= w:  # whole bytes, built from eight flags
+            v = 0
+            for t in range(8):
+                v = (v << 1) | (1 if src[j + t] != 0 else 0)
+            dst[(c0 + j) >> 3] = np.uint8(v)
+            j += 8
+        while j < w:  # the bits after the last whole byte
+            c = c0 + j
+            bit = np.uint8(1 << (7 - (c & 7)))
+            dst[c >> 3] = (dst[c >> 3] | bit) if src[j] != 0 else (dst[c >> 3] & ~bit)
+            j += 1
 
 
 @njit(parallel=True, cache=True)
 def _grow(hits, near, w, grow_r):
-    """Separable dilation, a row of one plane per thread: the rows within ``grow_r`` or-ed
-    (bytewise, still packed), then unpacked, widened along the row and packed again."""
+    """Separable dilation, a row of one plane per thread, on the packed bytes: the rows
+    within ``grow_r`` or-ed, then the row's bits shifted by up to ``grow_r`` (<= 7) each
+    way, carrying between neighbouring bytes; the bits past ``w`` cleared."""
     P, h, nb = hits.shape
     for ki in prange(P * h):
         k, i = ki // h, ki % h
-        col = np.zeros(nb, np.uint8)
+        col = np.zeros(nb, np.int64)
         for t in range(max(0, i - grow_r), min(h, i + grow_r + 1)):
-            col |= hits[k, t]
-        row = np.zeros(w, np.uint8)
-        for j in range(w):
-            if (col[j >> 3] >> (7 - (j & 7))) & 1:
-                for t in range(max(0, j - grow_r), min(w, j + grow_r + 1)):
-                    row[t] = 1
+            row = hits[k, t]
+            for b in range(nb):
+                col[b] |= row[b]
         dst = near[k, i]
-        dst[:] = 0
-        for j in range(w):
-            dst[j >> 3] |= np.uint8(row[j] << (7 - (j & 7)))
+        for b in range(nb):
+            v = col[b]
+            prev = col[b - 1] if b > 0 else 0
+            nxt = col[b + 1] if b + 1 < nb else 0
+            for s in range(1, grow_r + 1):
+                v |= ((col[b] >> s) | (prev << (8 - s))) & 0xFF  # towards higher columns
+                v |= ((col[b] << s) | (nxt >> (8 - s))) & 0xFF  # towards lower columns
+            dst[b] = np.uint8(v)
+        tail = w & 7
+        if tail:
+            dst[nb - 1] &= np.uint8((0xFF << (8 - tail)) & 0xFF)
