@@ -59,9 +59,8 @@ def lib(tmp_path_factory):
     pytest.skip("no C++ compiler (g++, c++, clang++ or nvcc) on this machine")
 
 
-def run(lib, launch: L.Launch):
-    """Call the host build of ``launch.kernel`` with the launcher's arguments."""
-    argtypes, values = [ctypes.c_longlong], [launch.n]
+def _c_args(launch: L.Launch, argtypes: list, values: list):
+    """``argtypes`` and ``values`` extended by the launcher's arguments, as ctypes takes them."""
     for a in launch.args:
         if isinstance(a, np.ndarray):
             argtypes.append(ctypes.c_void_p)
@@ -74,6 +73,12 @@ def run(lib, launch: L.Launch):
             values.append(float(a))
         else:
             raise TypeError(f"{launch.kernel}: argument of type {type(a)}")
+    return argtypes, values
+
+
+def run(lib, launch: L.Launch):
+    """Call the host build of ``launch.kernel`` with the launcher's arguments."""
+    argtypes, values = _c_args(launch, [ctypes.c_longlong], [launch.n])
     fn = getattr(lib, launch.kernel)
     fn.argtypes, fn.restype = argtypes, None
     fn(*values)
@@ -514,17 +519,8 @@ def warps(tmp_path_factory):
 
 def run_grid(lib, launch: L.Launch, grid: int, block: int):
     """``launch`` over ``grid`` blocks of ``block`` threads, lanes as host threads."""
-    argtypes, values = [ctypes.c_uint, ctypes.c_uint, ctypes.c_longlong], [grid, block, launch.n]
-    for a in launch.args:
-        if isinstance(a, np.ndarray):
-            argtypes.append(ctypes.c_void_p)
-            values.append(a.ctypes.data)
-        elif isinstance(a, np.int64):
-            argtypes.append(ctypes.c_longlong)
-            values.append(int(a))
-        else:
-            argtypes.append(ctypes.c_double)
-            values.append(float(a))
+    argtypes, values = _c_args(launch, [ctypes.c_uint, ctypes.c_uint, ctypes.c_longlong],
+                               [grid, block, launch.n])
     fn = getattr(lib, "emu_" + launch.kernel)
     fn.argtypes, fn.restype = argtypes, None
     fn(*values)
