@@ -136,7 +136,19 @@ def _set(packed, k0, r0, c0, flags):
     for ki in prange(n * h):  # one row of one plane per thread: no byte is shared
         k, i = ki // h, ki % h
         src, dst = flags[k, i], packed[k0 + k, r0 + i]
+        seen = 0
+        for j in range(w):
+            seen |= src[j]
         j = 0
+        if seen == 0:  # the usual row: no outlier; its whole bytes cleared at once
+            while j < w and ((c0 + j) & 7) != 0:
+                c = c0 + j
+                dst[c >> 3] &= ~np.uint8(1 << (7 - (c & 7)))
+                j += 1
+            n8 = (w - j) >> 3
+            b0 = (c0 + j) >> 3
+            dst[b0:b0 + n8] = 0
+            j += n8 << 3
         while j < w and ((c0 + j) & 7) != 0:  # the bits before the first whole byte
             c = c0 + j
             bit = np.uint8(1 << (7 - (c & 7)))
@@ -168,6 +180,9 @@ def _grow(hits, near, w, grow_r):
             row = hits[k, t]
             for b in range(nb):
                 col[b] |= row[b]
+        tail = w & 7
+        if tail:  # the bits past w are no pixels: not grown from
+            col[nb - 1] &= (0xFF << (8 - tail)) & 0xFF
         dst = near[k, i]
         for b in range(nb):
             v = col[b]
@@ -177,6 +192,5 @@ def _grow(hits, near, w, grow_r):
                 v |= ((col[b] >> s) | (prev << (8 - s))) & 0xFF  # towards higher columns
                 v |= ((col[b] << s) | (nxt >> (8 - s))) & 0xFF  # towards lower columns
             dst[b] = np.uint8(v)
-        tail = w & 7
         if tail:
             dst[nb - 1] &= np.uint8((0xFF << (8 - tail)) & 0xFF)

@@ -43,14 +43,14 @@ def test_maps_match_reference(channels):
 
 
 def test_flags_pack_and_grow_as_the_reference():
-    """Windows written and read back exactly (odd offsets across bytes); near = hits dilated
-    by a (2 GROW_R + 1)² square, per plane."""
+    """Windows written and read back exactly (odd offsets across bytes, rows with and without
+    a flag, over stale bits); near = hits dilated by a (2 GROW_R + 1)² square, per plane."""
     rng = np.random.default_rng(5)
     P, h, w = 5, 31, 21
     hits = rng.random((P, h, w)) < 0.02
     hits[1, 0, 0] = hits[2, 30, 20] = True  # corners
     packed, near = flag_maps(P, h, w)
-    near[...] = 255  # stale: every byte rewritten
+    packed[...] = near[...] = 255  # stale, from an earlier pass: every bit rewritten
     for rows, cols in (((0, 13), (0, 9)), ((0, 13), (9, 21)), ((13, 31), (0, 21))):
         win = (slice(None), slice(*rows), slice(*cols))
         set_window(packed, slice(0, P), rows, cols, hits[win].astype(np.uint8))
