@@ -86,6 +86,13 @@ def get_backend(name: str, threads: int | None = None):
     """
     if name == "cpu":
         return CPUBackend(threads)
+    if name == "auto":
+        from .backends import _driver
+
+        why = _driver.driver_problem()  # no driver: CuPy not even imported
+        if why is not None:
+            log.debug("backend auto: the CPU (%s)", why)
+            return CPUBackend(threads)
     from .backends.cuda import CUDABackend, cuda_status  # CuPy is slow to import
 
     ok, why, _ = cuda_status()

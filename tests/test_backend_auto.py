@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import mfnumba.backends.cuda as cuda_mod
+from mfnumba.backends import _driver
 from mfnumba.api import get_backend
 from mfnumba.backends.base import DeviceLost
 from mfnumba.backends.cpu import CPUBackend
@@ -32,6 +33,7 @@ class _Device(CPUBackend):
 
 
 def _usable(monkeypatch, device):
+    monkeypatch.setattr(_driver, "driver_problem", lambda: None)  # a driver, as on a GPU box
     monkeypatch.setattr(cuda_mod, "cuda_status", lambda probe=True: (True, "CuPy 99 (emulated)", []))
     monkeypatch.setattr(cuda_mod, "CUDABackend", lambda *a, **k: device)
 
@@ -60,6 +62,7 @@ def test_auto_survives_a_device_that_does_not_start(monkeypatch, caplog):
     def broken(*a, **k):
         raise RuntimeError("cudaErrorDevicesUnavailable (emulated)")
 
+    monkeypatch.setattr(_driver, "driver_problem", lambda: None)
     monkeypatch.setattr(cuda_mod, "cuda_status", lambda probe=True: (True, "emulated", []))
     monkeypatch.setattr(cuda_mod, "CUDABackend", broken)
     with caplog.at_level(logging.WARNING, logger="mfnumba"):
@@ -70,3 +73,16 @@ def test_auto_survives_a_device_that_does_not_start(monkeypatch, caplog):
 def test_the_emulated_cuda_backend_passes_the_self_test(emu):  # noqa: F811
     cuda, _ = emu
     assert solver_parity(cuda.CUDABackend()) is None
+
+
+@pytest.mark.skipif(_driver.driver_problem() is None, reason="this machine has an NVIDIA driver")
+def test_without_a_driver_auto_does_not_even_import_cupy():
+    """CuPy installed on a GPU-less machine costs a run nothing: auto asks for the driver first."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mfnumba.api import get_backend; "
+            "print(get_backend('auto').name, 'cupy' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["cpu", "False"]

@@ -223,10 +223,12 @@ def test_a_real_run_keeps_its_peak_rss_within_the_budget(tmp_path):
     write_stack(sim, d)
     budget = 320  # MiB: frames and maps do not fit beside the process, so they stream
     rc, peak, predicted, err = _deconv_peak(tmp_path, d, budget)
-    if rc == 2:  # a bigger process on this machine: the refusal says what would do, use it
+    for _ in range(2):  # a bigger process on this machine: the refusal says what would do
+        if rc != 2:
+            break
         assert "cannot be met" in err
         budget = int(re.search(r"use at least --mem-budget (\d+)MB", err).group(1))
-        rc, peak, predicted, err = _deconv_peak(tmp_path, d, budget)
+        rc, peak, predicted, err = _deconv_peak(tmp_path, d, budget)  # (its baseline varies)
     assert rc == 0, err[-2000:]
     assert "frames read by tiles" in err  # this run streamed
     assert peak <= 1.05 * budget * MiB, (peak / MiB, err[-2000:])
