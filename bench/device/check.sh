@@ -13,8 +13,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -m mfnumba info | tee "$OUT/info.txt"
 timeout 300 python3 -m pytest -q -x tests/test_cuda_backend.py tests/test_cuda_compile.py \
     tests/test_cuda_kernels.py tests/test_operators.py tests/test_solver.py tests/test_tiling.py \
-    tests/test_sr.py tests/test_failover.py tests/test_backend_auto.py -p no:cacheprovider \
+    tests/test_sr.py tests/test_failover.py tests/test_backend_auto.py tests/test_cuda_failover.py \
+    tests/test_device_residency.py -p no:cacheprovider \
     2>&1 | tee "$OUT/tests.log"
-timeout 200 python3 -m mfnumba bench --backend all --size 1000 --frames 16 --iters 5 \
+timeout 200 python3 -m mfnumba bench --backend all --size 1024 --size 4096 --frames 16 --iters 3 \
     --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 timeout 100 python3 -m bench.bench_cuda 2>&1 | tee "$OUT/cuda_calls.log"
