@@ -3,7 +3,9 @@
 //   out[0, k] = U(w·y), out[1, k] = U(w·ŷ),
 //     w = 0 where z² > L² or (near[k] & 1 and z² > lo²L²): the plane's own outlier nearby
 //   hits[k] = z² > L² (0 without a consensus), for the next pass's near
-//   acc[0, c] += Σ_k z²,  acc[1, c] = max(acc[1, c], max_k z²),  acc[2, c] += #(y NaN)
+//   acc[0, c] += Σ_k z²,  acc[1, c] = max(acc[1, c], max_k z²),  acc[2, c] += #(y NaN),
+//   acc[3, c] = the second largest of acc[1, c], acc[3, c] and the planes' z²
+//     (z² = 0 where y is not finite; ties count twice)
 //   counts[0, k] += rejected, counts[1, k] += finite pixels
 // One thread per pixel (c, i, j) of acc, looping over its planes k = c, c + C,
 // … in order: acc needs no atomics and its float sums are the CPU's. The
@@ -34,7 +36,7 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
         mf_i64 q = live ? idx : 0;
         mf_i64 row = mf_div(q, w), j = q - row * w;
         mf_i64 c = mf_div(row, h), i = row - c * h;
-        float lim2 = zt2, sum = 0.0f, top = 0.0f, gaps = 0.0f;
+        float lim2 = zt2, sum = 0.0f, top = 0.0f, gaps = 0.0f, second = 0.0f;
         float* st = acc + c * a_sc + i * a_sr + j;
         if (live) {
             if (has_cons) {
@@ -43,6 +45,7 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
             sum = st[0];
             top = st[a_sk];
             gaps = st[2 * a_sk];
+            second = st[3 * a_sk];
         }
         for (mf_i64 t = 0; t < nt; ++t) {
             mf_i64 k = c + t * C;
@@ -60,7 +63,7 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
                                             (float)floor, varv, huber != 0, lim2, lo2, own,
                                             has_mask != 0, m, &a0, &a1, &z2, &hit);
                 if (has_hits) hits[k * h_sp + i * h_sr + j] = (has_cons && hit) ? 1 : 0;
-                mf_consensus_stat(state, z2, &sum, &top, &gaps);
+                mf_consensus_stat(state, z2, &sum, &top, &second, &gaps);
                 float* o = out + k * o_sp + (po + r * i) * o_sr + po + r * j;
                 for (mf_i64 u = 0; u < r; ++u)
                     for (mf_i64 s = 0; s < r; ++s) {
@@ -74,6 +77,7 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
             st[0] = sum;
             st[a_sk] = top;
             st[2 * a_sk] = gaps;
+            st[3 * a_sk] = second;
         }
     }
 }

@@ -208,15 +208,22 @@ MF_HD int mf_consensus_weight(float v, float e, float inv, float ds, float u2, i
     return state;
 }
 
-// One frame's share of a pixel's statistics for the next pass: Σz² and
-// max z² over the frames with data, and the count of frames without.
-MF_HD void mf_consensus_stat(int state, float z2, float* sum, float* top, float* gaps) {
+// One frame's share of a pixel's statistics for the next pass: Σz² over the
+// frames with data, the count of frames without, and the largest and second
+// largest z² with a frame without data as z² = 0 (so it too goes through the
+// max step; ties count twice). In the CPU kernel's float32 order and selects.
+MF_HD void mf_consensus_stat(int state, float z2, float* sum, float* top, float* second,
+                             float* gaps) {
+    float zz = state == MF_C_NAN ? 0.0f : z2;
+    float t = *top;
+    *top = zz > t ? zz : t;
+    float lo = zz > t ? t : zz;  // the smaller of the two: the new second largest?
+    *second = lo > *second ? lo : *second;
     if (state == MF_C_NAN) {
         *gaps += 1.0f;
         return;
     }
     *sum += z2;
-    if (z2 > *top) *top = z2;
 }
 
 // ca[key] += a, cb[key] += b for each live caller. On the GPU every lane of

@@ -1,12 +1,18 @@
 """The consensus maps: what each pass tells the next about where frames disagree.
 
 A pass gathers, per channel and native pixel, the statistics of the frames'
-standardised residuals z² (Σz², max z², frames without data; see
-``consensus_weights`` in the backends). From them, for the next pass:
+standardised residuals z² (Σz², the largest and second largest z², frames
+without data; see ``consensus_weights`` in the backends). From them, for the
+next pass:
 
 * ``cons[0] = m²``, the mean z² of the frames with the largest left out (a
-  trimmed mean, so that the outlier does not raise its own limit); 1e24 where
-  fewer than ``MIN_FRAMES`` frames have data (no consensus, nothing rejected);
+  trimmed mean, so that the outlier does not raise its own limit). Where the
+  second largest is itself far out of the rest (z above ``TRIM2_Z`` times
+  the rest's limit zt·max(1, m), from ``TRIM2_FRAMES`` frames with data: two
+  cosmic rays at one pixel, a trail crossing another), both are left out;
+  where the frames merely spread (a star core the model under-predicts in
+  all of them) they are not, so the level is not biased low there. 1e24 where fewer than
+  ``MIN_FRAMES`` frames have data (no consensus, nothing rejected);
 
 One Numba pass over the pixels: this runs once per iteration on the
 driver, over the whole frame, and the map goes to the workers with x.
@@ -26,6 +32,8 @@ import numpy as np
 from numba import njit, prange
 
 MIN_FRAMES = 3  # frames with data at a pixel for a consensus
+TRIM2_FRAMES = 5  # from this many frames with data, a second outlier is left out too
+TRIM2_Z = 2.0  # ... when it stands this many times the limit above the rest
 GROW = 0.5  # near an outlier, a residual above this fraction of the limit is rejected too
 GROW_R = 1  # native px: how far "near" reaches (a 3×3 square; the wings of a trail)
 # 2 (5×5) also rejected the high side of the other frames' residuals around a cosmic ray on
@@ -34,28 +42,32 @@ GROW_R = 1  # native px: how far "near" reaches (a 3×3 square; the wings of a t
 NO_CONSENSUS = 1e24
 
 
-def consensus_maps(cstat: np.ndarray, n_frames: int, out: np.ndarray | None = None) -> np.ndarray:
-    """(1, C, h, w) float32 map ``cons`` (m²) for the next pass, from ``cstat`` (3, C, h, w).
+def consensus_maps(cstat: np.ndarray, n_frames: int, reject_z: float,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """(1, C, h, w) float32 map ``cons`` (m²) for the next pass, from ``cstat`` (4, C, h, w).
 
-    ``out``: the array to write (reused between passes), else a new one. The
-    limit zt·max(1, m) is the weights kernel's, from m².
+    ``reject_z``: the threshold zt (a second outlier is one ``TRIM2_Z`` times
+    above the limit of the rest). ``out``: the array to write (reused between passes), else a new
+    one. The limit zt·max(1, m) is the weights kernel's, from m².
 
-    >>> st = np.zeros((3, 1, 8, 8), np.float32)
-    >>> st[0] = 4.0 * 1.0; st[1] = 1.0          # four frames, z² = 1 each
-    >>> st[0, 0, 4, 4] += 99.0; st[1, 0, 4, 4] = 100.0   # one frame at z = 10
-    >>> cons = consensus_maps(st, 4)
+    >>> st = np.zeros((4, 1, 8, 8), np.float32)
+    >>> st[0] = 6.0; st[1] = st[3] = 1.0        # six frames, z² = 1 each
+    >>> st[0, 0, 4, 4] += 399.0 + 899.0         # two of them hit at one pixel: z = 20, 30
+    >>> st[1, 0, 4, 4], st[3, 0, 4, 4] = 900.0, 400.0
+    >>> cons = consensus_maps(st, 6, 5.0)
     >>> cons.shape, float(cons[0, 0, 4, 4]), float(cons[0, 0, 0, 0])
     ((1, 1, 8, 8), 1.0, 1.0)
     """
     cstat = np.ascontiguousarray(cstat, dtype=np.float32)
     if out is None:
         out = np.empty((1,) + cstat.shape[1:], np.float32)
-    _maps(cstat, np.float32(n_frames), np.float32(MIN_FRAMES), out)
+    _maps(cstat, np.float32(n_frames), np.float32(MIN_FRAMES), np.float32(TRIM2_FRAMES),
+          np.float32((TRIM2_Z * reject_z) ** 2), out)
     return out
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _maps(stat, n_frames, min_frames, out):
+def _maps(stat, n_frames, min_frames, trim2, zt2, out):
     """m² into out[0], as numpy's float32 math would give it."""
     C, h, w = stat.shape[1], stat.shape[2], stat.shape[3]
     zero = np.float32(0.0)
@@ -65,13 +77,20 @@ def _maps(stat, n_frames, min_frames, out):
         c = ci // h
         i = ci % h
         m2r = out[0, c, i]
-        sr, tr, gr = stat[0, c, i], stat[1, c, i], stat[2, c, i]
+        sr, tr, gr, t2 = stat[0, c, i], stat[1, c, i], stat[2, c, i], stat[3, c, i]
         for j in range(w):
             n = n_frames - gr[j]
             m2 = sr[j] - tr[j]
             m2 = zero if m2 < zero else m2  # NaN stays NaN, as np.maximum keeps it
             d = n - one
             m2 = m2 / (one if d < one else d)
+            # without the second largest too, and was it an outlier of the rest?
+            m2b = sr[j] - tr[j] - t2[j]
+            m2b = zero if m2b < zero else m2b
+            d2 = n - one - one
+            m2b = m2b / (one if d2 < one else d2)
+            second = (n >= trim2) & (t2[j] > (one if m2b < one else m2b) * zt2)
+            m2 = m2b if second else m2
             m2r[j] = big if n < min_frames else m2
 
 

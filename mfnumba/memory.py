@@ -229,7 +229,8 @@ def _solve_parts(s: _Run, tile: int | None, batch: int, cache_otfs: bool,
     held += s.n_frames * half if cache_otfs else 0
     held += s.n_frames * C * SAMPLES * 8 * 3  # residual samples (z, q) and their concatenation
     # counted whether or not they are on (both are by default): the consensus statistics,
-    # five frame-size maps per channel, and the sky floor, one estimate-size map and a grid
+    # five frame-size maps per channel (four statistics, the level m²), and the sky floor,
+    # one estimate-size map and a grid
     held += 5 * C * s.h * s.w * F32 + C * s.extent() + grid
     # each plane's own outliers, two bit-packed maps (mfnumba.consensus: hits and near), and
     # a batch's flags over the tile, unpacked (read and written)

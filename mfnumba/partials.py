@@ -9,7 +9,7 @@ frames and the current estimate, a :class:`Partial`:
 * the residual and denominator samples of each of its planes, for the noise
   scales and the χ² of the pass;
 * with the consensus rejection, the per-pixel statistics over its frames
-  (Σz², max z², frames without data), each plane's rejected and finite
+  (Σz², the two largest z², frames without data), each plane's rejected and finite
   pixel counts, and each plane's own outliers (bit-packed ``hits``), which
   the driver grows into the next pass's ``near`` flags (sent back with the
   pass's inputs: a worker keeps no state between passes).
@@ -41,7 +41,8 @@ class Partial:
     z: dict[int, np.ndarray] = field(default_factory=dict)  # plane -> residual samples
     q: dict[int, np.ndarray] = field(default_factory=dict)  # plane -> den samples
     nd: np.ndarray | None = None  # (2, C, E0, E1) float32: num, den
-    cstat: np.ndarray | None = None  # (3, C, h, w) float32: Σz², max z², frames without data
+    cstat: np.ndarray | None = None  # (4, C, h, w) float32: Σz², max z², frames without data,
+    # the second largest z²
     rej: dict[int, float] = field(default_factory=dict)  # plane -> rejected pixels
     fin: dict[int, float] = field(default_factory=dict)  # plane -> finite pixels
     hits: dict[int, np.ndarray] = field(default_factory=dict)  # plane -> own outliers, packed
@@ -86,8 +87,13 @@ def merge(a: Partial, b: Partial) -> Partial:
             a.cstat = b.cstat
         else:
             a.cstat[0] += b.cstat[0]
-            np.maximum(a.cstat[1], b.cstat[1], out=a.cstat[1])
             a.cstat[2] += b.cstat[2]
+            # the two largest of four: the larger max, and the larger of the smaller max and
+            # both second largest
+            second = np.maximum(np.minimum(a.cstat[1], b.cstat[1]),
+                                np.maximum(a.cstat[3], b.cstat[3]))
+            np.maximum(a.cstat[1], b.cstat[1], out=a.cstat[1])
+            a.cstat[3] = second
     return a
 
 

@@ -268,7 +268,7 @@ class Solver(TilePass, DeviceGuard):
         self._S = be.zeros((2, B * C, g0, h1), np.complex64)
         self._acc = be.zeros((2, C, g0, h1), np.complex64)
         self._last = None  # (tile frame shape) the buffers were last zeroed for
-        self._cacc = be.zeros((3, C, t.h, t.w)) if self._consensus else None
+        self._cacc = be.zeros((4, C, t.h, t.w)) if self._consensus else None
         # a batch's own-outlier flags over the tile, read and written (host: the flags live there)
         self._tflags = np.zeros((2, B * C, t.h, t.w), np.uint8) if self._consensus else None
 
@@ -320,7 +320,8 @@ class Solver(TilePass, DeviceGuard):
         """The consensus maps for the next pass (:mod:`mfnumba.consensus`), each plane's
         near flags grown from its own outliers of this pass, and the rejected fraction
         of each frame."""
-        self.cons_host = consensus_maps(part.cstat, self.problem.n_frames, out=self.cons_host)
+        self.cons_host = consensus_maps(part.cstat, self.problem.n_frames, self.opt.reject_z,
+                                        out=self.cons_host)
         hits, near = self._flags()
         for k, a in part.hits.items():  # a worker's planes; the local pass wrote them in place
             if not np.shares_memory(a, hits[k]):

@@ -227,7 +227,7 @@ class TilePass:
             # the cores partition the extent, so every pixel of nd is rewritten
             part.nd = np.empty((2,) + self.x_host.shape, np.float32) if out is None else out
         if gather:  # every pixel is rewritten by its own tile
-            part.cstat = np.empty((3, C) + tuple(self.problem.shape), np.float32)
+            part.cstat = np.empty((4, C) + tuple(self.problem.shape), np.float32)
         for tile in self.tiles:
             self._load_tile(tile)
             self._tile_pass(tile, frames, part, accumulate=accumulate, gather=gather)

@@ -235,5 +235,6 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
     zc = z.reshape(-1, channels, *y.shape[1:])
     fc = finite.reshape(zc.shape)
     z2 = np.where(fc, zc * zc, 0)
-    stats = (z2.sum(axis=0), z2.max(axis=0), (~fc).sum(axis=0))
+    second = np.sort(z2, axis=0)[-2] if z2.shape[0] > 1 else np.zeros_like(z2[0])
+    stats = (z2.sum(axis=0), z2.max(axis=0), (~fc).sum(axis=0), second)
     return w, rej.sum(axis=(1, 2)), finite.sum(axis=(1, 2)), stats, hits

@@ -4,18 +4,24 @@ import numpy as np
 import pytest
 from scipy.ndimage import maximum_filter
 
-from mfnumba.consensus import (GROW_R, MIN_FRAMES, NO_CONSENSUS, consensus_maps, flag_maps,
-                               grow_flags, set_window, unpack_window)
+from mfnumba.consensus import (GROW_R, MIN_FRAMES, NO_CONSENSUS, TRIM2_FRAMES, TRIM2_Z,
+                               consensus_maps, flag_maps, grow_flags, set_window, unpack_window)
 
 from . import reference as ref
 
 
-def reference_maps(cstat, n_frames):
-    """m² = (Σz² − max z²)/(n − 1): the largest left out; 1e24 under MIN_FRAMES."""
-    total, top, gaps = cstat.astype(np.float32)
+def reference_maps(cstat, n_frames, reject_z=5.0):
+    """m² = (Σz² − max z²)/(n − 1), the largest left out; the second largest too where it is
+    above (TRIM2_Z zt)² max(1, the rest's mean) and TRIM2_FRAMES frames have data; 1e24 under
+    MIN_FRAMES."""
+    total, top, gaps, second = cstat.astype(np.float32)
     n = np.float32(n_frames) - gaps
-    m2 = np.maximum(total - top, np.float32(0)) / np.maximum(n - 1, np.float32(1))
-    return np.where(n < MIN_FRAMES, np.float32(NO_CONSENSUS), m2).astype(np.float32)[None]
+    f0, f1 = np.float32(0), np.float32(1)
+    m1 = np.maximum(total - top, f0) / np.maximum(n - 1, f1)
+    m2 = np.maximum(total - top - second, f0) / np.maximum(n - 2, f1)
+    two = (n >= TRIM2_FRAMES) & (second > np.maximum(m2, f1) * np.float32((TRIM2_Z * reject_z) ** 2))
+    m = np.where(two, m2, m1)
+    return np.where(n < MIN_FRAMES, np.float32(NO_CONSENSUS), m).astype(np.float32)[None]
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -30,16 +36,28 @@ def test_maps_match_reference(channels):
     nan[:, :, 20, 3] = True  # no frame with data
     nan[:5, :, 30, 4] = True  # two frames: fewer than MIN_FRAMES
     z2v = np.where(nan, 0, z2)
-    cstat = np.stack([z2v.sum(0), z2v.max(0), nan.sum(0).astype(np.float32)]).astype(np.float32)
-    got = consensus_maps(cstat, n)
+    cstat = np.stack([z2v.sum(0), z2v.max(0), nan.sum(0).astype(np.float32),
+                      np.sort(z2v, axis=0)[-2]]).astype(np.float32)
+    got = consensus_maps(cstat, n, 5.0)
     want = reference_maps(cstat, n)
     np.testing.assert_array_equal(got, want)
     assert got.shape == (1, channels, h, w)
     assert got[0, 0, 20, 3] == np.float32(NO_CONSENSUS) and got[0, 0, 30, 4] == np.float32(NO_CONSENSUS)
     assert got[0, :, 5, 6].max() < 3  # the outlier left out of its own level
     out = np.full_like(got, -1)
-    assert consensus_maps(cstat, n, out=out) is out
+    assert consensus_maps(cstat, n, 5.0, out=out) is out
     np.testing.assert_array_equal(out, want)
+    # a second outlier at the same pixel is left out too; a spread of the frames is not
+    z2v[3, :, 5, 6] = 300.0
+    z2v[:, :, 9, 9] = np.linspace(10.0, 60.0, n)[:, None]  # all frames high, spread (a core)
+    cstat = np.stack([z2v.sum(0), z2v.max(0), nan.sum(0).astype(np.float32),
+                      np.sort(z2v, axis=0)[-2]]).astype(np.float32)
+    got, want = consensus_maps(cstat, n, 5.0), reference_maps(cstat, n)
+    np.testing.assert_array_equal(got, want)
+    assert got[0, :, 5, 6].max() < 3
+    spread = np.linspace(10.0, 60.0, n)
+    keep = (spread.sum() - spread[-1] - 0 * spread[-2]) / (n - 1)  # the largest only left out
+    np.testing.assert_allclose(got[0, :, 9, 9][~nan[:, :, 9, 9].any(axis=0)], keep, rtol=1e-6)
 
 
 def test_flags_pack_and_grow_as_the_reference():
@@ -82,7 +100,7 @@ def test_a_cosmic_ray_costs_other_frames_no_pixels_on_a_star_core():
     cons = np.ones((1, 1, h, w), np.float32)  # m² = 1: L = 5, half of it 2.5
 
     def one_pass(near):
-        out, acc = np.zeros((2, P, h, w), np.float32), np.zeros((3, 1, h, w), np.float32)
+        out, acc = np.zeros((2, P, h, w), np.float32), np.zeros((4, 1, h, w), np.float32)
         hits = np.zeros((P, h, w), np.uint8)
         rej, _ = be.consensus_weights(y, yhat, out, acc, p=0, noise=NoiseModel("mad", 0.0),
                                       sigma=np.full(P, s), unit=np.ones(P),

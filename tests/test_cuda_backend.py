@@ -345,12 +345,12 @@ def test_gpu_consensus_weights(backends, rng, r, C):
         kw = dict(p=py, noise=NoiseModel(mode, 1.0), sigma=sigma, unit=unit, delta=delta,
                   huber=huber, cons=cs, zt=3.0, lo_frac=0.5, channels=C, mask=m, var=var,
                   p_out=p, r=r, near=nr)
-        oc, ac = np.zeros((2, P) + grid, np.float32), np.full((3, C, h, w), 0.5, np.float32)
+        oc, ac = np.zeros((2, P) + grid, np.float32), np.full((4, C, h, w), 0.5, np.float32)
         hc = np.full((P, h, w), 9, np.uint8)
         want = c.consensus_weights(y, yhat, oc, ac, hits=hc, **kw)
         runs = []
         for on_device in (False, True):
-            og, ag = g.zeros((2, P) + grid), g.asarray(np.full((3, C, h, w), 0.5, np.float32))
+            og, ag = g.zeros((2, P) + grid), g.asarray(np.full((4, C, h, w), 0.5, np.float32))
             flags[1] = 9
             hg = g.asarray(np.full((P, h, w), 9, np.uint8), np.uint8) if on_device else hits
             got = g.consensus_weights(yd, yhd, og, ag, hits=hg, **kw)
@@ -361,6 +361,10 @@ def test_gpu_consensus_weights(backends, rng, r, C):
         (o1, a1, n1, h1), (o2, a2, n2, h2) = runs
         np.testing.assert_allclose(o1, oc, rtol=1e-6, atol=0)
         np.testing.assert_allclose(a1, ac, rtol=1e-6, atol=0)
+        np.testing.assert_array_equal(a1[3], ac[3])  # the second largest z²: the CPU's bits
+        assert (ac[3] <= ac[1]).all()
+        if mode == "mad":  # z² ~ 1 (V = 1): the second largest passes the earlier 0.5
+            assert (ac[3] > 0.5).any()
         for u, v in zip(n1, want):
             np.testing.assert_array_equal(u, v)
         np.testing.assert_array_equal(h1, hc)

@@ -365,18 +365,22 @@ def test_consensus_weights_run_their_kernel_and_match_cpu(emu, rng, r, C):
                   huber=huber, cons=cs, zt=3.0, lo_frac=0.5, channels=C, mask=m, var=var,
                   p_out=p, r=r, near=nr)
         wbuf = np.zeros((2, P + C) + g, np.float32)
-        cbuf = np.full((3, C, h + 3, w + 1), 0.5, np.float32)
+        cbuf = np.full((4, C, h + 3, w + 1), 0.5, np.float32)
         out, acc = wbuf[:, :P], cbuf[:, :, :h, :w]
         flags[1] = 9  # every pixel of the window rewritten, nothing outside it
         n0 = len(cp.launches)
         got = be.consensus_weights(y, yhat, out, acc, hits=hits, **kw)
         assert cp.launches[n0:] == ["mf_consensus_weights"]  # the kernel, not a host copy
-        want_out, want_acc = np.zeros((2, P) + g, np.float32), np.full((3, C, h, w), 0.5, np.float32)
+        want_out, want_acc = np.zeros((2, P) + g, np.float32), np.full((4, C, h, w), 0.5, np.float32)
         want_hits = np.full((P, h, w), 9, np.uint8)
         want = cpu.consensus_weights(np.ascontiguousarray(y), yhat, want_out, want_acc,
                                      hits=want_hits, **kw)
         np.testing.assert_array_equal(out, want_out)
         np.testing.assert_array_equal(acc, want_acc)
+        np.testing.assert_array_equal(acc[3], want_acc[3])  # the second largest z², exactly
+        assert (acc[3] <= acc[1]).all()
+        if mode == "mad":  # z² ~ 1 (V = 1): the second largest passes the earlier 0.5
+            assert (acc[3] > 0.5).any()
         np.testing.assert_array_equal(hits, want_hits)
         assert (flags[1, P:] == 9).all() and (flags[1, :, h:] == 9).all()
         assert (flags[1, :, :, w:] == 9).all()

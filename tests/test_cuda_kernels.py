@@ -293,7 +293,8 @@ def _host_hits(P, h, w, fill=7):
 @pytest.mark.parametrize("r,C,P", [(1, 1, 4), (2, 1, 3), (1, 3, 12), (2, 3, 6), (1, 3, 7)])
 def test_consensus_weights_match_cpu(lib, rng, noise, r, C, P):
     """Outputs over r×r blocks, Σz² / max z² / NaN count per channel and the
-    counts per plane: the CPU kernel's, bit for bit (C = 3, P = 7: a plane short)."""
+    counts per plane: the CPU kernel's, bit for bit, and the second largest z² (acc[3])
+    with them (C = 3, P = 7: a plane short)."""
     h, w, p, po = 9, 11, 2, 3
     model = NoiseModel(noise, 1.0)
     y, grid, cons, near = _consensus_case(rng, P, C, h, w, p)
@@ -302,8 +303,9 @@ def test_consensus_weights_match_cpu(lib, rng, noise, r, C, P):
     sigma, unit = rng.uniform(2.5, 3.5, P), rng.uniform(0.8, 1.2, P)
     delta = rng.uniform(1.0, 3.0, P)
     fine = (po + r * h + 1, po + r * w + 2)
-    acc0 = np.zeros((3, C, h + 2, w + 3), np.float32)
-    acc0[:, :, :h, :w] = rng.random((3, C, h, w)) * 4  # gathered from an earlier batch
+    acc0 = np.zeros((4, C, h + 2, w + 3), np.float32)
+    acc0[:, :, :h, :w] = rng.random((4, C, h, w)) * 4  # gathered from an earlier batch
+    acc0[3, :, :h, :w] = np.minimum(acc0[1, :, :h, :w], acc0[3, :, :h, :w])  # 2nd ≤ max
     for huber, m, cs, nr in ((True, mask, cons, near), (False, None, cons, None),
                              (False, mask, cons, near), (True, None, None, near),
                              (False, mask, None, None)):
@@ -324,6 +326,8 @@ def test_consensus_weights_match_cpu(lib, rng, noise, r, C, P):
         rej, fin = CPUBackend().consensus_weights(y, grid, cpu_out, cpu_acc, hits=cpu_hits, **kw)
         np.testing.assert_array_equal(out, cpu_out)
         np.testing.assert_array_equal(acc, cpu_acc)
+        np.testing.assert_array_equal(acc[3], cpu_acc[3])  # the second largest z²
+        assert (acc[3] <= acc[1]).all() and (acc[3] != acc0[3, :, :h, :w]).any()
         np.testing.assert_array_equal(hits, cpu_hits)
         np.testing.assert_array_equal(counts[0], rej)
         np.testing.assert_array_equal(counts[1], fin)
@@ -370,7 +374,7 @@ def test_consensus_weights_match_reference(lib, rng):
     grown = {}
     for cs, nr in ((None, None), (None, near), (cons, None), (cons, near), (cons[:1], near)):
         out = np.zeros((2, P) + grid.shape[1:], np.float32)
-        acc = np.zeros((3, C, h, w), np.float32)
+        acc = np.zeros((4, C, h, w), np.float32)
         hits, _ = _host_hits(P, h, w)
         launch, counts = L.consensus_weights(
             np, y, grid, p, L.consensus_params(sigma, unit, np.full(P, 2.5)), False,
@@ -390,12 +394,13 @@ def test_consensus_weights_match_reference(lib, rng):
         np.testing.assert_allclose(out[1][core], want_w * yh, rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(counts[0], want_rej)
         np.testing.assert_array_equal(counts[1], want_fin)
+        assert len(stats) == 4  # Σz², max z², NaN count, second largest z²
         for got, want in zip(acc, stats):
             np.testing.assert_allclose(got, want, rtol=1e-5)
     assert grown[True] > grown[False]  # the trail's own flag took its wings
 
     def kernel(nr):
-        out, acc = np.zeros((2, P) + grid.shape[1:], np.float32), np.zeros((3, C, h, w), np.float32)
+        out, acc = np.zeros((2, P) + grid.shape[1:], np.float32), np.zeros((4, C, h, w), np.float32)
         hits = np.zeros((P, h, w), np.uint8)
         launch, counts = L.consensus_weights(
             np, y, grid, p, L.consensus_params(sigma, unit, np.full(P, 2.5)), False,
@@ -412,6 +417,63 @@ def test_consensus_weights_match_reference(lib, rng):
     assert (both[3][0] >= none[3][0]).all()
     assert both[3][0][P - 1] > none[3][0][P - 1]  # bit 0 everywhere: the wings go
     np.testing.assert_array_equal(both[2], none[2])  # hits: z > L, whatever the flags
+
+
+def _second_largest_case(lib, ys, C, acc0=None):
+    """Σz², max z², NaN count and second largest z² of frames ys (P, w) over one row,
+    σ = unit = 1 and ŷ = 0 (z² = y², exact), by the host-compiled kernel and the CPU."""
+    y = np.asarray(ys, np.float32)[:, None, :]
+    P, h, w = y.shape
+    yhat = np.zeros_like(y)
+    ones = np.ones(P)
+    got = []
+    for which in ("kernel", "cpu"):
+        out = np.zeros((2, P, h, w), np.float32)
+        acc = np.zeros((4, C, h, w), np.float32) if acc0 is None else acc0.copy()
+        if which == "kernel":
+            launch, _ = L.consensus_weights(
+                np, y, yhat, 0, L.consensus_params(ones, ones, ones), False,
+                NoiseModel("mad", 0.0), out, acc, None, None, 100.0, 0.5, C, None, 1, None,
+                DUMMY)
+            run(lib, launch)
+        else:
+            CPUBackend().consensus_weights(
+                y, yhat, out, acc, p=0, noise=NoiseModel("mad", 0.0), sigma=ones, unit=ones,
+                delta=ones, huber=False, zt=100.0, lo_frac=0.5, channels=C)
+        got.append(acc[:, :, 0])
+    np.testing.assert_array_equal(got[0], got[1])  # the kernel's, bit for bit the CPU's
+    return got[0]
+
+
+def test_consensus_second_largest_by_hand(lib):
+    """acc[3]: the second largest z² per pixel and channel. Ties count twice, a NaN y
+    counts as z² = 0, one plane (or none with data) gives 0; it carries over batches."""
+    nan = np.nan
+    acc = _second_largest_case(lib, [[1, 3, 3, -2, nan, 5, nan],
+                                [3, 1, -1, nan, 2, nan, nan],
+                                [2, 3, 0, nan, 1, nan, nan]], 1)
+    np.testing.assert_array_equal(acc[1, 0], [9, 9, 9, 4, 4, 25, 0])  # max z²
+    np.testing.assert_array_equal(acc[3, 0], [4, 9, 1, 0, 1, 0, 0])  # second largest
+    np.testing.assert_array_equal(acc[2, 0], [0, 0, 0, 2, 1, 2, 3])  # frames without data
+    np.testing.assert_array_equal(acc[0, 0], [14, 19, 10, 4, 5, 25, 0])
+    single = _second_largest_case(lib, [[4, nan, -3]], 1)  # a single plane
+    np.testing.assert_array_equal(single[1, 0], [16, 0, 9])
+    np.testing.assert_array_equal(single[3, 0], [0, 0, 0])
+    # C = 2, P = 3: channel 0 has planes 0 and 2, channel 1 plane 1 alone
+    two = _second_largest_case(lib, [[2, 1], [3, 5], [1, 4]], 2)
+    np.testing.assert_array_equal(two[1], [[4, 16], [9, 25]])
+    np.testing.assert_array_equal(two[3], [[1, 1], [0, 0]])
+    # an earlier batch's max 16 and second 4 at each pixel: z² = 9 → (16, 9); 25 →
+    # (25, 16); 1 → (16, 4); 16, a tie with the max → (16, 16); 4, with the second → (16, 4)
+    acc0 = np.zeros((4, 1, 1, 5), np.float32)
+    acc0[1], acc0[3] = 16.0, 4.0
+    carry = _second_largest_case(lib, [[3, 5, 1, -4, 2]], 1, acc0)
+    np.testing.assert_array_equal(carry[1, 0], [16, 25, 16, 16, 16])
+    np.testing.assert_array_equal(carry[3, 0], [9, 16, 4, 16, 4])
+    nan_carry = _second_largest_case(lib, [[np.nan, 1], [np.nan, np.nan]], 1, acc0[..., :2])
+    np.testing.assert_array_equal(nan_carry[1, 0], [16, 16])  # NaN: z² = 0, below both
+    np.testing.assert_array_equal(nan_carry[3, 0], [4, 4])
+    np.testing.assert_array_equal(nan_carry[2, 0], [2, 1])
 
 
 # The device path on the host: the consensus kernel counts with warp ballots,
@@ -540,13 +602,15 @@ def test_consensus_device_path_with_warps(warps, rng, r, C, P, grid, block):
     model = NoiseModel("poisson", 1.0)
     for huber, cs, nr in ((True, cons, near), (False, None, None), (False, cons, None)):
         out = np.zeros((2, P) + fine, np.float32)
-        acc = np.ones((3, C, h, w), np.float32)
+        acc = np.ones((4, C, h, w), np.float32)
+        acc[3] = 0.5  # the second largest of an earlier batch
         hits, _ = _host_hits(P, h, w)
         launch, counts = L.consensus_weights(
             np, y, yhat, p, L.consensus_params(sigma, unit, delta), huber, model, out, acc, mask,
             cs, 3.0, 0.5, C, po, r, None, DUMMY, near=nr, hits=hits)
         run_grid(warps, launch, grid, block)
         cpu_out, cpu_acc = np.zeros_like(out), np.ones_like(acc)
+        cpu_acc[3] = 0.5
         cpu_hits = np.full((P, h, w), 7, np.uint8)
         rej, fin = CPUBackend().consensus_weights(
             y, yhat, cpu_out, cpu_acc, p=p, noise=model, sigma=sigma, unit=unit, delta=delta,
@@ -554,6 +618,7 @@ def test_consensus_device_path_with_warps(warps, rng, r, C, P, grid, block):
             near=nr, hits=cpu_hits)
         np.testing.assert_array_equal(out, cpu_out)
         np.testing.assert_array_equal(acc, cpu_acc)
+        np.testing.assert_array_equal(acc[3], cpu_acc[3])  # the second largest z²
         np.testing.assert_array_equal(hits, cpu_hits)
         np.testing.assert_array_equal(counts[0], rej)
         np.testing.assert_array_equal(counts[1], fin)
@@ -567,10 +632,11 @@ def test_consensus_launcher_refuses_mismatched_shapes(rng):
     prm = L.consensus_params(np.ones(P), np.ones(P), np.ones(P))
     out = np.zeros((2, P, h, w), np.float32)
     args = (2.0, 0.5, C, 0, 1, None, DUMMY)
-    with pytest.raises(ValueError, match="acc"):
-        L.consensus_weights(np, y, grid, 0, prm, True, NoiseModel("mad", 0.0), out,
-                            np.zeros((3, 1, h, w), np.float32), None, None, *args)
-    acc = np.zeros((3, C, h, w), np.float32)
+    for bad in ((4, 1, h, w), (3, C, h, w)):  # another channel count; the old 3-plane acc
+        with pytest.raises(ValueError, match="acc"):
+            L.consensus_weights(np, y, grid, 0, prm, True, NoiseModel("mad", 0.0), out,
+                                np.zeros(bad, np.float32), None, None, *args)
+    acc = np.zeros((4, C, h, w), np.float32)
     with pytest.raises(ValueError, match="out"):
         L.consensus_weights(np, y, grid, 0, prm, True, NoiseModel("mad", 0.0), out, acc, None,
                             None, 2.0, 0.5, C, 0, 2, None, DUMMY)  # r = 2 needs a finer out

@@ -172,7 +172,7 @@ def test_per_pass_only_x_goes_out_and_one_part_comes_back(reject, cluster, tmp_p
         assert ex.sent[-1] == len(ex.states) * (x + cons) + flags > 0
         # back: one reduced part: num/den over the extent, the statistics, the samples, the flags
         samples = 2 * 4 * n * int(np.ceil(h / s.res_step)) * int(np.ceil(w / s.res_step))
-        stats = 3 * cons  # Σz², max z², counts against the map's one plane
+        stats = 4 * cons  # Σz², the two largest z², counts against the map's one plane
         assert 2 * x <= ex.received[-1] <= 2 * x + stats + samples + flags + 4096
         out[n] = ex.sent[-1] - flags
     assert out[4] == out[8]  # twice the frames: the same traffic out, but for their flags

@@ -256,7 +256,7 @@ def test_consensus_weights_match_reference(backend, with_cons, with_var, rng):
         near[2, 4:7, :] = 1  # the trail's own flag: its wings go at half the limit
         near[1, 4:7, :] = 3  # bit 1 (this pass's own outliers, being written) is not read
     dev = lambda a: None if a is None else be.asarray(a)  # noqa: E731
-    out, acc = be.zeros((2, P) + grid.shape[1:]), be.zeros((3, C, h, w))
+    out, acc = be.zeros((2, P) + grid.shape[1:]), be.zeros((4, C, h, w))
     hits = np.full((P, h, w), 7, np.uint8)  # every pixel rewritten
     rej, fin = be.consensus_weights(dev(y), dev(grid), out, acc, p=p,
                                     noise=NoiseModel("map" if with_var else "mad", 0.0),

@@ -48,8 +48,8 @@ def residual_samples(y, yhat, p, vmode, var, floor, step, g0, g1, r0, r1, c0, c1
 
 
 @njit(cache=True, error_model="numpy")
-def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, o0, o1, vmode, fl, inv, ds, u2,
-                huber, has_mask, has_prot, reject, has_cons, zt2, lo2):
+def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, s3, o0, o1, vmode, fl, inv, ds,
+                u2, huber, has_mask, has_prot, reject, has_cons, zt2, lo2):
     """One row of :func:`robust_weights` / :func:`consensus_weights`: o0 = w y, o1 = w ŷ.
 
     The pixel loop is branch-free (selects) and the "numpy" error model drops
@@ -57,8 +57,8 @@ def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, o0, o1, vmode, fl, i
     pixel-at-a-time loop on one AVX2 core, bit-identical results: no
     ``fastmath``, no FMA contraction). Rows not given (no var, mask, protect,
     cons, near, hits) are stand-ins of the same length, never read. With
-    ``reject`` the consensus statistics go into s0 (Σz²), s1 (max z²) and s2
-    (NaN count), and hr = 1 where this plane's z² > L² (0 without a
+    ``reject`` the consensus statistics go into s0 (Σz²), s1 (max z²), s2
+    (NaN count) and s3 (the second largest z²), and hr = 1 where this plane's z² > L² (0 without a
     consensus); nr: this plane's own "near an outlier" flag (bit 0) of the
     last pass. Returns (rejected, finite) pixel counts of the row.
     """
@@ -103,8 +103,11 @@ def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, o0, o1, vmode, fl, i
             nrej += 1 if (ok & bad) else 0
             nfin += 1 if ok else 0
             s0[j] = s0[j] + (z2 if ok else zero)
+            zz = z2 if ok else zero
             t = s1[j]
-            s1[j] = z2 if (ok & (z2 > t)) else t
+            s1[j] = zz if zz > t else t
+            lo = t if zz > t else zz  # the smaller of the two: the new second largest?
+            s3[j] = lo if lo > s3[j] else s3[j]
             s2[j] = s2[j] + (zero if ok else one)
         wt = wt * f
         if has_mask:
@@ -158,7 +161,7 @@ def robust_weights(y, yhat, p, vmode, var, floor, sigma, delta, huber, mask, has
             o0, o1 = out[0, k, po + i, po:po + w], out[1, k, po + i, po:po + w]
         else:
             o0, o1 = np.empty(w, np.float32), np.empty(w, np.float32)
-        _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, pr, yr, nb, nb, yr, yr, yr, o0, o1,
+        _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, pr, yr, nb, nb, yr, yr, yr, yr, o0, o1,
                     vmode, fl, inv, ds, one, huber, has_mask, has_protect, False, False,
                     one, one)
         if r > 1:
@@ -324,7 +327,8 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
     L near the plane's own outlier (a trail grows along its wings; other
     frames' samples there are not touched). hits[k] = 1 where z > L (with a
     consensus; 0 without), for the next pass's near. acc[0] += z²,
-    acc[1] = max(acc[1], z²) and acc[2] += 1 where y is NaN (frames without
+    acc[1] = max(acc[1], z²), acc[3] = the second largest z² and acc[2] += 1
+    where y is NaN (frames without
     data), per channel, for the next pass; rej[k, i], fin[k, i]: rejected
     and finite pixels per row. Compared
     squared: no square root per pixel. Rows run in parallel and each row's
@@ -350,7 +354,8 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
                 o0, o1 = out[0, k, po + i, po:po + w], out[1, k, po + i, po:po + w]
             nr, nf = _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, yr, c0, near[k, i],
                                  hits[k, i], acc[0, c, i],
-                                 acc[1, c, i], acc[2, c, i], o0, o1, vmode, fl, inv, ds, u2,
+                                 acc[1, c, i], acc[2, c, i], acc[3, c, i], o0, o1, vmode, fl,
+                                 inv, ds, u2,
                                  huber, has_mask, False, True, has_cons, zt2, lo2)
             if r > 1:
                 _spread(o0, o1, out, k, po + r * i, po, r)

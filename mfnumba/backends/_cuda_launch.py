@@ -184,7 +184,8 @@ def consensus_weights(xp, y, yhat, p, prm, huber, noise: NoiseModel, out, acc, m
     """Launch plus its counts (2, P) uint64 in ``xp``: rejected and finite pixels per plane.
 
     ``prm``: :func:`consensus_params` (on the device on a GPU). One element
-    per pixel of ``acc`` (3, C, h, w); the kernel loops over each one's planes.
+    per pixel of ``acc`` (4, C, h, w): Σz², max z², NaN count and the second
+    largest z² per channel, as the CPU's; the kernel loops over each one's planes.
     Only ``cons[0]`` (m²) is read. ``near`` (P, h, w) uint8: bit 0 = the
     plane's own outlier nearby (None: none); ``hits`` (P, h, w) uint8, written
     where given: 1 where z > L (0 without ``cons``). Both may be strided views
@@ -197,8 +198,8 @@ def consensus_weights(xp, y, yhat, p, prm, huber, noise: NoiseModel, out, acc, m
     _check(prm, np.float32, 2, "consensus params")
     P, h, w = y.shape
     C, po = int(channels), p if p_out is None else p_out
-    if C < 1 or acc.shape != (3, C, h, w):
-        raise ValueError(f"consensus_weights: acc {acc.shape} for {C} channel(s) of {(h, w)}")
+    if C < 1 or acc.shape != (4, C, h, w):
+        raise ValueError(f"consensus_weights: acc {acc.shape}, expected (4, {C}, {h}, {w})")
     if out.shape[:2] != (2, P) or out.shape[2] < po + r * h or out.shape[3] < po + r * w:
         raise ValueError(f"consensus_weights: out {out.shape} for {P} planes of {(h, w)}, "
                          f"r={r} at offset {po}")
