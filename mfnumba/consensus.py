@@ -149,6 +149,13 @@ def _unpack(packed, k0, r0, c0, out):
                     dst[j] = 1
 
 
+@njit(cache=True)
+def _put_bit(dst, c, on):
+    """Column c's bit of a packed row := on."""
+    bit = np.uint8(1 << (7 - (c & 7)))
+    dst[c >> 3] = (dst[c >> 3] | bit) if on else (dst[c >> 3] & ~bit)
+
+
 @njit(parallel=True, cache=True)
 def _set(packed, k0, r0, c0, flags):
     n, h, w = flags.shape
@@ -159,30 +166,23 @@ def _set(packed, k0, r0, c0, flags):
         for j in range(w):
             seen |= src[j]
         j = 0
-        if seen == 0:  # the usual row: no outlier; its whole bytes cleared at once
-            while j < w and ((c0 + j) & 7) != 0:
-                c = c0 + j
-                dst[c >> 3] &= ~np.uint8(1 << (7 - (c & 7)))
-                j += 1
+        while j < w and ((c0 + j) & 7) != 0:  # the bits before the first whole byte
+            _put_bit(dst, c0 + j, src[j] != 0)
+            j += 1
+        if seen == 0:  # the usual row, no outlier: its whole bytes cleared at once
             n8 = (w - j) >> 3
             b0 = (c0 + j) >> 3
             dst[b0:b0 + n8] = 0
             j += n8 << 3
-        while j < w and ((c0 + j) & 7) != 0:  # the bits before the first whole byte
-            c = c0 + j
-            bit = np.uint8(1 << (7 - (c & 7)))
-            dst[c >> 3] = (dst[c >> 3] | bit) if src[j] != 0 else (dst[c >> 3] & ~bit)
-            j += 1
-        while j + 8 <= w:  # whole bytes, built from eight flags
-            v = 0
-            for t in range(8):
-                v = (v << 1) | (1 if src[j + t] != 0 else 0)
-            dst[(c0 + j) >> 3] = np.uint8(v)
-            j += 8
+        else:
+            while j + 8 <= w:  # whole bytes, built from eight flags
+                v = 0
+                for t in range(8):
+                    v = (v << 1) | (1 if src[j + t] != 0 else 0)
+                dst[(c0 + j) >> 3] = np.uint8(v)
+                j += 8
         while j < w:  # the bits after the last whole byte
-            c = c0 + j
-            bit = np.uint8(1 << (7 - (c & 7)))
-            dst[c >> 3] = (dst[c >> 3] | bit) if src[j] != 0 else (dst[c >> 3] & ~bit)
+            _put_bit(dst, c0 + j, src[j] != 0)
             j += 1
 
 

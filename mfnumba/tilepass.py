@@ -114,8 +114,6 @@ class TilePass:
                 self.cons_host[:, :, tile.rows[0]:tile.rows[1], tile.cols[0]:tile.cols[1]])
             unit = self._scale / self.sigma
             hits_map, near_map = self._flags()
-            (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
-            a0, b0 = r0 - tile.rows[0], c0 - tile.cols[0]
         if self.conv == "fft":
             be.rfft2(self._x, out=self._X, rows=(0, g.extent[0]))  # x: zero beyond its window
             self._acc.fill(0)
@@ -154,8 +152,8 @@ class TilePass:
                     zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
                     mask=maps["mask"], var=maps["var"], near=near, hits=hits)
                 # the pixels this tile owns: assigned, so a recomputed pass rewrites them
-                set_window(hits_map, planes, (r0, r1), (c0, c1),
-                           hits[:, a0:a0 + r1 - r0, b0:b0 + c1 - c0])
+                set_window(hits_map, planes, tile.own_rows, tile.own_cols,
+                           hits[:, own.rows[0]:own.rows[1], own.cols[0]:own.cols[1]])
                 # counted over the tile's frame window: approximate where tiles overlap
                 for k in range(nb * C):
                     p = planes.start + k
@@ -179,6 +177,7 @@ class TilePass:
         if accumulate and self.conv == "fft":
             be.irfft2(self._acc, self.grid, out=self._nd, overwrite_input=True)
         if gather:  # the rows and columns this tile owns go to the whole-frame statistics
+            (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
             part.cstat[:, :, r0:r1, c0:c1] = be.to_host(acc[:, :, own.rows[0]:own.rows[1],
                                                             own.cols[0]:own.cols[1]])
 
