@@ -1,8 +1,11 @@
 // Robust weights with cross-frame consensus rejection, and the statistics of
 // the next pass's consensus (planes k = frame · C + c):
 //   out[0, k] = U(w·y), out[1, k] = U(w·ŷ),
-//     w = 0 where z² > L² or (near[k] & 1 and z² > lo²L²): the plane's own outlier nearby
-//   hits[k] = z² > L² (0 without a consensus), for the next pass's near
+//     w = 0 where z² > L² or (near[k] & 1 and z² > lo²L²): the plane's own outlier nearby,
+//     or (sharp2 > 0, with a consensus) where a kept z² > zt² above the model is sharper
+//     than the PSF (mf_sharp_reject, over the 8 neighbours inside the window); below the
+//     model (y < ŷ) the limits are neg times higher
+//   hits[k] = rejected so (0 without a consensus), for the next pass's near
 //   acc[0, c] += Σ_k z²,  acc[1, c] = max(acc[1, c], max_k z²),  acc[2, c] += #(y NaN),
 //   acc[3, c] = the second largest of acc[1, c], acc[3, c] and the planes' z²
 //     (z² = 0 where y is not finite; ties count twice)
@@ -24,23 +27,26 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
     const float* cons, mf_i64 c_sc, mf_i64 c_sr, mf_i64 has_cons,
     const unsigned char* near, mf_i64 n_sp, mf_i64 n_sr, mf_i64 has_near,
     unsigned char* hits, mf_i64 h_sp, mf_i64 h_sr, mf_i64 has_hits,
-    double zt, double lo_frac,
+    double zt, double lo_frac, double sharp, double neg,
     float* out, mf_i64 o_sk, mf_i64 o_sp, mf_i64 o_sr, mf_i64 po, mf_i64 r,
     float* acc, mf_i64 a_sk, mf_i64 a_sc, mf_i64 a_sr, unsigned long long* counts,
     mf_i64 P, mf_i64 C, mf_i64 h, mf_i64 w)
 {
     const float zt2 = (float)(zt * zt), lo2 = (float)(lo_frac * lo_frac);
+    const float sharp2 = (float)(sharp * sharp), neg2 = (float)(neg * neg);
+    const bool sharp_on = has_cons && sharp > 0.0;
     const mf_i64 nt = mf_div(P + C - 1, C);  // planes of the most populous channel
     MF_FOR_EACH_WARP(idx, n) {
         bool live = idx < n;
         mf_i64 q = live ? idx : 0;
         mf_i64 row = mf_div(q, w), j = q - row * w;
         mf_i64 c = mf_div(row, h), i = row - c * h;
-        float lim2 = zt2, sum = 0.0f, top = 0.0f, gaps = 0.0f, second = 0.0f;
+        float lim2 = zt2, m2 = 0.0f, sum = 0.0f, top = 0.0f, gaps = 0.0f, second = 0.0f;
         float* st = acc + c * a_sc + i * a_sr + j;
         if (live) {
             if (has_cons) {
-                lim2 = mf_consensus_limit(zt2, cons[c * c_sc + i * c_sr + j]);  // cons[0]
+                m2 = cons[c * c_sc + i * c_sr + j];  // cons[0]
+                lim2 = mf_consensus_limit(zt2, m2);
             }
             sum = st[0];
             top = st[a_sk];
@@ -61,7 +67,25 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
                 bool hit;
                 state = mf_consensus_weight(v, e, prm[k], prm[P + k], prm[2 * P + k], (int)vmode,
                                             (float)floor, varv, huber != 0, lim2, lo2, own,
-                                            has_mask != 0, m, &a0, &a1, &z2, &hit);
+                                            has_mask != 0, m, &a0, &a1, &z2, &hit, neg2);
+                if (sharp_on && state == MF_C_KEPT && v - e > 0.0f && z2 > zt2 && i >= 1 &&
+                    i <= h - 2 && j >= 1 && j <= w - 2) {
+                    float nb = 0.0f;  // the neighbours' residuals, in the CPU kernel's order
+                    for (mf_i64 di = -1; di <= 1; ++di)
+                        for (mf_i64 dj = -1; dj <= 1; ++dj)
+                            if (di != 0 || dj != 0)
+                                nb = nb + (y[k * y_sp + (i + di) * y_sr + j + dj] -
+                                           yhat[k * e_sp + (i + di + p) * e_sr + j + dj + p]);
+                    float ve = vmode == MF_V_CONST ? 1.0f
+                             : (vmode == MF_V_POISSON ? mf_maxf(e, (float)floor) : varv);
+                    float wt = vmode == MF_V_CONST ? prm[k] : prm[k] / ve;
+                    if (mf_sharp_reject(v - e, nb, wt, prm[2 * P + k], zt2, sharp2, m2)) {
+                        a0 = 0.0f;
+                        a1 = 0.0f;
+                        hit = true;
+                        state = MF_C_REJECTED;
+                    }
+                }
                 if (has_hits) hits[k * h_sp + i * h_sr + j] = (has_cons && hit) ? 1 : 0;
                 mf_consensus_stat(state, z2, &sum, &top, &second, &gaps);
                 float* o = out + k * o_sp + (po + r * i) * o_sr + po + r * j;

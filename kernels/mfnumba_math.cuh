@@ -168,14 +168,14 @@ MF_HD float mf_consensus_limit(float zt2, float m2) {
 
 // Weight of one native pixel with consensus rejection: w = ψ(z)/z · m / σ²
 // as mf_weight (no `protect`), but 0 where z² > lim2, or z² > lo2 · lim2
-// where `near` (the plane's own outlier nearby). Writes a0 = w·y, a1 = w·ŷ
+// where `near` (the plane's own outlier nearby); lim2 · neg2 where y < ŷ. Writes a0 = w·y, a1 = w·ŷ
 // and *z2, *hit = z² > lim2 (all 0 where y is not finite: NaN and ±Inf are
 // no data, not outliers), and returns the pixel's state. In the CPU kernel's
 // float32 order.
 MF_HD int mf_consensus_weight(float v, float e, float inv, float ds, float u2, int vmode,
                               float floor, float varv, bool huber, float lim2, float lo2,
                               bool near, bool has_mask, float m, float* a0, float* a1,
-                              float* z2, bool* hit) {
+                              float* z2, bool* hit, float neg2 = 1.0f) {
     float wt = inv;
     float ve = 1.0f;
     if (vmode != MF_V_CONST) {
@@ -184,6 +184,7 @@ MF_HD int mf_consensus_weight(float v, float e, float inv, float ds, float u2, i
     }
     float a = v - e;
     float zz = a * a * wt * u2;  // wt = 1/(σ² V) here
+    if (a < 0.0f) lim2 = lim2 * neg2;  // below the model: neg times the limit
     *hit = false;  // only a finite pixel is an outlier (NaN and ±Inf are no data)
     *a0 = 0.0f;
     *a1 = 0.0f;
@@ -206,6 +207,21 @@ MF_HD int mf_consensus_weight(float v, float e, float inv, float ds, float u2, i
     *a1 = wt * e;
     *z2 = zz;
     return state;
+}
+
+// The sharpness test of a kept pixel with z² > zt² above the model (the
+// consensus kernel's candidates, CPU: _sharp_row): rejected where the
+// residual a stands out of its 8 neighbours' residual sum nb by d = a − nb/8,
+// d > 0 and d²·wt·unit⁻² > zt² · max(1, sharp2 · m²). A model error is smooth
+// over the PSF, a cosmic ray is not. NaN in nb (a neighbour without data) or
+// m²: kept. In the CPU kernel's float32 order.
+MF_HD bool mf_sharp_reject(float a, float nb, float wt, float u2, float zt2, float sharp2,
+                           float m2) {
+    float d = a - nb * 0.125f;
+    float s2 = d * d * wt * u2;
+    float ms = sharp2 * m2;
+    float lim = zt2 * (ms > 1.0f ? ms : 1.0f);
+    return d > 0.0f && s2 > lim;
 }
 
 // One frame's share of a pixel's statistics for the next pass: Σz² over the

@@ -24,6 +24,14 @@ the limit there (the wings of its trail). A cosmic ray in one frame on a star
 core, where the model under-predicts every frame, so no longer costs the
 other frames their high samples around it (bench stack 9's worst core
 imprint 9.2 -> 4.7σ; bench/RESULTS.md, issue 10).
+
+Where the PSFs are off, m is high at every star core in every frame, and a
+cosmic ray there stays under zt·max(1, m). The weights kernel then also
+tests a kept sample with z > zt above the model for sharpness: its residual's
+excess over the mean of its 8 neighbours' residuals, in the same units,
+against zt·max(1, ``SHARP``·m). A model error is smooth over the PSF (its
+excess is a fraction of its z), a cosmic ray is not (the break-it scenes'
+worst core imprints 46 -> 30σ and 40 -> 16σ of the pixel's noise; bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ GROW_R = 1  # native px: how far "near" reaches (a 3×3 square; the wings of a t
 # 2 (5×5) also rejected the high side of the other frames' residuals around a cosmic ray on
 # a star core, where the model still under-predicts every frame: bench stack 9's worst core
 # imprint 18.8 -> 9.2σ with 1 (bench/RESULTS.md, issue 10)
+NEG = 2.0  # below the model (y < ŷ) the limits are NEG times higher
+SHARP = 0.5  # a kept z > zt sharper than the PSF is rejected above zt·max(1, SHARP·m)
 NO_CONSENSUS = 1e24
 
 

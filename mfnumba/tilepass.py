@@ -19,6 +19,7 @@ import numpy as np
 
 from . import interrupt
 from .backends.base import DeviceLost, DeviceOOM, SampleGrid
+from . import consensus as _cons
 from .consensus import GROW as _GROW, set_window, unpack_window
 from .geometry import Tile
 from .partials import Partial
@@ -150,7 +151,8 @@ class TilePass:
                     y, yhat, out, acc, p=py, noise=self.noise, sigma=self.sigma[planes],
                     unit=unit[planes], delta=self.delta[planes], huber=self._huber, cons=cons,
                     zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
-                    mask=maps["mask"], var=maps["var"], near=near, hits=hits)
+                    mask=maps["mask"], var=maps["var"], near=near, hits=hits,
+                    sharp=_cons.SHARP, neg=_cons.NEG)
                 # the pixels this tile owns: assigned, so a recomputed pass rewrites them
                 set_window(hits_map, planes, tile.own_rows, tile.own_cols,
                            hits[:, own.rows[0]:own.rows[1], own.cols[0]:own.cols[1]])
@@ -297,7 +299,8 @@ class TilePass:
                                  unit=(self._scale / self.sigma)[planes],
                                  delta=self.delta[planes], huber=False, cons=cons,
                                  zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p,
-                                 r=g.r, var=var, near=near, hits=hits)
+                                 r=g.r, var=var, near=near, hits=hits, sharp=_cons.SHARP,
+                                 neg=_cons.NEG)
             wy = be.to_host(w[1])[:, g.p:g.p + g.r * g.h:g.r, g.p:g.p + g.r * g.w:g.r]
             rej = (np.isfinite(np.asarray(y)) & (wy == 0)).reshape(nb, C, g.h, g.w)
             (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols

@@ -201,15 +201,19 @@ def update_with_floor(x, num, den, *, kappa, relax, den_floor, floor=None):
 
 
 def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, var=None,
-                      mask=None, channels=1, near=None):
+                      mask=None, channels=1, near=None, sharp=0.0, neg=1.0):
     """Weights with cross-frame consensus rejection, and the statistics for the next pass.
 
     y, yhat: (P, h, w) planes (frame-major, ``channels`` per frame); z =
     |y - ŷ| / (σ √V unit), V = var or 1; L = zt · max(1, m), m² = cons[0];
     w = 1/(σ² V) · mask, 0 where z > L or (the plane's own ``near`` flag, bit
     0, and z > lo_frac · L) or y is NaN. Returns (w, rejected per plane,
-    finite per plane, (Σz², max z², NaN count) per channel, hits: z > L per
-    plane, none without ``cons``).
+    finite per plane, (Σz², max z², NaN count) per channel, hits: rejected
+    so per plane, none without ``cons``). With ``cons`` and ``sharp`` > 0 a
+    pixel kept so far with y − ŷ > zt · σ√V·unit, off the window's edge, is
+    rejected (and a hit) where d = (y − ŷ) − (the mean of its 8 neighbours'
+    y − ŷ) has d > 0 and d / (σ√V·unit) > zt · max(1, sharp · m). Where
+    y < ŷ the limits (L, lo_frac · L, and zt without ``cons``) are ``neg`` times higher.
     """
     P = y.shape[0]
     v = np.ones_like(y, dtype=np.float64) if var is None else var.astype(np.float64)
@@ -222,15 +226,30 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
         w = w * mask
     rej = np.zeros_like(finite)
     hits = np.zeros_like(finite)
+    with np.errstate(invalid="ignore"):
+        low = np.where((y.astype(np.float64) - yhat) < 0, float(neg), 1.0)  # below the model
     if cons is not None:
         c = np.arange(P) % channels
         m = np.sqrt(cons[0][c])
         own = np.zeros_like(finite) if near is None else (near & 1) > 0
-        lim = zt * np.maximum(1.0, m)
+        lim = zt * np.maximum(1.0, m) * low
         hits = finite & (z > lim)
         rej = hits | (finite & own & (z > lo_frac * lim))
+        if sharp > 0:
+            a = y.astype(np.float64) - yhat  # NaN and ±Inf stay: such a d keeps the pixel
+            nb = sum(a[:, 1 + di:a.shape[1] - 1 + di, 1 + dj:a.shape[2] - 1 + dj]
+                     for di in (-1, 0, 1) for dj in (-1, 0, 1) if di or dj)
+            d = np.full_like(a, np.nan)
+            d[:, 1:-1, 1:-1] = a[:, 1:-1, 1:-1] - nb / 8.0
+            with np.errstate(invalid="ignore"):
+                cand = finite & ~rej & (a > 0) & (z > zt)
+                sz = np.where(np.isfinite(d), d, 0.0) / (s * np.sqrt(v) * u)
+                sharp_hit = cand & np.isfinite(d) & (d > 0) & (
+                    sz > zt * np.maximum(1.0, sharp * np.nan_to_num(m, nan=0.0)))
+            hits = hits | sharp_hit
+            rej = rej | sharp_hit
     else:
-        rej = finite & (z > zt)
+        rej = finite & (z > zt * low)
     w = np.where(finite & ~rej, w, 0.0)
     zc = z.reshape(-1, channels, *y.shape[1:])
     fc = finite.reshape(zc.shape)

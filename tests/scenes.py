@@ -230,6 +230,36 @@ def sparse_field(n_frames: int = 6, shape=(256, 256), *, n_stars: int = 40, seed
                   prefix=kw.pop("prefix", "sparse"), **kw)
 
 
+def round_psfs(scene: Scene) -> list[np.ndarray]:
+    """Each frame's PSF of its true FWHM and profile but without its ellipticity:
+    a model slightly off at every star, as PSF files from another night would be."""
+    out = []
+    for f, kind in zip(np.ravel(scene.fwhms), scene.kinds):
+        size = 2 * int(math.ceil(4.0 * f)) + 1
+        if kind.startswith("gauss"):
+            out.append(gaussian_stamp(float(f), size).astype(np.float32))
+        else:
+            out.append(moffat_psf(float(f), beta=float(kind.split()[1]), size=size)
+                       .astype(np.float32))
+    return out
+
+
+def star_truth(scene: Scene, shape, fwhm: float = 1.5, oversample: int = 4) -> np.ndarray:
+    """A star-only scene's truth (sky + stars) seen at ``fwhm`` px: each star's flux
+    where :func:`render` put it on the fine grid, blurred by a Gaussian there and
+    block-summed to the frame, in e- (ADU at gain 1)."""
+    from scipy.ndimage import gaussian_filter
+
+    h, w = shape
+    r = int(oversample)
+    canvas = np.zeros((h * r, w * r))
+    fine = np.floor((np.asarray(scene.stars_yx) + 0.5) * r).astype(int)
+    np.add.at(canvas, (fine[:, 0], fine[:, 1]), scene.star_flux)
+    sig = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0))) * r
+    img = _block_sum(gaussian_filter(canvas, sig, mode="constant", truncate=5.0), r)
+    return img + float(np.median(scene.sky))
+
+
 def fwhm_errors(estimated, truth) -> tuple[float, float]:
     """(median, worst) relative FWHM error |est / truth − 1| over frames."""
     err = np.abs(np.asarray(estimated, np.float64) / np.asarray(truth, np.float64) - 1.0)

@@ -302,15 +302,26 @@ def test_consensus_weights_match_cpu(lib, rng, noise, r, C, P):
     mask = rng.random((P, h, w)).astype(np.float32)
     sigma, unit = rng.uniform(2.5, 3.5, P), rng.uniform(0.8, 1.2, P)
     delta = rng.uniform(1.0, 3.0, P)
+    # a sharp hit under the consensus limit (z = 6 where L = 9): the sharpness test's case
+    cons[0, 1 % C, 6, 8] = 9.0
+    v = {"mad": 1.0, "poisson": max(float(grid[1, p + 6, p + 8]), 1.0),
+         "map": None if var is None else float(var[1, 6, 8])}[noise]
+    y[1, 6, 8] = grid[1, p + 6, p + 8] + 6.0 * sigma[1] * np.sqrt(v) * unit[1]
     fine = (po + r * h + 1, po + r * w + 2)
     acc0 = np.zeros((4, C, h + 2, w + 3), np.float32)
     acc0[:, :, :h, :w] = rng.random((4, C, h, w)) * 4  # gathered from an earlier batch
     acc0[3, :, :h, :w] = np.minimum(acc0[1, :, :h, :w], acc0[3, :, :h, :w])  # 2nd ≤ max
-    for huber, m, cs, nr in ((True, mask, cons, near), (False, None, cons, None),
-                             (False, mask, cons, near), (True, None, None, near),
-                             (False, mask, None, None)):
+    for huber, m, cs, nr, sh, ng in ((True, mask, cons, near, 0.0, 1.0),
+                                     (False, None, cons, None, 0.0, 1.0),
+                                     (False, mask, cons, near, 0.0, 1.0),
+                                     (True, None, None, near, 0.0, 1.0),
+                                     (False, mask, None, None, 0.0, 1.0),
+                                     (False, mask, cons, near, 0.3, 2.0),
+                                     (True, None, cons, None, 0.3, 1.0),
+                                     (False, None, None, near, 0.3, 2.0)):
         kw = dict(p=p, noise=model, sigma=sigma, unit=unit, delta=delta, huber=huber, cons=cs,
-                  zt=3.0, lo_frac=0.5, channels=C, mask=m, var=var, p_out=po, r=r, near=nr)
+                  zt=3.0, lo_frac=0.5, channels=C, mask=m, var=var, p_out=po, r=r, near=nr,
+                  sharp=sh, neg=ng)
         buf = np.full((2, P + 2) + fine, -7.0, np.float32)
         out = buf[:, 1:P + 1]  # a strided batch view, as the solver's
         accb = acc0.copy()
@@ -318,7 +329,7 @@ def test_consensus_weights_match_cpu(lib, rng, noise, r, C, P):
         hits, hbuf = _host_hits(P, h, w)
         launch, counts = L.consensus_weights(
             np, y, grid, p, L.consensus_params(sigma, unit, delta), huber, model, out, acc, m,
-            cs, 3.0, 0.5, C, po, r, var, DUMMY, near=nr, hits=hits)
+            cs, 3.0, 0.5, C, po, r, var, DUMMY, near=nr, hits=hits, sharp=sh, neg=ng)
         run(lib, launch)
         cpu_out = np.full((2, P) + fine, -7.0, np.float32)
         cpu_acc = acc0[:, :, :h, :w].copy()
@@ -338,7 +349,7 @@ def test_consensus_weights_match_cpu(lib, rng, noise, r, C, P):
         else:
             assert hits[P - 1, 5].sum() >= w - 2 and hits[0, 6, 7] == 1  # trail, cosmic ray
         # the kernel without near/hits: the same weights as with near all zero
-        if nr is not None and cs is not None:
+        if nr is not None and cs is not None and sh == 0.0 and ng == 1.0:
             o2, a2 = np.full_like(out, -7.0), acc0[:, :, :h, :w].copy()
             launch, c2 = L.consensus_weights(
                 np, y, grid, p, L.consensus_params(sigma, unit, delta), huber, model, o2, a2, m,
@@ -360,6 +371,8 @@ def test_consensus_weights_match_cpu(lib, rng, noise, r, C, P):
         assert (out[:, :, ~blocks] == -7).all()
         if cs is not None or not huber:
             assert counts[0].sum() > 0  # the trail and the cosmic ray
+        if cs is not None:
+            assert hits[1, 6, 8] == (1 if sh > 0 else 0)  # only the sharpness test takes it
 
 
 def test_consensus_weights_match_reference(lib, rng):

@@ -278,6 +278,82 @@ def test_consensus_weights_match_reference(backend, with_cons, with_var, rng):
     assert rej[2] >= w - 1 and rej[3] >= 1  # the trail and the cosmic ray are rejected
 
 
+def test_consensus_rejects_a_sharp_hit_on_a_core_whose_model_is_off(backend, rng):
+    """Every frame misses a star core by ~10σ (a PSF that is off): the level m ≈ 10
+    lifts the limit to 5 m, so a 35σ cosmic ray on that core stays under it; its
+    excess over its neighbours' residuals (the sharpness test) does not, while
+    the frames' smooth misses there are kept. As the reference, per pixel."""
+    be = backend
+    P, h, w, p = 6, 15, 17, 2
+    yy, xx = np.mgrid[:h, :w]
+    miss = 10.0 * np.exp(-((yy - 7) ** 2 + (xx - 8) ** 2) / (2 * 2.0 ** 2))  # σ = 1 units
+    yh = np.full((P, h, w), 100.0, np.float32)
+    y = (yh + miss[None] * rng.uniform(0.8, 1.2, (P, 1, 1))
+         + rng.standard_normal((P, h, w))).astype(np.float32)
+    y[3, 7, 8] += 35.0  # the hit, on the core
+    y[1, 0, 5] = np.nan  # a pixel without data
+    grid = np.zeros((P, h + 2 * p, w + 2 * p), np.float32)
+    grid[:, p:p + h, p:p + w] = yh
+    cons = np.zeros((1, 1, h, w), np.float32)
+    cons[0, 0] = np.maximum(miss, 1.0) ** 2  # the level the frames' misses give
+    sigma, unit = np.ones(P), np.ones(P)
+    got = {}
+    for sharp in (0.0, 0.5):
+        out, acc = be.zeros((2, P) + grid.shape[1:]), be.zeros((4, 1, h, w))
+        hits = np.full((P, h, w), 7, np.uint8)
+        rej, fin = be.consensus_weights(be.asarray(y), be.asarray(grid), out, acc, p=p,
+                                        noise=NoiseModel("mad", 0.0), sigma=sigma, unit=unit,
+                                        delta=np.full(P, 2.5), huber=False,
+                                        cons=be.asarray(cons), zt=5.0, lo_frac=0.5,
+                                        channels=1, hits=hits, sharp=sharp)
+        want_w, want_rej, _, _, want_hits = ref.consensus_weights(
+            y, yh.astype(np.float64), sigma, unit, cons=cons, sharp=sharp)
+        np.testing.assert_array_equal(hits, want_hits)
+        np.testing.assert_array_equal(rej, want_rej)
+        w_dev = be.to_host(out)[1][:, p:p + h, p:p + w]
+        np.testing.assert_array_equal(w_dev == 0, (want_w == 0) | ~np.isfinite(y))
+        got[sharp] = hits
+    assert got[0.0][3, 7, 8] == 0  # under the consensus limit alone
+    assert got[0.5][3, 7, 8] == 1  # sharper than the PSF
+    assert got[0.5].sum() == 1  # the smooth misses of all frames are kept
+
+
+def test_consensus_limit_below_the_model_is_neg_times_higher(backend, rng):
+    """A frame-specific outlier is light (a trail, a cosmic ray); a deficit in one
+    frame is mostly its PSF that is off at a star. With neg = 2 a deficit between L
+    and 2 L is kept where the same excess is rejected; a deficit beyond 2 L (a cloud
+    over a star) still goes. Without a consensus the limit zt is doubled below too."""
+    be = backend
+    P, h, w, p = 5, 9, 10, 1
+    yh = np.full((P, h, w), 100.0, np.float32)
+    y = (yh + 0.3 * rng.standard_normal((P, h, w))).astype(np.float32)
+    y[1, 2, 3] -= 7.0   # deficit of 7σ: between L = 5 and 2 L
+    y[2, 2, 3] += 7.0   # the same excess
+    y[3, 5, 5] -= 12.0  # deficit beyond 2 L
+    grid = np.zeros((P, h + 2 * p, w + 2 * p), np.float32)
+    grid[:, p:p + h, p:p + w] = yh
+    cons = np.ones((1, 1, h, w), np.float32)
+    sigma, unit = np.ones(P), np.ones(P)
+    for cs in (cons, None):
+        hits = {}
+        for neg in (1.0, 2.0):
+            out, acc = be.zeros((2, P) + grid.shape[1:]), be.zeros((4, 1, h, w))
+            hit = np.zeros((P, h, w), np.uint8)
+            rej, _ = be.consensus_weights(be.asarray(y), be.asarray(grid), out, acc, p=p,
+                                          noise=NoiseModel("mad", 0.0), sigma=sigma,
+                                          unit=unit, delta=np.full(P, 2.5), huber=False,
+                                          cons=None if cs is None else be.asarray(cs), zt=5.0,
+                                          lo_frac=0.5, channels=1, hits=hit, neg=neg)
+            want_w, want_rej, _, _, want_hits = ref.consensus_weights(
+                y, yh.astype(np.float64), sigma, unit, cons=cs, neg=neg)
+            np.testing.assert_array_equal(rej, want_rej)
+            np.testing.assert_array_equal(be.to_host(out)[1][:, p:p + h, p:p + w] == 0,
+                                          want_w == 0)
+            hits[neg] = rej
+        assert list(hits[1.0]) == [0, 1, 1, 1, 0]
+        assert list(hits[2.0]) == [0, 0, 1, 1, 0]
+
+
 # the update ---------------------------------------------------------------------------------
 
 

@@ -49,7 +49,8 @@ def residual_samples(y, yhat, p, vmode, var, floor, step, g0, g1, r0, r1, c0, c1
 
 @njit(cache=True, error_model="numpy")
 def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, s3, o0, o1, vmode, fl, inv, ds,
-                u2, huber, has_mask, has_prot, reject, has_cons, zt2, lo2):
+                u2, huber, has_mask, has_prot, reject, has_cons, zt2, lo2, sharp_on=False,
+                neg2=np.float32(1.0)):
     """One row of :func:`robust_weights` / :func:`consensus_weights`: o0 = w y, o1 = w ŷ.
 
     The pixel loop is branch-free (selects) and the "numpy" error model drops
@@ -60,13 +61,16 @@ def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, s3, o0, o1, vmode, f
     ``reject`` the consensus statistics go into s0 (Σz²), s1 (max z²), s2
     (NaN count) and s3 (the second largest z²), and hr = 1 where this plane's z² > L² (0 without a
     consensus); nr: this plane's own "near an outlier" flag (bit 0) of the
-    last pass. Returns (rejected, finite) pixel counts of the row.
+    last pass. Below the model (y < ŷ) every limit is √neg2 times higher. With ``sharp_on``, hr = 2 marks a kept pixel with z > zt above the
+    model (a candidate for :func:`_sharp_row`, which settles it to 0 or 1).
+    Returns (rejected, finite, candidates) pixel counts of the row.
     """
     zero = np.float32(0.0)
     one = np.float32(1.0)
     big = np.float32(np.inf)
     nrej = 0
     nfin = 0
+    ncand = 0
     for j in range(yr.shape[0]):
         v = yr[j]
         e = er[j]
@@ -93,9 +97,14 @@ def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, s3, o0, o1, vmode, f
             if has_cons:
                 m2 = c0[j]
                 lim2 = zt2 * m2 if m2 > one else zt2
+            lim2 = lim2 * neg2 if a < zero else lim2  # below the model: neg times the limit
+            if has_cons:
                 hit = z2 > lim2
                 bad = hit | (((nr[j] & 1) != 0) & (z2 > lo2 * lim2))
-                hr[j] = 1 if (ok & hit) else 0  # no data (NaN, ±Inf) is no outlier
+                cand = sharp_on & ok & (~bad) & (a > zero) & (z2 > zt2)
+                ncand += 1 if cand else 0
+                # no data (NaN, ±Inf) is no outlier
+                hr[j] = 1 if (ok & hit) else (2 if cand else 0)
             else:
                 bad = z2 > lim2
                 hr[j] = 0
@@ -114,7 +123,54 @@ def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, s3, o0, o1, vmode, f
             wt = wt * mr[j]
         o0[j] = wt * v if ok else zero
         o1[j] = wt * e if ok else zero
-    return nrej, nfin
+    return nrej, nfin, ncand
+
+
+@njit(cache=True, error_model="numpy")
+def _sharp_row(y, yhat, i, p, vr, c0, hr, o0, o1, vmode, fl, inv, u2, zt2, sharp2):
+    """Settle row i's candidates (hr = 2) of one plane: rejected (hr = 1, o0 = o1 = 0)
+    where the residual a stands out of its 8 neighbours' mean, d = a − Σ a_nb / 8,
+    by d > 0 and d² / (σ² V unit²) > zt² · max(1, sharp2 · m²), else kept (hr = 0).
+
+    A model error (a PSF that is off, a core not yet fitted) is smooth over
+    the PSF, so its d is a fraction of its z; a cosmic ray's is not. Pixels
+    on the window's edge rows and columns and those with a neighbour
+    without data (d NaN) are kept. Returns the count rejected.
+    """
+    h, w = y.shape
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    eighth = np.float32(0.125)
+    n = 0
+    inner = (i >= 1) & (i <= h - 2)
+    for j in range(w):
+        if hr[j] != 2:
+            continue
+        hr[j] = 0
+        if not inner or j < 1 or j > w - 2:
+            continue
+        e = yhat[i + p, j + p]
+        ve = one
+        if vmode == 1:
+            ve = max(e, fl)
+        elif vmode == 2:
+            ve = vr[j]
+        wt = inv / ve if vmode != 0 else inv
+        nb = zero
+        for di in range(-1, 2):
+            for dj in range(-1, 2):
+                if di != 0 or dj != 0:
+                    nb = nb + (y[i + di, j + dj] - yhat[i + di + p, j + dj + p])
+        d = (y[i, j] - e) - nb * eighth
+        s2 = d * d * wt * u2
+        ms = sharp2 * c0[j]
+        lim = zt2 * (ms if ms > one else one)
+        if (d > zero) & (s2 > lim):
+            hr[j] = 1
+            o0[j] = zero
+            o1[j] = zero
+            n += 1
+    return n
 
 
 @njit(cache=True)
@@ -315,7 +371,8 @@ def update(x, num, den, kappa, alpha, den_floor, y0, y1, x0, x1, step, g0, g1, b
 
 @njit(parallel=True, cache=True)
 def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, mask, has_mask,
-                      cons, has_cons, near, hits, zt, lo_frac, C, out, po, r, acc, rej, fin):
+                      cons, has_cons, near, hits, zt, lo_frac, C, out, po, r, acc, rej, fin,
+                      sharp=0.0, neg=1.0):
     """:func:`robust_weights` with cross-frame consensus rejection, and its statistics.
 
     z² = (y - ŷ)² / (σ² V unit²): the standardised residual in units of the
@@ -325,8 +382,15 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
     L = zt · max(1, m): a residual shared by all frames raises it, one
     frame's outlier does not. Rejected (w = 0) where z > L, or z > lo_frac ·
     L near the plane's own outlier (a trail grows along its wings; other
-    frames' samples there are not touched). hits[k] = 1 where z > L (with a
-    consensus; 0 without), for the next pass's near. acc[0] += z²,
+    frames' samples there are not touched); below the model (y < ŷ) both
+    limits are ``neg`` times higher (frame-specific outliers are light: one
+    frame's PSF that is off is mostly a deficit at its stars' cores). With a consensus and ``sharp`` > 0
+    a kept pixel with z > zt above the model is rejected too where it is
+    sharper than the PSF: its excess over its 8 neighbours' mean stands above
+    zt · max(1, sharp · m) (:func:`_sharp_row`; a cosmic ray on a star core
+    whose PSF is off, where m is high in every frame). hits[k] = 1 where
+    rejected so (z > L, or sharp; with a consensus, 0 without), for the next
+    pass's near. acc[0] += z²,
     acc[1] = max(acc[1], z²), acc[3] = the second largest z² and acc[2] += 1
     where y is NaN (frames without
     data), per channel, for the next pass; rej[k, i], fin[k, i]: rejected
@@ -338,6 +402,9 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
     fl = np.float32(floor)
     zt2 = np.float32(zt * zt)
     lo2 = np.float32(lo_frac * lo_frac)
+    sharp_on = has_cons and sharp > 0.0
+    sharp2 = np.float32(sharp * sharp)
+    neg2 = np.float32(neg * neg)
     for i in prange(h):
         if r > 1:
             o0, o1 = np.empty(w, np.float32), np.empty(w, np.float32)
@@ -352,11 +419,15 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
             c0 = cons[0, c, i] if has_cons else yr
             if r == 1:
                 o0, o1 = out[0, k, po + i, po:po + w], out[1, k, po + i, po:po + w]
-            nr, nf = _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, yr, c0, near[k, i],
-                                 hits[k, i], acc[0, c, i],
-                                 acc[1, c, i], acc[2, c, i], acc[3, c, i], o0, o1, vmode, fl,
-                                 inv, ds, u2,
-                                 huber, has_mask, False, True, has_cons, zt2, lo2)
+            nr, nf, nc = _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, yr, c0, near[k, i],
+                                     hits[k, i], acc[0, c, i],
+                                     acc[1, c, i], acc[2, c, i], acc[3, c, i], o0, o1, vmode, fl,
+                                     inv, ds, u2,
+                                     huber, has_mask, False, True, has_cons, zt2, lo2, sharp_on,
+                                     neg2)
+            if nc > 0:
+                nr += _sharp_row(y[k], yhat[k], i, p, vr, c0, hits[k, i], o0, o1, vmode, fl,
+                                 inv, u2, zt2, sharp2)
             if r > 1:
                 _spread(o0, o1, out, k, po + r * i, po, r)
             rej[k, i] = nr

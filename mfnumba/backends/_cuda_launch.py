@@ -180,7 +180,7 @@ def consensus_params(sigma, unit, delta) -> np.ndarray:
 
 
 def consensus_weights(xp, y, yhat, p, prm, huber, noise: NoiseModel, out, acc, mask, cons, zt,
-                      lo_frac, channels, p_out, r, var, dummy, near=None, hits=None):
+                      lo_frac, channels, p_out, r, var, dummy, near=None, hits=None, sharp=0.0, neg=1.0):
     """Launch plus its counts (2, P) uint64 in ``xp``: rejected and finite pixels per plane.
 
     ``prm``: :func:`consensus_params` (on the device on a GPU). One element
@@ -188,8 +188,9 @@ def consensus_weights(xp, y, yhat, p, prm, huber, noise: NoiseModel, out, acc, m
     largest z² per channel, as the CPU's; the kernel loops over each one's planes.
     Only ``cons[0]`` (m²) is read. ``near`` (P, h, w) uint8: bit 0 = the
     plane's own outlier nearby (None: none); ``hits`` (P, h, w) uint8, written
-    where given: 1 where z > L (0 without ``cons``). Both may be strided views
-    with contiguous rows.
+    where given: 1 where rejected as z > L or sharp (0 without ``cons``). Both may
+    be strided views with contiguous rows. ``sharp``: the sharpness test's
+    factor (0: off; see the CPU kernel); ``neg``: the limits' factor below the model.
     """
     _check(y, np.float32, 3, "y")
     _check(yhat, np.float32, 3, "yhat")
@@ -230,7 +231,7 @@ def consensus_weights(xp, y, yhat, p, prm, huber, noise: NoiseModel, out, acc, m
                    dummy if cons is None else cons, _I(sc[1]), _I(sc[2]), _I(cons is not None),
                    dummy if near is None else near, _I(sn[0]), _I(sn[1]), _I(near is not None),
                    dummy if hits is None else hits, _I(sh[0]), _I(sh[1]), _I(hits is not None),
-                   _D(zt), _D(lo_frac),
+                   _D(zt), _D(lo_frac), _D(sharp), _D(neg),
                    out, _I(so[0]), _I(so[1]), _I(so[2]), _I(po), _I(r),
                    acc, _I(sa[0]), _I(sa[1]), _I(sa[2]), counts, _I(P), _I(C), _I(h), _I(w))), counts
 

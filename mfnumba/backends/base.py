@@ -163,14 +163,17 @@ class Backend(Protocol):
     def consensus_weights(self, y, yhat, out, acc, *, p: int, noise: NoiseModel, sigma, unit,
                           delta, huber: bool, cons=None, zt: float = 5.0, lo_frac: float = 0.5,
                           channels: int = 1, mask=None, var=None, p_out=None, r: int = 1,
-                          near=None, hits=None):
+                          near=None, hits=None, sharp: float = 0.0, neg: float = 1.0):
         """:meth:`robust_weights` with cross-frame consensus rejection: w = 0 where
         z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, √cons[0]), or > lo_frac·L where
         bit 0 of ``near`` (P, h, w) uint8 marks the plane's own outlier nearby
-        (None: none); ``hits`` (P, h, w) uint8 gets 1 where z > L (0 without
-        ``cons``); ``acc`` (3, C, h, w) gathers Σz², max z² and the count of NaN
-        frames per channel for the next pass. Returns host (rejected, finite)
-        pixel counts per plane."""
+        (None: none); with ``cons`` and ``sharp`` > 0 also where z > zt, y > ŷ
+        and the residual's excess d over the mean of its 8 neighbours (inside
+        the window) has d/(σ√V·unit) > zt·max(1, sharp·√cons[0]): sharper than
+        the PSF. Below the model (y < ŷ) the limits are ``neg`` times higher. ``hits`` (P, h, w) uint8 gets 1 where rejected so (0 without
+        ``cons``); ``acc`` (4, C, h, w) gathers Σz², max z², the count of NaN
+        frames and the second largest z² per channel for the next pass.
+        Returns host (rejected, finite) pixel counts per plane."""
     def block_sum(self, a, r: int, offset: int, out):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
     def replicate(self, u, r: int, offset: int, out):

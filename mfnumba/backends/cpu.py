@@ -131,7 +131,7 @@ class CPUBackend:
 
     def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
                           huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
-                          p_out=None, r=1, near=None, hits=None):
+                          p_out=None, r=1, near=None, hits=None, sharp=0.0, neg=1.0):
         P, h, w = y.shape
         rej = np.zeros((P, h), np.int64)
         fin = np.zeros((P, h), np.int64)
@@ -145,7 +145,8 @@ class CPUBackend:
                             mask is not None, _DUMMY4 if cons is None else cons,
                             cons is not None, near, hits, float(zt), float(lo_frac),
                             int(channels), out,
-                            p if p_out is None else p_out, int(r), acc, rej, fin)
+                            p if p_out is None else p_out, int(r), acc, rej, fin, float(sharp),
+                            float(neg))
         return rej.sum(axis=1), fin.sum(axis=1)
 
     def block_sum(self, a, r, offset, out):

@@ -381,7 +381,7 @@ class CUDABackend:
     @_api
     def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
                           huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
-                          p_out=None, r=1, near=None, hits=None):
+                          p_out=None, r=1, near=None, hits=None, sharp=0.0, neg=1.0):
         prm = cupy.asarray(L.consensus_params(*(self.to_host(a) for a in (sigma, unit, delta))))
         # hits held on the host (the solver's flags, a strided window) are written on the
         # device and copied there after the launch; a device array is written in place
@@ -398,7 +398,8 @@ class CUDABackend:
             self._out(out, np.float32, "consensus_weights out"),
             self._out(acc, np.float32, "consensus_weights acc"), self._in(mask), self._in(cons),
             zt, lo_frac, int(channels), p_out, int(r), self._in(var), self._dummy,
-            near=self._in(near, np.uint8), hits=dhits)
+            near=self._in(near, np.uint8), hits=dhits, sharp=float(sharp),
+            neg=float(neg))
         self._launch(launch)
         rej, fin = cupy.asnumpy(counts).astype(np.int64)  # the protocol's host counts: a sync
         if on_host:
