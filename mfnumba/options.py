@@ -72,7 +72,10 @@ class Options:
         the other frames show at that pixel (frame-specific: trails, planes,
         cosmic rays, hot pixels), grown by hysteresis around each frame's own
         outliers (the wings of a trail; other frames are not touched); model
-        mismatch shared by all frames is kept. ``"huber"``: the Huber loss
+        mismatch shared by all frames is kept. Where that mismatch is large (a
+        star core whose PSF is off), an excess sharper than the PSF (a cosmic
+        ray) is rejected still; a deficit needs twice the limit (one frame's PSF
+        that is off shows as a deficit at its stars, and outliers are light). ``"huber"``: the Huber loss
         down-weights every large residual (the published method). ``"none"``:
         no rejection beyond ``rho``. With ``"consensus"`` or ``"none"``,
         ``rho="huber"`` still applies the Huber loss to the kept pixels.
