@@ -2,9 +2,9 @@
 // the next pass's consensus (planes k = frame · C + c):
 //   out[0, k] = U(w·y), out[1, k] = U(w·ŷ),
 //     w = 0 where z² > L² or (near[k] & 1 and z² > lo²L²): the plane's own outlier nearby,
-//     or (sharp2 > 0, with a consensus) where a kept z² > zt² above the model is sharper
-//     than the PSF (mf_sharp_reject, over the 8 neighbours inside the window); below the
-//     model (y < ŷ) the limits are neg times higher
+//     or (sharp2 > 0, with a consensus) where a kept z² > zt²·max(1, sharp2·m²) above the
+//     model is sharper than the PSF (mf_sharp_reject, over the 8 neighbours inside the
+//     window); below the model (y < ŷ) the limits are neg times higher
 //   hits[k] = rejected so (0 without a consensus), for the next pass's near
 //   acc[0, c] += Σ_k z²,  acc[1, c] = max(acc[1, c], max_k z²),  acc[2, c] += #(y NaN),
 //   acc[3, c] = the second largest of acc[1, c], acc[3, c] and the planes' z²
@@ -68,7 +68,9 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
                 state = mf_consensus_weight(v, e, prm[k], prm[P + k], prm[2 * P + k], (int)vmode,
                                             (float)floor, varv, huber != 0, lim2, lo2, own,
                                             has_mask != 0, m, &a0, &a1, &z2, &hit, neg2);
-                if (sharp_on && state == MF_C_KEPT && v - e > 0.0f && z2 > zt2 && i >= 1 &&
+                float ms = sharp2 * m2;  // a candidate: above the model, past the test's limit
+                float lims = zt2 * (ms > 1.0f ? ms : 1.0f);
+                if (sharp_on && state == MF_C_KEPT && v - e > 0.0f && z2 > lims && i >= 1 &&
                     i <= h - 2 && j >= 1 && j <= w - 2) {
                     float nb = 0.0f;  // the neighbours' residuals, in the CPU kernel's order
                     for (mf_i64 di = -1; di <= 1; ++di)

@@ -196,30 +196,42 @@ def _set(packed, k0, r0, c0, flags):
             j += 1
 
 
+_GROW_ROWS = 64  # rows of one plane per thread in _grow (its work row allocated once)
+
+
 @njit(parallel=True, cache=True)
 def _grow(hits, near, w, grow_r):
-    """Separable dilation, a row of one plane per thread, on the packed bytes: the rows
-    within ``grow_r`` or-ed, then the row's bits shifted by up to ``grow_r`` (<= 7) each
-    way, carrying between neighbouring bytes; the bits past ``w`` cleared."""
+    """Separable dilation on the packed bytes, ``_GROW_ROWS`` rows of one plane per thread:
+    the rows within ``grow_r`` or-ed, then the row's bits shifted by up to ``grow_r`` (<= 7)
+    each way, carrying between neighbouring bytes; the bits past ``w`` cleared. A row with
+    no outlier within ``grow_r`` (the usual one) is cleared at once."""
     P, h, nb = hits.shape
-    for ki in prange(P * h):
-        k, i = ki // h, ki % h
-        col = np.zeros(nb, np.int64)
-        for t in range(max(0, i - grow_r), min(h, i + grow_r + 1)):
-            row = hits[k, t]
+    nch = (h + _GROW_ROWS - 1) // _GROW_ROWS
+    tail = w & 7
+    for kc in prange(P * nch):
+        k, r0 = kc // nch, (kc % nch) * _GROW_ROWS
+        col = np.empty(nb, np.int64)
+        for i in range(r0, min(h, r0 + _GROW_ROWS)):
+            col[:] = 0
+            seen = 0
+            for t in range(max(0, i - grow_r), min(h, i + grow_r + 1)):
+                row = hits[k, t]
+                for b in range(nb):
+                    col[b] |= row[b]
+                    seen |= row[b]
+            dst = near[k, i]
+            if seen == 0:
+                dst[:] = 0
+                continue
+            if tail:  # the bits past w are no pixels: not grown from
+                col[nb - 1] &= (0xFF << (8 - tail)) & 0xFF
             for b in range(nb):
-                col[b] |= row[b]
-        tail = w & 7
-        if tail:  # the bits past w are no pixels: not grown from
-            col[nb - 1] &= (0xFF << (8 - tail)) & 0xFF
-        dst = near[k, i]
-        for b in range(nb):
-            v = col[b]
-            prev = col[b - 1] if b > 0 else 0
-            nxt = col[b + 1] if b + 1 < nb else 0
-            for s in range(1, grow_r + 1):
-                v |= ((col[b] >> s) | (prev << (8 - s))) & 0xFF  # towards higher columns
-                v |= ((col[b] << s) | (nxt >> (8 - s))) & 0xFF  # towards lower columns
-            dst[b] = np.uint8(v)
-        if tail:
-            dst[nb - 1] &= np.uint8((0xFF << (8 - tail)) & 0xFF)
+                v = col[b]
+                prev = col[b - 1] if b > 0 else 0
+                nxt = col[b + 1] if b + 1 < nb else 0
+                for s in range(1, grow_r + 1):
+                    v |= ((col[b] >> s) | (prev << (8 - s))) & 0xFF  # towards higher columns
+                    v |= ((col[b] << s) | (nxt >> (8 - s))) & 0xFF  # towards lower columns
+                dst[b] = np.uint8(v)
+            if tail:
+                dst[nb - 1] &= np.uint8((0xFF << (8 - tail)) & 0xFF)

@@ -210,7 +210,7 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
     0, and z > lo_frac · L) or y is NaN. Returns (w, rejected per plane,
     finite per plane, (Σz², max z², NaN count) per channel, hits: rejected
     so per plane, none without ``cons``). With ``cons`` and ``sharp`` > 0 a
-    pixel kept so far with y − ŷ > zt · σ√V·unit, off the window's edge, is
+    pixel kept so far with y − ŷ > zt · max(1, sharp · m) · σ√V·unit, off the window's edge, is
     rejected (and a hit) where d = (y − ŷ) − (the mean of its 8 neighbours'
     y − ŷ) has d > 0 and d / (σ√V·unit) > zt · max(1, sharp · m). Where
     y < ŷ the limits (L, lo_frac · L, and zt without ``cons``) are ``neg`` times higher.
@@ -242,7 +242,8 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
             d = np.full_like(a, np.nan)
             d[:, 1:-1, 1:-1] = a[:, 1:-1, 1:-1] - nb / 8.0
             with np.errstate(invalid="ignore"):
-                cand = finite & ~rej & (a > 0) & (z > zt)
+                mc = np.nan_to_num(m, nan=0.0)
+                cand = finite & ~rej & (a > 0) & (z > zt * np.maximum(1.0, sharp * mc))
                 sz = np.where(np.isfinite(d), d, 0.0) / (s * np.sqrt(v) * u)
                 sharp_hit = cand & np.isfinite(d) & (d > 0) & (
                     sz > zt * np.maximum(1.0, sharp * np.nan_to_num(m, nan=0.0)))

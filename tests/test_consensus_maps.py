@@ -80,6 +80,15 @@ def test_flags_pack_and_grow_as_the_reference():
         got = np.unpackbits(grow_flags(packed, near, w, r), axis=-1, count=w)
         want = maximum_filter(hits, size=(1, 2 * r + 1, 2 * r + 1), mode="constant")
         np.testing.assert_array_equal(got, want)
+    # planes taller than one thread's share of rows: the growth crosses the shares' edges
+    tall = np.zeros((2, 150, w), bool)
+    tall[0, [63, 64, 127, 149], [3, 20, 0, 7]] = True
+    tall[1] = rng.random((150, w)) < 0.01
+    packed, near = flag_maps(2, 150, w)
+    near[...] = 255
+    set_window(packed, slice(0, 2), (0, 150), (0, w), tall.astype(np.uint8))
+    got = np.unpackbits(grow_flags(packed, near, w, 1), axis=-1, count=w)
+    np.testing.assert_array_equal(got, maximum_filter(tall, size=(1, 3, 3), mode="constant"))
 
 
 def test_a_cosmic_ray_costs_other_frames_no_pixels_on_a_star_core():

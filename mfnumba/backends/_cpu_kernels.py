@@ -50,7 +50,7 @@ def residual_samples(y, yhat, p, vmode, var, floor, step, g0, g1, r0, r1, c0, c1
 @njit(cache=True, error_model="numpy")
 def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, s3, o0, o1, vmode, fl, inv, ds,
                 u2, huber, has_mask, has_prot, reject, has_cons, zt2, lo2, sharp_on=False,
-                neg2=np.float32(1.0)):
+                neg2=np.float32(1.0), sharp2=np.float32(0.0)):
     """One row of :func:`robust_weights` / :func:`consensus_weights`: o0 = w y, o1 = w ŷ.
 
     The pixel loop is branch-free (selects) and the "numpy" error model drops
@@ -61,8 +61,9 @@ def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, s3, o0, o1, vmode, f
     ``reject`` the consensus statistics go into s0 (Σz²), s1 (max z²), s2
     (NaN count) and s3 (the second largest z²), and hr = 1 where this plane's z² > L² (0 without a
     consensus); nr: this plane's own "near an outlier" flag (bit 0) of the
-    last pass. Below the model (y < ŷ) every limit is √neg2 times higher. With ``sharp_on``, hr = 2 marks a kept pixel with z > zt above the
-    model (a candidate for :func:`_sharp_row`, which settles it to 0 or 1).
+    last pass. Below the model (y < ŷ) every limit is √neg2 times higher. With
+    ``sharp_on``, hr = 2 marks a kept pixel above the model with z > zt · max(1,
+    √sharp2 · m) (a candidate for :func:`_sharp_row`, which settles it to 0 or 1).
     Returns (rejected, finite, candidates) pixel counts of the row.
     """
     zero = np.float32(0.0)
@@ -101,7 +102,9 @@ def _weight_row(yr, er, vr, mr, pr, c0, nr, hr, s0, s1, s2, s3, o0, o1, vmode, f
             if has_cons:
                 hit = z2 > lim2
                 bad = hit | (((nr[j] & 1) != 0) & (z2 > lo2 * lim2))
-                cand = sharp_on & ok & (~bad) & (a > zero) & (z2 > zt2)
+                # a candidate for the sharpness test: above the model and past its limit
+                ms = sharp2 * m2
+                cand = sharp_on & ok & (~bad) & (a > zero) & (z2 > zt2 * (ms if ms > one else one))
                 ncand += 1 if cand else 0
                 # no data (NaN, ±Inf) is no outlier
                 hr[j] = 1 if (ok & hit) else (2 if cand else 0)
@@ -133,7 +136,9 @@ def _sharp_row(y, yhat, i, p, vr, c0, hr, o0, o1, vmode, fl, inv, u2, zt2, sharp
     by d > 0 and d² / (σ² V unit²) > zt² · max(1, sharp2 · m²), else kept (hr = 0).
 
     A model error (a PSF that is off, a core not yet fitted) is smooth over
-    the PSF, so its d is a fraction of its z; a cosmic ray's is not. Pixels
+    the PSF, so its d is a fraction of its z; a cosmic ray's is not. Only a
+    sample whose z itself is past that limit is a candidate (the usual row has
+    none: the test costs nothing there). Pixels
     on the window's edge rows and columns and those with a neighbour
     without data (d NaN) are kept. Returns the count rejected.
     """
@@ -384,9 +389,9 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
     L near the plane's own outlier (a trail grows along its wings; other
     frames' samples there are not touched); below the model (y < ŷ) both
     limits are ``neg`` times higher (frame-specific outliers are light: one
-    frame's PSF that is off is mostly a deficit at its stars' cores). With a consensus and ``sharp`` > 0
-    a kept pixel with z > zt above the model is rejected too where it is
-    sharper than the PSF: its excess over its 8 neighbours' mean stands above
+    frame's PSF that is off is mostly a deficit at its stars' cores). With a
+    consensus and ``sharp`` > 0 a kept pixel above the model with z > zt ·
+    max(1, sharp · m) is rejected too where it is sharper than the PSF: its excess over its 8 neighbours' mean stands above
     zt · max(1, sharp · m) (:func:`_sharp_row`; a cosmic ray on a star core
     whose PSF is off, where m is high in every frame). hits[k] = 1 where
     rejected so (z > L, or sharp; with a consensus, 0 without), for the next
@@ -424,7 +429,7 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
                                      acc[1, c, i], acc[2, c, i], acc[3, c, i], o0, o1, vmode, fl,
                                      inv, ds, u2,
                                      huber, has_mask, False, True, has_cons, zt2, lo2, sharp_on,
-                                     neg2)
+                                     neg2, sharp2)
             if nc > 0:
                 nr += _sharp_row(y[k], yhat[k], i, p, vr, c0, hits[k, i], o0, o1, vmode, fl,
                                  inv, u2, zt2, sharp2)

@@ -167,12 +167,13 @@ class Backend(Protocol):
         """:meth:`robust_weights` with cross-frame consensus rejection: w = 0 where
         z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, √cons[0]), or > lo_frac·L where
         bit 0 of ``near`` (P, h, w) uint8 marks the plane's own outlier nearby
-        (None: none); with ``cons`` and ``sharp`` > 0 also where z > zt, y > ŷ
-        and the residual's excess d over the mean of its 8 neighbours (inside
-        the window) has d/(σ√V·unit) > zt·max(1, sharp·√cons[0]): sharper than
-        the PSF. Below the model (y < ŷ) the limits are ``neg`` times higher. ``hits`` (P, h, w) uint8 gets 1 where rejected so (0 without
-        ``cons``); ``acc`` (4, C, h, w) gathers Σz², max z², the count of NaN
-        frames and the second largest z² per channel for the next pass.
+        (None: none); with ``cons`` and ``sharp`` > 0 also where y > ŷ,
+        z > zt·max(1, sharp·√cons[0]) and the residual's excess d over the mean
+        of its 8 neighbours (inside the window) has d/(σ√V·unit) > that too:
+        sharper than the PSF. Below the model (y < ŷ) the limits are ``neg``
+        times higher. ``hits`` (P, h, w) uint8 gets 1 where rejected so (0
+        without ``cons``); ``acc`` (4, C, h, w) gathers Σz², max z², the count
+        of NaN frames and the second largest z² per channel for the next pass.
         Returns host (rejected, finite) pixel counts per plane."""
     def block_sum(self, a, r: int, offset: int, out):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
