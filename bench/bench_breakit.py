@@ -22,13 +22,12 @@ stack's own noise at the pixel (sky, read and shot noise).
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import math
 import sys
 
 import numpy as np
 
+from bench.cr_stacks import set_variants
 from mfnumba.api import deconvolve
 from mfnumba.options import Options
 from tests import scenes
@@ -102,10 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--psf", nargs="*", default=["off", "est"])
     ap.add_argument("--variant", nargs="*", default=[], help="module.attr=value (experiments)")
     a = ap.parse_args(argv)
-    for s in a.variant:
-        k, v = s.split("=", 1)
-        mod, attr = k.rsplit(".", 1)
-        setattr(importlib.import_module(mod), attr, ast.literal_eval(v))
+    set_variants(a.variant)
     print(f"variant {a.variant}")
     print("| scene | PSFs | seed | iters | RMSE default | RMSE none | default / none | "
           "rejected clean | worst CR σ_local (at) |")

@@ -19,6 +19,16 @@ from bench.bench_quality import make_stacks, quality_row
 from mfnumba.options import Options
 
 
+def set_variants(variants) -> None:
+    """``module.attr=value`` each: set a module constant for this run (experiments)."""
+    import importlib
+
+    for s in variants:
+        k, v = s.split("=", 1)
+        mod, attr = k.rsplit(".", 1)
+        setattr(importlib.import_module(mod), attr, ast.literal_eval(v))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stacks", type=int, nargs="*", default=[5, 7, 9])
@@ -32,11 +42,7 @@ def main(argv=None) -> int:
             kw[k] = ast.literal_eval(v)
         except (ValueError, SyntaxError):
             kw[k] = v
-    import importlib
-    for s in a.variant:
-        k, v = s.split("=", 1)
-        mod, attr = k.rsplit(".", 1)
-        setattr(importlib.import_module(mod), attr, ast.literal_eval(v))
+    set_variants(a.variant)
     opt = Options(**kw)
     print(f"options {kw} variant {a.variant}")
     print("| stack | iters | moat σ | RMSE | RMSE clean | trail σ | CR σ_bg | CR σ_local | CR off σ "
