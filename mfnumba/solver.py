@@ -52,6 +52,7 @@ log = logging.getLogger("mfnumba")
 
 _SAMPLES = 1 << 14  # residual / update samples per frame (~1 % precision on a median)
 _MAD = 1.482602218505602
+SCALE_SETTLED = 10.0  # χ² flat counts only while the scale falls by < this × tol_chi per iteration
 
 
 class Solver(TilePass, DeviceGuard):
@@ -364,7 +365,10 @@ class Solver(TilePass, DeviceGuard):
             su, sd, sx = self.apply(part)
         delta, sigma = float(np.median(self.delta)), float(np.median(self._scale))
         chi2 = self._chi2(part)  # of the estimate this pass started from
+        before = np.asarray(self._scale, np.float64).copy()
         self._set_scales(part)  # for the next iteration, from this pass's residuals
+        fall = (before - self._scale) / before  # χ²'s unit, the scale, shrinking with the fit
+        fall = float(np.median(fall[np.isfinite(fall)])) if np.isfinite(fall).any() else 0.0
         med_upd, med_sd, mx = (float(m) for m in medians([su, sd, sx]))
         med_rel = med_sd / mx if mx > 0 else 0.0
         self.iteration += 1
@@ -379,7 +383,11 @@ class Solver(TilePass, DeviceGuard):
         calm = ema_u < o.tol_upd and ema_r < o.tol_rel
         self._calm = self._calm + 1 if calm else 0
         prev, self.chi2 = self.chi2, chi2
-        flat = np.isfinite(prev) and (prev - chi2) < o.tol_chi * prev
+        # χ² is in units of the residuals' robust scale, which shrinks as the fit improves:
+        # while it still falls fast, a flat χ² is the unit moving with the fit (bright
+        # extended emission: χ² flat for iterations 2-4 while the scale fell 3 % each)
+        flat = (np.isfinite(prev) and (prev - chi2) < o.tol_chi * prev
+                and fall < SCALE_SETTLED * o.tol_chi)
         self._chi_calm = self._chi_calm + 1 if flat else 0
         return rec
 
@@ -441,7 +449,8 @@ class Solver(TilePass, DeviceGuard):
             raise ValueError(f"checkpoint convolution {st['conv']} != {self.conv}: pass it to setup")
 
     def converged(self) -> bool:
-        """Past min_iters: χ² no longer falling by ``tol_chi`` of itself for 2
+        """Past min_iters: χ² no longer falling by ``tol_chi`` of itself, and its
+        unit (the residuals' robust scale) by ``SCALE_SETTLED`` × that, for 2
         consecutive iterations ("chi2"); with ``tol_chi = 0``, both EMAs under
         tolerance for 2 ("settled", the published rule)."""
         if not self.opt.early_stop or self.iteration < self.opt.min_iters:
