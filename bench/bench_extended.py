@@ -1,6 +1,7 @@
 """Issue 10, break-it scenes: extended emission, where the sky floor can hold dark structure up.
 
-``python -m bench.bench_extended [--seeds 1 2] [--kinds nebula disk] [--variant module.attr=value ...]``
+``python -m bench.bench_extended [--seeds 1 2] [--kinds nebula disk] [--default-only]
+[--variant module.attr=value ...]``
 
 The sky floor (mfnumba/skyfloor.py) keeps the estimate above a low envelope
 of the seed's sky; where bright emission fills a block, that envelope is the
@@ -141,14 +142,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--kinds", nargs="*", default=["nebula", "disk"])
     ap.add_argument("--variant", nargs="*", default=[], help="module.attr=value (experiments)")
+    ap.add_argument("--default-only", action="store_true", help="skip the run without a floor")
     a = ap.parse_args(argv)
+    sets = {"default": {}} if a.default_only else OPTION_SETS
     set_variants(a.variant)
     print(f"variant {a.variant}")
     print("| scene | seed | options | iters | RMSE | dark fill | moat σ |")
     print("|---|---|---|---|---|---|---|")
     for seed in a.seeds:
         for kind in a.kinds:
-            for name, q in scene_row(kind, seed, OPTION_SETS).items():
+            for name, q in scene_row(kind, seed, sets).items():
                 print(f"| {kind} | {seed} | {name} | {q['iters']} | {q['rmse']:.3f} | "
                       f"{q['fill']:.3f} | {q['moat']:.1f} |", flush=True)
     return 0
