@@ -146,10 +146,13 @@ def _consensus_row(yr, er, vr, mr, c0, nr, hr, zr, s0, s1, s2, s3, o0, o1, vmode
         ok = ~(z < zero)  # z² >= 0 or NaN: data; -1: none
         zz = z if ok else zero
         s0[j] = s0[j] + zz
+        # the largest two: np.maximum, not a select, whose read-modify-write LLVM turns into
+        # a conditional store (not vectorised: 0.9 against 0.2 ns per pixel); NaN counts
+        # as 0 there, which is what the selects did (every value is >= 0)
+        zq = np.fmax(zz, zero)
         t = s1[j]
-        s1[j] = zz if zz > t else t
-        lo = t if zz > t else zz  # the smaller of the two: the new second largest?
-        s3[j] = lo if lo > s3[j] else s3[j]
+        s1[j] = np.maximum(zq, t)
+        s3[j] = np.maximum(np.minimum(t, zq), s3[j])  # the new second largest
         s2[j] = s2[j] + (zero if ok else one)
     return nrej, nfin, ncand
 
