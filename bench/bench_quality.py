@@ -147,7 +147,7 @@ def sr_rows(opts: dict[str, Options], *, size: int, n_frames: int, seed: int = 4
     return rows
 
 
-PUBLISHED = dict(rho="l2", reject="none", sky_floor=-1.0, target_sigma=0.0, iters=20,
+PUBLISHED = dict(rho="l2", reject="none", sky_floor=-1.0, target_sigma=0.0, relax=1.0, iters=20,
                  early_stop=False)
 CANDIDATES: dict[str, dict] = {
     "L2 (published update, 20 it)": PUBLISHED,

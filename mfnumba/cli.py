@@ -208,7 +208,8 @@ def deconv(
     huber_delta: Optional[float] = _opt("Huber delta in sigma; negative: |delta| x MAD, auto.",
                                         "-2.5"),
     kappa: Optional[float] = _opt("Clip of the multiplicative update to [1/kappa, kappa].", "2.0"),
-    relax: Optional[float] = _opt("Relaxation alpha in (0, 1].", "1.0"),
+    relax: Optional[float] = _opt("Relaxation alpha of the multiplicative step, in (0, "
+                                  "kappa/(kappa-1)]; above 1 from iteration 10 on.", "1.0"),
     preset: Optional[str] = _opt("noisy, good or lab; flags given explicitly win.", "none"),
     noise: Optional[str] = _opt("Without variance maps: mad (one sigma per frame) or poisson.",
                                 "mad"),

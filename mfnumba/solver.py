@@ -52,6 +52,7 @@ log = logging.getLogger("mfnumba")
 
 _SAMPLES = 1 << 14  # residual / update samples per frame (~1 % precision on a median)
 _MAD = 1.482602218505602
+RELAX_FROM = 10  # an over-relaxation (Options.relax > 1) from this iteration on: the rejection settles first
 SCALE_SETTLED = 10.0  # χ² flat counts only while the scale falls by < this × tol_chi per iteration
 
 
@@ -310,7 +311,8 @@ class Solver(TilePass, DeviceGuard):
         x = be.asarray(self._x_host) if x is None else x
         e0, e1 = self.geom.extent
         got = be.update(x, be.asarray(nd[0]), be.asarray(nd[1]), kappa=self.opt.kappa,
-                        alpha=self.opt.relax, den_floor=self.den_floor,
+                        alpha=self.opt.relax if self.iteration >= RELAX_FROM else min(
+                            self.opt.relax, 1.0), den_floor=self.den_floor,
                         grid=SampleGrid(step=self.upd_step, origin=(0, 0), rows=(0, e0),
                                         cols=(0, e1)), floor=self._floor_device())
         if x is not self._x_host:

@@ -16,7 +16,8 @@ from mfnumba.metrics import blurred_truth, imprint, moat_depth, rmse_ratio, star
 from mfnumba.options import Options
 from mfnumba.simulate import SimConfig, _cosmic_rays, _trail, simulate_stack
 
-L2 = dict(rho="l2", reject="none", sky_floor=-1.0, target_sigma=0.0, iters=20, early_stop=False)
+L2 = dict(rho="l2", reject="none", sky_floor=-1.0, target_sigma=0.0, relax=1.0, iters=20,
+          early_stop=False)
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +197,25 @@ def test_early_stop_waits_while_the_noise_scale_still_falls(monkeypatch):
     monkeypatch.setattr(solver, "SCALE_SETTLED", float("inf"))
     old = deconvolve(frames, psfs, options=Options(iters=40))
     assert old.iterations < 10 and rmse_ratio(old.image[0], truth, mean) > 0.95
+
+
+def test_over_relaxation_waits_for_the_rejection_and_keeps_the_image_positive(stack):
+    """relax > 1 is refused beyond κ/(κ−1), applies only from iteration RELAX_FROM on, and
+    keeps every pixel at or above the floor."""
+    from mfnumba.errors import OptionError
+    from mfnumba.solver import RELAX_FROM
+
+    Options(relax=2.0)  # κ = 2: up to 2
+    for bad in (dict(relax=2.01), dict(kappa=3.0, relax=1.6)):
+        with pytest.raises(OptionError, match="--relax"):
+            Options(**bad)
+    sim = stack[0]
+    early = dict(iters=RELAX_FROM, early_stop=False)
+    a = deconvolve(sim.frames, list(sim.psfs), options=Options(relax=2.0, **early)).image
+    b = deconvolve(sim.frames, list(sim.psfs), options=Options(relax=1.0, **early)).image
+    np.testing.assert_array_equal(a, b)
+    late = dict(iters=RELAX_FROM + 5, early_stop=False)
+    a = deconvolve(sim.frames, list(sim.psfs), options=Options(relax=2.0, **late)).image
+    b = deconvolve(sim.frames, list(sim.psfs), options=Options(relax=1.0, **late)).image
+    assert np.all(np.isfinite(a)) and float(a.min()) >= 0.0
+    assert not np.allclose(a, b)
