@@ -55,7 +55,8 @@ def _lanes(rng, shape, n: int) -> np.ndarray:
         off = rng.uniform(-h / 3, h / 3)
         wave = rng.uniform(5, 15) * np.sin(u / rng.uniform(15, 40) + rng.uniform(0, 6.3))
         width = rng.uniform(1.5, 4.0)
-        out = np.maximum(out, rng.uniform(0.5, 0.85) * np.exp(-0.5 * ((v - off - wave) / width) ** 2))
+        depth = rng.uniform(0.5, 0.85)
+        out = np.maximum(out, depth * np.exp(-0.5 * ((v - off - wave) / width) ** 2))
     return out
 
 
@@ -67,7 +68,8 @@ def nebula(seed: int):
     for _ in range(6):
         cy, cx = rng.uniform(0, h), rng.uniform(0, w)
         sig = rng.uniform(20, 50)
-        emis += rng.uniform(1500, 6000) * np.exp(-0.5 * ((yy - cy) ** 2 + (xx - cx) ** 2) / sig ** 2)
+        r2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        emis += rng.uniform(1500, 6000) * np.exp(-0.5 * r2 / sig ** 2)
     absorbed = _lanes(rng, SHAPE, 3)
     bright = emis * (1.0 - absorbed)
     gal = 3.0 * scenes.hdf_sky(SHAPE, seed=seed)

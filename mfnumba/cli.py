@@ -201,8 +201,8 @@ def deconv(
     target_sigma: Optional[float] = _opt("Target resolution: deconvolve to a Gaussian PSF of this "
                                          "sigma (px; 0: to infinite resolution).", "0.637"),
     tol_chi: Optional[float] = _opt("Early stop when the fit's chi2 improves by less than this "
-                                    "per iteration, and its noise scale by less than 10x that (0: the "
-                                    "update-settled rule).", "5e-4"),
+                                    "per iteration, and its noise scale by less than 10x that "
+                                    "(0: the update-settled rule).", "5e-4"),
     save_rejection: Optional[Path] = _opt("Write each frame's rejection map into this folder.",
                                           "none"),
     huber_delta: Optional[float] = _opt("Huber delta in sigma; negative: |delta| x MAD, auto.",

@@ -52,8 +52,8 @@ log = logging.getLogger("mfnumba")
 
 _SAMPLES = 1 << 14  # residual / update samples per frame (~1 % precision on a median)
 _MAD = 1.482602218505602
-RELAX_FROM = 10  # an over-relaxation (Options.relax > 1) from this iteration on: the rejection settles first
-SCALE_SETTLED = 10.0  # χ² flat counts only while the scale falls by < this × tol_chi per iteration
+RELAX_FROM = 10  # an over-relaxation (Options.relax > 1) from here on: the rejection settles first
+SCALE_SETTLED = 10.0  # χ² flat counts while the scale falls by < this × tol_chi per iteration
 
 
 class Solver(TilePass, DeviceGuard):
