@@ -107,10 +107,12 @@ def _consensus_row(yr, er, vr, mr, c0, nr, hr, zr, s0, s1, s2, s3, o0, o1, vmode
     finite, candidates) pixel counts of the row.
 
     Two loops, each branch-free: the weights (z² kept in the scratch row zr,
-    -1 where there is no data), then the statistics from zr. One loop that
-    wrote all seven output rows was not vectorised (LLVM gives up on the
-    aliasing checks between that many pointers): 12.7 against ~3 ns per
-    pixel on one core, bit-identical results.
+    -1 where there is no data), then the statistics from zr. What makes the
+    kernel vectorise on AVX2 is that every load is unconditional
+    (:func:`_noise`) and the statistics' maxima are ``np.maximum`` (a select's
+    read-modify-write becomes a conditional store): 8 × 1000² planes, 2
+    threads, 74 → 27 ms; the split alone took one row on one core from 12.7
+    to 5 ns per pixel. Bit-identical results.
     """
     zero = np.float32(0.0)
     one = np.float32(1.0)
