@@ -183,11 +183,11 @@ def _worker_plan(spec: dict, worker):
 
 
 def _sizes(dask_scheduler, keys):
-    """Runs on the scheduler: (bytes, workers holding it) of the data under each key."""
+    """Runs on the scheduler: the bytes of the data under each key."""
     out = {}
     for k in keys:
         ts = dask_scheduler.tasks.get(k)
-        out[k] = (0, 0) if ts is None else (int(ts.nbytes or 0), len(ts.who_has or ()))
+        out[k] = 0 if ts is None else int(ts.nbytes or 0)
     return out
 
 
@@ -304,10 +304,13 @@ class DaskExecutor:
             self._start(solver)
         self._watch()
         c = self.client
-        x = c.scatter(solver.x_host, broadcast=True, hash=False)
+        # to every worker there is now; counted as sent to each of them here, since Dask's active
+        # memory manager may drop the replicas it no longer needs before the scheduler is asked
+        to = sorted(c.scheduler_info()["workers"])
+        x = c.scatter(solver.x_host, workers=to, broadcast=True, hash=False)
         cons = None
         if solver.cons_host is not None:
-            cons = c.scatter(solver.cons_host, broadcast=True, hash=False)
+            cons = c.scatter(solver.cons_host, workers=to, broadcast=True, hash=False)
         parts, flags = [], 0
         for st, r in zip(self.states, self.shares):
             inputs = solver.pass_inputs(r)
@@ -320,10 +323,10 @@ class DaskExecutor:
             parts = nxt + ([parts[-1]] if len(parts) % 2 else [])
         part = parts[0].result()
         self._watch()  # a worker lost during this pass: said now, not only before the next
-        # Dask's own accounting: the bytes of each piece of data and on how many workers
+        # Dask's own accounting of each piece's bytes, times the workers it was scattered to
         out = [f for f in (x, cons) if f is not None]
         sizes = c.run_on_scheduler(_sizes, keys=[f.key for f in out] + [parts[0].key])
-        self.sent.append(sum(n * copies for n, copies in (sizes[f.key] for f in out)) + flags)
-        self.received.append(sizes[parts[0].key][0])
+        self.sent.append(sum(sizes[f.key] for f in out) * len(to) + flags)
+        self.received.append(sizes[parts[0].key])
         del x, cons, parts
         return part
