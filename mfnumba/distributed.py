@@ -304,9 +304,9 @@ class DaskExecutor:
             self._start(solver)
         self._watch()
         c = self.client
-        # to every worker there is now; counted as sent to each of them here, since Dask's active
-        # memory manager may drop the replicas it no longer needs before the scheduler is asked
-        to = sorted(c.scheduler_info()["workers"])
+        # to every worker there is now (as _watch just read them); counted as sent to each here,
+        # since Dask's active memory manager may drop replicas before the scheduler is asked
+        to = sorted(self.addresses)
         x = c.scatter(solver.x_host, workers=to, broadcast=True, hash=False)
         cons = None
         if solver.cons_host is not None:
