@@ -304,13 +304,13 @@ class DaskExecutor:
             self._start(solver)
         self._watch()
         c = self.client
-        # to every worker there is now (as _watch just read them); counted as sent to each here,
+        # broadcast to the workers there are (as _watch just read them); counted as sent to each,
         # since Dask's active memory manager may drop replicas before the scheduler is asked
-        to = sorted(self.addresses)
-        x = c.scatter(solver.x_host, workers=to, broadcast=True, hash=False)
+        to = self.addresses
+        x = c.scatter(solver.x_host, broadcast=True, hash=False)
         cons = None
         if solver.cons_host is not None:
-            cons = c.scatter(solver.cons_host, workers=to, broadcast=True, hash=False)
+            cons = c.scatter(solver.cons_host, broadcast=True, hash=False)
         parts, flags = [], 0
         for st, r in zip(self.states, self.shares):
             inputs = solver.pass_inputs(r)
