@@ -235,15 +235,25 @@ def find_stars(image, *, thresh: float = 10.0, max_stars: int = 200) -> np.ndarr
 
 # Restoration quality against a known truth (tests and bench/bench_quality.py) ----------------
 def blurred_truth(truth, fwhm: float = 1.5) -> np.ndarray:
-    """The truth seen at a finite, well-sampled resolution: a Gaussian of ``fwhm`` px.
+    """The truth seen at a finite, well-sampled resolution: a Gaussian of ``fwhm`` px,
+    integrated over the pixels (as a camera records it, and as the target
+    resolution of :func:`mfnumba.sr.lift_psf` is defined).
 
     A deconvolved image cannot (and should not) hold the delta functions of
     the simulated stars; the restoration is judged against this instead.
     """
-    from scipy.ndimage import gaussian_filter  # lazy: only the quality measures need it
+    from scipy.ndimage import convolve1d  # lazy: only the quality measures need it
 
-    return gaussian_filter(np.asarray(truth, np.float64), fwhm / GAUSS_FWHM_PER_SIGMA,
-                           mode="nearest", truncate=5.0)
+    from .sr import pixel_gaussian
+
+    sigma = fwhm / GAUSS_FWHM_PER_SIGMA
+    half = int(math.ceil(5.0 * sigma)) + 1
+    k = pixel_gaussian(np.arange(-half, half + 1), sigma)
+    k /= k.sum()
+    out = np.asarray(truth, np.float64)
+    for ax in (-2, -1):
+        out = convolve1d(out, k, axis=ax, mode="nearest")
+    return out
 
 
 def rmse_ratio(result, reference, baseline) -> float:
