@@ -199,7 +199,8 @@ def deconv(
     sky_floor: Optional[float] = _opt("Hold the estimate above the seed's sky minus this many "
                                       "sigma: no dark moats around stars; negative: off.", "2.0"),
     target_sigma: Optional[float] = _opt("Target resolution: deconvolve to a Gaussian PSF of this "
-                                         "sigma, integrated over the pixels (px; 0: to infinite resolution).", "0.637"),
+                                         "sigma, integrated over the pixels (px; 0: to infinite "
+                                         "resolution).", "0.637"),
     tol_chi: Optional[float] = _opt("Early stop when the fit's chi2 improves by less than this "
                                     "per iteration, and its noise scale by less than 10x that "
                                     "(0: the update-settled rule).", "5e-4"),

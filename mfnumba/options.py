@@ -93,9 +93,9 @@ class Options:
     target_sigma
         Target resolution (Magain, Courbin & Sohy 1998) at ``sr=1``: the
         PSFs are lifted to ``h`` with ``h * g = psf`` for a Gaussian ``g`` of
-        this σ integrated over the pixels, as the frames record a star (native px;
-        default FWHM 1.5 px, capped at 0.7 × the sharpest
-        PSF's σ), so the result is the sky convolved with ``g`` and stops
+        this σ integrated over the pixels, as the frames record a star
+        (native px; default FWHM 1.5 px, capped at 0.7 × the sharpest PSF's
+        σ), so the result is the sky convolved with ``g`` and stops
         sharpening there; 0 deconvolves to infinite resolution (over-sharpens
         and rings around stars when run to convergence). At ``sr > 1``
         ``sr_sigma`` (fine px) plays this part.
