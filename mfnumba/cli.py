@@ -210,7 +210,8 @@ def deconv(
                                         "-2.5"),
     kappa: Optional[float] = _opt("Clip of the multiplicative update to [1/kappa, kappa].", "2.0"),
     relax: Optional[float] = _opt("Relaxation alpha of the multiplicative step, in (0, "
-                                  "kappa/(kappa-1)]; above 1 from iteration 10 on.", "1.0"),
+                                  "kappa/(kappa-1)]; above 1 from iteration 10 on; negative: "
+                                  "|alpha| capped at kappa/(kappa-1).", "-2 (2 at kappa 2)"),
     preset: Optional[str] = _opt("noisy, good or lab; flags given explicitly win.", "none"),
     noise: Optional[str] = _opt("Without variance maps: mad (one sigma per frame) or poisson.",
                                 "mad"),

@@ -94,7 +94,7 @@ def build_header(first: fits.Header, channels: int, paths, opt: Options, iterati
         ("MF_ITERS", iterations, "iterations run"),
         ("MF_ESTOP", early, "early stop triggered"),
         ("MF_KAPPA", opt.kappa, "update clip kappa"),
-        ("MF_RELAX", opt.relax, "relaxation alpha (above 1: from iteration 10)"),
+        ("MF_RELAX", opt.alpha, "relaxation alpha (above 1: from iteration 10)"),
         ("MF_NOISE", opt.noise, "noise model"),
         ("MF_SEED", ascii_text(opt.seed), "seed"),
         ("MF_NFRM", len(paths), "frames combined"),

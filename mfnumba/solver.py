@@ -311,8 +311,8 @@ class Solver(TilePass, DeviceGuard):
         x = be.asarray(self._x_host) if x is None else x
         e0, e1 = self.geom.extent
         got = be.update(x, be.asarray(nd[0]), be.asarray(nd[1]), kappa=self.opt.kappa,
-                        alpha=self.opt.relax if self.iteration >= RELAX_FROM else min(
-                            self.opt.relax, 1.0), den_floor=self.den_floor,
+                        alpha=self.opt.alpha if self.iteration >= RELAX_FROM else min(
+                            self.opt.alpha, 1.0), den_floor=self.den_floor,
                         grid=SampleGrid(step=self.upd_step, origin=(0, 0), rows=(0, e0),
                                         cols=(0, e1)), floor=self._floor_device())
         if x is not self._x_host:

@@ -108,7 +108,15 @@ def test_no_false_rejection_without_outliers(stack, runs):
 
 
 def test_early_stop_means_no_longer_improving(stack):
-    """It stops once the result stops improving: not while stars still sharpen, not far past."""
+    """It stops once the result stops improving: not while stars still sharpen toward the
+    target resolution, not far past the best result.
+
+    Once the stars reach the target, the brightest ones' peaks overshoot the truth for a few
+    tens of iterations (measured on this stack with the default α = 2: peak 1.01x the truth
+    at 27, 1.05x at 40-60, 1.02x at 200; the median FWHM 1.43-1.46 against the target's
+    1.50), and the RMSE, which its brightest 0.1 % of pixels dominate there, rises with
+    them: the stop may lie up to 15 % above the best RMSE seen before it.
+    """
     sim = stack[0]
     truth = blurred_truth(sim.truth)
     mean = sim.frames.mean(axis=0)
@@ -116,12 +124,16 @@ def test_early_stop_means_no_longer_improving(stack):
     from mfnumba.api import RunControl
 
     ctl = RunControl(save_every=5, snapshot=lambda it, ch, img: snaps.__setitem__(it, img[0]))
-    res = deconvolve(sim.frames, list(sim.psfs), options=Options(iters=300), control=ctl)
+    opt = Options(iters=300)
+    res = deconvolve(sim.frames, list(sim.psfs), options=opt, control=ctl)
     assert res.early_stopped and res.stop_reason == "chi2"
     errs = {it: rmse_ratio(img, truth, mean) for it, img in snaps.items()}
     best = min(errs, key=errs.get)
     stopped = rmse_ratio(res.image[0], truth, mean)
-    assert stopped < 1.1 * errs[best], (res.iterations, stopped, errs)  # not too soon
+    target = 2.0 * np.sqrt(2.0 * np.log(2.0)) * opt.target_sigma
+    fwhm = float(np.nanmedian(star_fwhm(res.image[0], sim.stars_yx)))
+    assert fwhm < 1.03 * target, (res.iterations, fwhm)  # not while stars still sharpen
+    assert stopped < 1.15 * errs[best], (res.iterations, stopped, errs)  # nor too soon
     assert res.iterations <= best + 40, (res.iterations, best, errs)  # nor far past the best
 
 
@@ -204,12 +216,16 @@ def test_early_stop_waits_while_the_noise_scale_still_falls(monkeypatch):
 
 
 def test_over_relaxation_waits_for_the_rejection_and_keeps_the_image_positive(stack):
-    """relax > 1 is refused beyond κ/(κ−1), applies only from iteration RELAX_FROM on, and
+    """relax > 1 is refused beyond κ/(κ−1) (the automatic default is capped there),
+    applies only from iteration RELAX_FROM on, and
     keeps every pixel at or above the floor."""
     from mfnumba.errors import OptionError
     from mfnumba.solver import RELAX_FROM
 
     Options(relax=2.0)  # κ = 2: up to 2
+    # the default, negative, is automatic: 2 capped at κ/(κ−1), so any κ takes it
+    assert Options().alpha == 2.0 and Options(kappa=3.0).alpha == pytest.approx(1.5)
+    assert Options(relax=1.0).alpha == 1.0 and Options(kappa=1.5, relax=-1.2).alpha == 1.2
     for bad in (dict(relax=2.01), dict(kappa=3.0, relax=1.6)):
         with pytest.raises(OptionError, match="--relax"):
             Options(**bad)
