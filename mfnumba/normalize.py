@@ -6,11 +6,12 @@ sky (moon, twilight, gradients). Each frame is modelled as
     y_i ≈ a_i · y_ref + b_i          (b_i a plane: b0 + by·v + bx·u)
 
 with ``a_i`` from the fluxes of the same stars in one aperture (2 × the
-largest FWHM) in every frame, each divided by the fraction of that frame's
-PSF the aperture holds, so the frames' different seeing cancels (a larger
-aperture would take in more of the neighbours' wings, which also vary with
-the seeing; one scaled to each frame's FWHM would take in more galaxy light
-in the blurred frames), and ``b_i`` from the
+largest FWHM), each frame compared with the anchor frame at one PSF: frame i
+convolved with the anchor's PSF, the anchor with frame i's (see
+:mod:`mfnumba._apertures`), so that the seeing moves the same light of the
+star and of its neighbours and galaxies across the aperture's edge in both;
+masked pixels and cosmic rays in the apertures are filled from their
+neighbours first. ``b_i`` comes from the
 σ-clipped mode of the sky in blocks, fitted by a plane. The solver then sees ``y'_i = (y_i − b_i) / a_i``
 (see :class:`mfnumba.sources.WorkSource`), whose noise is ``σ_i / a_i``: a
 frame that kept 8 % of its light is 12 times noisier on the reference scale
@@ -22,11 +23,12 @@ best point-source S/N (transparency / (noise × FWHM)).
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import sep
 
+from ._apertures import Plane, cross_flux, prepare, sharp_at
 from ._sep import background, extract, sep_image
 
 log = logging.getLogger("mfnumba")
@@ -91,16 +93,24 @@ def _source_mask(sub: np.ndarray, rms: float, bad, grow: float) -> np.ndarray:
     return ndimage.binary_dilation(seg > 0, structure=disk)
 
 
-def _positions(img: np.ndarray, radius: float):
-    """Bright, clean sources of the anchor frame: (y, x), and the source mask."""
+def _positions(img: np.ndarray, radius: float, fwhm: float):
+    """Bright, clean sources of the anchor frame: (y, x), and the source mask.
+
+    Sources sharper than a star of ``fwhm`` at their peak (``sharp_at``:
+    cosmic rays, hot pixels) are none, and they do not set the frame's
+    maximum either, below 80 % of which a star must peak (unsaturated).
+    """
     data, bad, bkg = _background(img)
     sub = data - bkg.back()
     masked = _source_mask(sub, bkg.globalrms, bad, radius / APERTURE_FWHM)
     objs = extract(sub, DETECT_SIGMA, err=bkg.globalrms, mask=bad, minarea=5)
+    if len(objs):
+        yp, xp = objs["ypeak"].astype(int), objs["xpeak"].astype(int)
+        objs = objs[~sharp_at(sub, bad, yp, xp, float(bkg.globalrms), fwhm)]
     if len(objs) == 0:
         return np.empty(0), np.empty(0), masked
     h, w = img.shape
-    peak_max = float(np.nanmax(img))
+    peak_max = float(np.max(objs["peak"])) + float(bkg.globalback)
     # Blends need no special care: the frames are registered, so a neighbour inside the
     # aperture is inside it in every frame and scales with the same transparency.
     ok = ((objs["peak"] + bkg.globalback < 0.8 * peak_max)
@@ -109,46 +119,6 @@ def _positions(img: np.ndarray, radius: float):
     objs = objs[ok]
     objs = objs[np.argsort(objs["flux"])[::-1][:MAX_STARS]]
     return objs["y"], objs["x"], masked
-
-
-def _peaks(img: np.ndarray, y, x, half: int = 2) -> np.ndarray:
-    """Largest pixel within ``half`` px of each position."""
-    h, w = img.shape
-    out = np.empty(len(x))
-    for k, (yy, xx) in enumerate(zip(np.rint(y).astype(int), np.rint(x).astype(int))):
-        box = img[max(yy - half, 0):yy + half + 1, max(xx - half, 0):xx + half + 1]
-        out[k] = np.nanmax(box) if box.size and np.isfinite(box).any() else np.inf
-    return out
-
-
-def encircled(psf: np.ndarray | None, radius: float) -> float:
-    """Fraction of a (centred, unit-sum) PSF within ``radius`` px of its centre."""
-    if psf is None:
-        return 1.0
-    p = np.ascontiguousarray(psf, dtype=np.float32)
-    c = (p.shape[0] - 1) / 2.0
-    f, _, _ = sep.sum_circle(p, np.array([c]), np.array([c]), radius, subpix=0)
-    return float(f[0]) / float(p.sum())
-
-
-def _measure(img: np.ndarray, y, x, radius: float, saturation: float, sources: np.ndarray):
-    """(flux, flux error, sky level, sky RMS, sky blocks) of one plane.
-
-    A star within 80 % of the saturation level in this frame gets a NaN flux:
-    a clipped core changes its flux by the frame's seeing, not by the sky.
-    """
-    data, bad, bkg = _background(img)
-    back = bkg.back()
-    sub = data - back
-    if len(x):
-        flux, err, flag = sep.sum_circle(sub, x, y, radius, err=bkg.globalrms, mask=bad,
-                                         subpix=1)
-        clipped = _peaks(img, y, x) >= 0.8 * saturation
-        flux = np.where((flag == 0) & np.isfinite(flux) & ~clipped, flux, np.nan)
-    else:
-        flux = err = np.empty(0)
-    return flux, err, float(bkg.globalback), float(bkg.globalrms), _block_sky(
-        np.where(sources, np.nan, img))
 
 
 def _block_sky(img: np.ndarray) -> np.ndarray:
@@ -160,8 +130,6 @@ def _block_sky(img: np.ndarray) -> np.ndarray:
     clear and a moonlit frame); the mode hardly does. Unlike sep's smoothed
     background map, blocks keep a gradient's slope up to the frame's edges.
     """
-    import warnings
-
     h, w = img.shape
     nb0, nb1 = h // _GRID, w // _GRID
     if nb0 == 0 or nb1 == 0:
@@ -235,11 +203,10 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
         For the saturation level (``SATURATE``); else found from the frame.
     psfs : sequence, optional
         Each frame's PSF (native grid), or per channel a sequence of them
-        (``psfs[c][i]``): the aperture correction. Without them the fluxes
-        are compared as measured.
+        (``psfs[c][i]``): each frame is compared with the anchor cross-convolved
+        (:mod:`mfnumba._apertures`). Without them the fluxes are compared as
+        measured.
     """
-    from .psf_estimate import saturation_level
-
     n, c = src.n_frames, src.channels
     names = names or [f"frame {i}" for i in range(n)]
     if mode == "none":
@@ -251,7 +218,6 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
     # one aperture for every frame: the light of galaxies and neighbours inside it is then
     # the same in every frame but for what the seeing moves across its edge
     radius = APERTURE_FWHM * float(fw.max())
-    radii = np.full(n, radius)
     shape = tuple(src.shape)
 
     # the anchor: the frame with the most clean bright sources (a clear one)
@@ -259,43 +225,48 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
     for i in range(n):
         frame = src.read(i)
         lum = np.nanmean(frame, axis=0) if c > 1 else frame[0]
-        y, x, masked = _positions(lum, radius)
+        y, x, masked = _positions(lum, radius, float(fw[i]))
         if best is None or len(x) > best[0]:
             best = (len(x), i, y, x, masked)
         del frame, lum, masked
     _, anchor, ys, xs, sources = best
 
+    # each frame against the anchor, both seen through the PSFs of the two (see _apertures)
+    kern = [[_psf_of(psfs, i, ch) for ch in range(c)] for i in range(n)]
+    reach = max((k.shape[0] // 2 for ks in kern for k in ks if k is not None), default=0)
     flux = np.full((n, c, len(xs)), np.nan)
-    ferr = np.full_like(flux, np.nan)
+    fref, ferr = np.full_like(flux, np.nan), np.full_like(flux, np.nan)
     sky = np.zeros((n, c))
     rms = np.zeros((n, c))
     grids = []
+    base = _planes(src.read(anchor), anchor, headers, ys, xs, radius, reach, fw)
     for i in range(n):
         frame = src.read(i)
+        planes = base if i == anchor else _planes(frame, i, headers, ys, xs, radius, reach, fw)
         g = []
         for ch in range(c):
-            sat = saturation_level(frame[ch], None if headers is None else headers[i])
-            flux[i, ch], ferr[i, ch], sky[i, ch], rms[i, ch], grid = _measure(
-                frame[ch], ys, xs, float(radii[i]), sat, sources)
-            ee = encircled(_psf_of(psfs, i, ch), float(radii[i]))
-            flux[i, ch] /= ee
-            ferr[i, ch] /= ee
-            g.append(grid)
+            pl = planes[ch]
+            pl.clipped |= base[ch].clipped
+            flux[i, ch], _ = cross_flux(pl, kern[anchor][ch], ys, xs, radius)
+            fref[i, ch], ferr[i, ch] = cross_flux(base[ch], kern[i][ch], ys, xs, radius)
+            sky[i, ch], rms[i, ch] = pl.back, pl.rms
+            g.append(_block_sky(np.where(sources, np.nan, frame[ch])))
         grids.append(g)
+        del frame, planes
 
     A = np.ones((n, c))
     used = np.zeros(n, int)
-    snr = flux[anchor] / np.where(ferr[anchor] > 0, ferr[anchor], np.inf)
-    # a star clipped in any frame is left out of every frame's fit
-    good = (snr > MIN_SNR) & np.all(np.isfinite(flux), axis=0)  # (C, S)
+    # a star clipped or without data in a frame (or the anchor) is left out of that frame's
+    # fit only: a hot pixel in one frame costs the others nothing
+    good = (fref / np.where(ferr > 0, ferr, np.inf) > MIN_SNR) & np.isfinite(fref)  # (N, C, S)
     unknown = []
     for i in range(n):
         counts = []
         for ch in range(c):
-            sel = good[ch]
+            sel = good[i, ch] & np.isfinite(flux[i, ch])
             counts.append(int(sel.sum()))
             if sel.sum() >= MIN_STARS and i != anchor:
-                A[i, ch] = max(_slope(flux[anchor, ch, sel], flux[i, ch, sel]), MIN_SCALE)
+                A[i, ch] = max(_slope(fref[i, ch, sel], flux[i, ch, sel]), MIN_SCALE)
         used[i] = min(counts)
         if used[i] < MIN_STARS and i != anchor:
             unknown.append(i)
@@ -332,6 +303,15 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
     log.info("photometric reference: frame %d (%s); transparency %s", ref, names[ref],
              " ".join(f"{v:.2f}" for v in a.mean(axis=1)))
     return phot
+
+
+def _planes(frame, i: int, headers, ys, xs, radius: float, reach: int, fw) -> list[Plane]:
+    """Frame i's planes made ready for the cross-convolved photometry."""
+    from .psf_estimate import saturation_level
+
+    return [prepare(plane, ys, xs, radius, reach,
+                    saturation_level(plane, None if headers is None else headers[i]), float(fw[i]))
+            for plane in frame]
 
 
 def _psf_of(psfs, i: int, ch: int):

@@ -64,16 +64,20 @@ def test_rejection_maps_mark_the_trail_and_little_else(tmp_path):
             np.testing.assert_array_equal(maps, untiled)
 
 
-def test_a_cosmic_ray_on_a_core_whose_psf_is_off_is_rejected(monkeypatch):
+def test_a_cosmic_ray_on_a_core_whose_psf_is_off_is_rejected(monkeypatch, tmp_path):
     """PSFs without the frames' ellipticity (tests/scenes.round_psfs): the model misses
-    every star core in every frame, the level m there is high, and a 15σ hit on the
+    every star core in every frame, the level m there is high, and a 6σ hit on the
     brightest core of the sharpest frame stays under zt·max(1, m). The sharpness test
-    takes it: its imprint on the result drops by more than half (21 -> 4.7σ of the
-    pixel's noise in the mean stack, when written)."""
+    takes it, and nothing else in the stack. (With the frames normalised at one PSF,
+    mfnumba._apertures, the plain consensus already takes such a hit from 8σ on; the
+    imprint on the result, ±10σ of the mean stack's noise at the core, swings with the
+    iteration at which the sample goes, so the rejection itself is what is asserted.)"""
     import math
 
+    from astropy.io import fits
+
     from mfnumba import consensus
-    from mfnumba.api import deconvolve
+    from mfnumba.api import RunControl, deconvolve
     from mfnumba.options import Options
 
     from . import scenes
@@ -86,13 +90,15 @@ def test_a_cosmic_ray_on_a_core_whose_psf_is_off_is_rejected(monkeypatch):
     inside = ((yx > 8) & (yx < 56)).all(axis=1)
     y, x = (int(round(v)) for v in yx[np.argmax(np.where(inside, sc.star_flux, 0))])
     dirty = clean.copy()
-    dirty[k, y, x] += 15.0 * math.sqrt(clean[k, y, x] + 25.0)
+    dirty[k, y, x] += 6.0 * math.sqrt(clean[k, y, x] + 25.0)
     opt = Options(iters=40, early_stop=False)
-    base = deconvolve(clean, psfs, options=opt).image[0]
-    now = np.abs(deconvolve(dirty, psfs, options=opt).image[0] - base)
+
+    def rejected(frames, name):
+        deconvolve(frames, psfs, options=opt, control=RunControl(save_rejection=tmp_path / name))
+        return np.stack([fits.getdata(p) for p in sorted((tmp_path / name).glob("*.fits"))])
+
+    now = rejected(dirty, "sharp")
+    assert now[k, y, x] == 1 and now.sum() == 1
+    assert rejected(clean, "clean").sum() == 0
     monkeypatch.setattr(consensus, "SHARP", 0.0)
-    before = np.abs(deconvolve(dirty, psfs, options=opt).image[0] - base)
-    noise = math.sqrt((clean.mean(axis=0)[y, x] + 25.0) / len(clean))
-    assert before[y, x] > 10 * noise  # kept without the sharpness test
-    assert now[y, x] < 0.4 * before[y, x]
-    assert now.max() < 0.4 * before.max()  # and nothing else moved in its place
+    assert rejected(dirty, "plain").sum() == 0  # kept without the sharpness test
