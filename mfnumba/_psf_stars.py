@@ -25,6 +25,7 @@ DETECT_SIGMA = 5.0         # sep threshold, × global background RMS
 MIN_PEAK_SNR = 15.0        # peak / RMS of a source worth measuring (PSFEx: S/N >= 20)
 MAX_CANDIDATES = 400       # the brightest this many measured for the locus
 SATURATION_FRACTION = 0.8  # a star peaking above this × saturation is not used
+PEAK_CLEAR = 2             # px: a masked pixel this near a star's peak leaves the star out
 ELL_MARGIN = 0.1           # a star may be this much more elongated than the locus median
 ISOLATED_FLUX = 0.02       # neighbours this faint (× the star) leave a star isolated ...
 NEIGHBOUR_FLUX = 0.5       # ... brighter than this disqualify it; in between they are masked
@@ -57,6 +58,16 @@ def _box_max(img: np.ndarray, objs) -> np.ndarray:
     out = np.empty(len(objs))
     for k, o in enumerate(objs):
         out[k] = img[o["ymin"]:o["ymax"] + 1, o["xmin"]:o["xmax"] + 1].max()
+    return out
+
+
+def _peak_box_max(img: np.ndarray, objs, half: int) -> np.ndarray:
+    """Maximum of ``img`` within ``half`` px of each object's peak pixel."""
+    h, w = img.shape
+    out = np.empty(len(objs))
+    for k, o in enumerate(objs):
+        y, x = int(o["ypeak"]), int(o["xpeak"])
+        out[k] = img[max(y - half, 0):min(y + half + 1, h), max(x - half, 0):min(x + half + 1, w)].max()
     return out
 
 
@@ -132,8 +143,8 @@ def _candidates(raw, bad, sub, rms, saturation, objs, owned):
     cand = np.flatnonzero(ok)
     if cand.size:
         keep = _box_max(raw, objs[cand]) < SATURATION_FRACTION * saturation
-        if bad is not None:
-            keep &= _box_max(bad, objs[cand]) == 0
+        if bad is not None:  # a masked pixel near the peak: the centre and moments are unsure
+            keep &= _peak_box_max(bad, objs[cand], PEAK_CLEAR) == 0
         cand = cand[keep]
     return cand[np.argsort(-objs["peak"][cand], kind="stable")[:MAX_CANDIDATES]]
 
