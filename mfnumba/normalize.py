@@ -94,7 +94,7 @@ def _source_mask(sub: np.ndarray, rms: float, bad, grow: float) -> np.ndarray:
 
 
 def _positions(img: np.ndarray, radius: float, fwhm: float):
-    """Bright, clean sources of the anchor frame: (y, x), and the source mask.
+    """Bright, clean sources of a frame: (y, x).
 
     Sources sharper than a star of ``fwhm`` at their peak (``sharp_at``:
     cosmic rays, hot pixels) are none, and they do not set the frame's
@@ -102,13 +102,12 @@ def _positions(img: np.ndarray, radius: float, fwhm: float):
     """
     data, bad, bkg = _background(img)
     sub = data - bkg.back()
-    masked = _source_mask(sub, bkg.globalrms, bad, radius / APERTURE_FWHM)
     objs = extract(sub, DETECT_SIGMA, err=bkg.globalrms, mask=bad, minarea=5)
     if len(objs):
         yp, xp = objs["ypeak"].astype(int), objs["xpeak"].astype(int)
         objs = objs[~sharp_at(sub, bad, yp, xp, float(bkg.globalrms), fwhm)]
     if len(objs) == 0:
-        return np.empty(0), np.empty(0), masked
+        return np.empty(0), np.empty(0)
     h, w = img.shape
     peak_max = float(np.max(objs["peak"])) + float(bkg.globalback)
     # Blends need no special care: the frames are registered, so a neighbour inside the
@@ -118,7 +117,7 @@ def _positions(img: np.ndarray, radius: float, fwhm: float):
           & (objs["y"] > radius) & (objs["y"] < h - 1 - radius))
     objs = objs[ok]
     objs = objs[np.argsort(objs["flux"])[::-1][:MAX_STARS]]
-    return objs["y"], objs["x"], masked
+    return objs["y"], objs["x"]
 
 
 def _block_sky(img: np.ndarray) -> np.ndarray:
@@ -139,14 +138,28 @@ def _block_sky(img: np.ndarray) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks (borders)
         for _ in range(3):
-            med = np.nanmedian(blocks, axis=2, keepdims=True)
-            sd = 1.4826 * np.nanmedian(np.abs(blocks - med), axis=2, keepdims=True)
+            med = _nanmedian_last(blocks)[..., None]
+            sd = 1.4826 * _nanmedian_last(np.abs(blocks - med))[..., None]
             blocks = np.where(np.abs(blocks - med) <= 3.0 * sd, blocks, np.nan)
-        med = np.nanmedian(blocks, axis=2)
+        med = _nanmedian_last(blocks)
         mean = np.nanmean(blocks, axis=2)
     sky = 2.5 * med - 1.5 * mean
     sky[np.isfinite(blocks).sum(axis=2) < 0.2 * _GRID * _GRID] = np.nan  # mostly sources
     return sky
+
+
+def _nanmedian_last(a: np.ndarray) -> np.ndarray:
+    """np.nanmedian over the last axis, by one sort (NaN sorts last): numpy's own takes
+    a slow path per block once any holds a NaN (1 s of a 2048² frame's 3 s).
+
+    >>> _nanmedian_last(np.array([[3.0, np.nan, 1.0, 2.0], [np.nan] * 4, [4.0, 1.0, 3.0, 2.0]]))
+    array([2. , nan, 2.5])
+    """
+    srt = np.sort(a, axis=-1)
+    n = np.isfinite(a).sum(axis=-1)
+    lo = np.take_along_axis(srt, np.maximum((n - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    hi = np.take_along_axis(srt, np.maximum(n // 2, 0)[..., None], axis=-1)[..., 0]
+    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
 
 
 def _slope(f_ref: np.ndarray, f: np.ndarray) -> float:
@@ -221,15 +234,15 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
     shape = tuple(src.shape)
 
     # the anchor: the frame with the most clean bright sources (a clear one)
-    best = None  # (count, index, y, x, source mask): only the best frame's is kept
+    best = None  # (count, index, y, x): only the best frame's sources are kept
     for i in range(n):
-        frame = src.read(i)
-        lum = np.nanmean(frame, axis=0) if c > 1 else frame[0]
-        y, x, masked = _positions(lum, radius, float(fw[i]))
+        y, x = _positions(_luminance(src.read(i)), radius, float(fw[i]))
         if best is None or len(x) > best[0]:
-            best = (len(x), i, y, x, masked)
-        del frame, lum, masked
-    _, anchor, ys, xs, sources = best
+            best = (len(x), i, y, x)
+    _, anchor, ys, xs = best
+    data, bad, bkg = _background(_luminance(src.read(anchor)))
+    sources = _source_mask(data - bkg.back(), bkg.globalrms, bad, radius / APERTURE_FWHM)
+    del data, bad, bkg
 
     # each frame against the anchor, both seen through the PSFs of the two (see _apertures)
     kern = [[_psf_of(psfs, i, ch) for ch in range(c)] for i in range(n)]
@@ -303,6 +316,10 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
     log.info("photometric reference: frame %d (%s); transparency %s", ref, names[ref],
              " ".join(f"{v:.2f}" for v in a.mean(axis=1)))
     return phot
+
+
+def _luminance(frame: np.ndarray) -> np.ndarray:
+    return np.nanmean(frame, axis=0) if frame.shape[0] > 1 else frame[0]
 
 
 def _planes(frame, i: int, headers, ys, xs, radius: float, reach: int, fw) -> list[Plane]:
