@@ -293,6 +293,8 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
 
     # best point-source S/N: light kept / (noise × seeing)
     score = A.mean(axis=1) / (np.maximum(rms.mean(axis=1), 1e-30) * np.maximum(fw, 1e-3))
+    if len(unknown) < n:  # a frame whose transparency is unknown (a left at 1) sets no scale
+        score[unknown] = -np.inf
     ref = int(np.nanargmax(score)) if reference is None else int(reference)
 
     # B_i: plane of y_i − A_i y_anchor, from the background maps

@@ -166,3 +166,27 @@ def test_transparency_in_crowded_and_galaxy_rich_fields_is_measured_at_one_psf(k
                               [measure_fwhm(p) for p in psfs], psfs=psfs)
     want = np.asarray(trans) / trans[phot.reference]
     np.testing.assert_allclose(phot.scale[:, 0], want, rtol=0.01)
+
+
+def test_a_frame_whose_transparency_is_unknown_is_not_the_reference():
+    """The sharpest frame, clipped just above its sky, keeps no star to fit, so its a is
+    left at 1 (with a warning); with its seeing and a dark sky its score is the best, but
+    it must not become the reference, or every other frame's a inherits its error."""
+    from mfnumba.psf import measure_fwhm
+    from tests import scenes
+
+    trans = [1.0, 0.7, 0.4, 0.9, 1.0, 0.5, 0.8, 0.95]
+    probe = scenes.crowded_field(8, (160, 160), cosmic_rays=0, seed=6)
+    k = int(np.argmin(probe.fwhms))
+    sky = [0.2 if i == k else 1.0 for i in range(8)]
+    sc = scenes.crowded_field(8, (160, 160), cosmic_rays=0, seed=6, transparency=trans,
+                              sky_scale=sky)
+    frames = sc.frames.astype(np.float32)
+    frames[k] = np.minimum(frames[k], np.median(frames[k]) + 40.0)  # saturated
+    psfs = scenes.round_psfs(sc)
+    phot = normalize.estimate(WorkSource(ArrayReader(frames[:, None])),
+                              [measure_fwhm(p) for p in psfs], psfs=psfs)
+    assert phot.reference != k and phot.stars[k] < normalize.MIN_STARS
+    ok = [i for i in range(8) if i != k]
+    want = np.asarray(trans) / trans[phot.reference]
+    np.testing.assert_allclose(phot.scale[ok, 0], want[ok], rtol=0.015)
