@@ -9,7 +9,7 @@ convolved with a's PSF and a convolved with i's, both then seen through
 P_i * P_a, the same PSF, and every aperture, neighbours and all, holds the
 same light in both but for the transparency. On the break-it scenes
 (tests/scenes.py, 8 frames of 160², FWHM 2.6–5.0 px) the worst frame's
-transparency error went from 4–10 % (each frame's fluxes corrected by its own
+transparency error went from 1.4–10 % (each frame's fluxes corrected by its own
 PSF's encircled energy) to 0.2–0.8 % with the frames' PSF models, and to what
 the PSFs measured from the frames allow (1–5 %; bench/RESULTS.md, issue 10).
 
