@@ -43,17 +43,26 @@ def core_ratio(fwhm: float) -> float:
     neighbours lies between them).
 
     >>> round(core_ratio(3.3), 2), round(core_ratio(1.5), 2)
-    (1.45, 5.18)
+    (1.45, 5.31)
     """
     s2 = (max(float(fwhm), 0.5) / 2.3548) ** 2
     return 2.0 / (math.exp(-0.5 / s2) + math.exp(-1.0 / s2))
 
 
-def median8(padded: np.ndarray, y, x):
-    """(median, count) of the finite 8 neighbours of pixels (y, x), from the image padded
-    by one NaN pixel all round."""
-    nbs = np.stack([padded[1 + y + di, 1 + x + dj] for di in (-1, 0, 1) for dj in (-1, 0, 1)
-                    if di or dj])
+def median8(img: np.ndarray, bad, y, x):
+    """(median, count) of the finite, unmasked 8 neighbours of pixels (y, x) of ``img``
+    (past the image's edge: none)."""
+    h, w = img.shape
+    nbs = []
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            if di or dj:
+                yy, xx = y + di, x + dj
+                inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+                yy, xx = np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)
+                ok = inside if bad is None else inside & ~bad[yy, xx]
+                nbs.append(np.where(ok, img[yy, xx], np.nan))
+    nbs = np.stack(nbs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a pixel without finite neighbours
         return np.nanmedian(nbs, axis=0), np.isfinite(nbs).sum(axis=0)
@@ -69,8 +78,7 @@ def too_sharp(v, med, rms: float, fwhm: float):
 
 def sharp_at(sub: np.ndarray, bad, y, x, rms: float, fwhm: float) -> np.ndarray:
     """Whether each pixel (y, x) of ``sub`` is sharper than a star (:func:`too_sharp`)."""
-    vals = np.pad(sub if bad is None else np.where(bad, np.nan, sub), 1, constant_values=np.nan)
-    med, _ = median8(vals, y, x)
+    med, _ = median8(sub, bad, y, x)
     return too_sharp(sub[y, x], med, rms, fwhm)
 
 
@@ -86,13 +94,8 @@ def repair(sub: np.ndarray, bad, y, x, reach: int, rms: float, fwhm: float):
         if y0 >= y1 or x0 >= x1:
             continue
         box, miss = sub[y0:y1, x0:x1], keep[y0:y1, x0:x1]
-        # the box and a ring of one pixel around it (NaN past the frame's edge)
-        ring = np.full((y1 - y0 + 2, x1 - x0 + 2), np.nan, np.float32)
-        a0, a1, b0, b1 = max(y0 - 1, 0), min(y1 + 1, h), max(x0 - 1, 0), min(x1 + 1, w)
-        ring[a0 - y0 + 1:a1 - y0 + 1, b0 - x0 + 1:b1 - x0 + 1] = np.where(
-            keep[a0:a1, b0:b1], np.nan, sub[a0:a1, b0:b1])
         iy, ix = np.indices(box.shape)
-        med, finite = median8(ring, iy, ix)
+        med, finite = median8(sub, keep, iy + y0, ix + x0)
         fix = (miss | (~miss & too_sharp(box, med, rms, fwhm))) & (finite >= 3)
         box[fix] = med[fix]
         miss[fix] = False
@@ -116,8 +119,7 @@ class Plane:
     data: np.ndarray         # background-subtracted, repaired; 0 where still missing
     bad: np.ndarray | None   # what is still missing
     clipped: np.ndarray      # (S,) the star is near saturation here
-    back: float              # sep's global background and RMS of the plane
-    rms: float
+    rms: float               # sep's global background RMS of the plane
 
 
 def prepare(img: np.ndarray, y, x, radius: float, reach: int, saturation: float,
@@ -134,7 +136,7 @@ def prepare(img: np.ndarray, y, x, radius: float, reach: int, saturation: float,
     data = sub
     if bad is not None:
         data[bad] = 0.0
-    return Plane(data, bad, peaks(img, y, x) >= 0.8 * saturation, float(bkg.globalback), rms)
+    return Plane(data, bad, peaks(img, y, x) >= 0.8 * saturation, rms)
 
 
 def _convolved(plane: Plane, psf: np.ndarray | None):

@@ -240,7 +240,8 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
         if best is None or len(x) > best[0]:
             best = (len(x), i, y, x)
     _, anchor, ys, xs = best
-    data, bad, bkg = _background(_luminance(src.read(anchor)))
+    first = src.read(anchor)
+    data, bad, bkg = _background(_luminance(first))
     sources = _source_mask(data - bkg.back(), bkg.globalrms, bad, radius / APERTURE_FWHM)
     del data, bad, bkg
 
@@ -249,23 +250,26 @@ def estimate(src, fwhms, *, mode: str = "scale+offset", reference: int | None = 
     reach = max((k.shape[0] // 2 for ks in kern for k in ks if k is not None), default=0)
     flux = np.full((n, c, len(xs)), np.nan)
     fref, ferr = np.full_like(flux, np.nan), np.full_like(flux, np.nan)
-    sky = np.zeros((n, c))
     rms = np.zeros((n, c))
     grids = []
-    base = _planes(src.read(anchor), anchor, headers, ys, xs, radius, reach, fw)
+    base = _planes(first, anchor, headers, ys, xs, radius, reach, fw)
     for i in range(n):
-        frame = src.read(i)
+        frame = first if i == anchor else src.read(i)
         planes = base if i == anchor else _planes(frame, i, headers, ys, xs, radius, reach, fw)
         g = []
         for ch in range(c):
             pl = planes[ch]
-            pl.clipped |= base[ch].clipped
-            flux[i, ch], _ = cross_flux(pl, kern[anchor][ch], ys, xs, radius)
             fref[i, ch], ferr[i, ch] = cross_flux(base[ch], kern[i][ch], ys, xs, radius)
-            sky[i, ch], rms[i, ch] = pl.back, pl.rms
+            if i == anchor:  # the anchor against itself: one image
+                flux[i, ch] = fref[i, ch]
+            else:
+                pl.clipped |= base[ch].clipped
+                flux[i, ch], _ = cross_flux(pl, kern[anchor][ch], ys, xs, radius)
+            rms[i, ch] = pl.rms
             g.append(_block_sky(np.where(sources, np.nan, frame[ch])))
         grids.append(g)
         del frame, planes
+    del first, base
 
     A = np.ones((n, c))
     used = np.zeros(n, int)
