@@ -152,6 +152,17 @@ def test_genuine_outlier_with_many_stars_is_kept():
     assert not out.warnings[2]
 
 
+def test_empirical_outlier_is_not_replaced_by_a_fit_to_fewer_stars():
+    # crowded seed 1's frame 1 (FWHM 4.88 px against the stack's ~3.7): its
+    # own 14 stars measured 4.91 px; the re-estimate near the stack's locus
+    # found one star, and its Moffat (4.45 px, −9 %) had replaced them.
+    scene = crowded_field(n_frames=6, seed=1)
+    fw, out = estimated_fwhms(scene)
+    assert abs(fw[1] / scene.fwhms[1] - 1) < 0.03, (fw[1], scene.fwhms[1])
+    assert out.estimates[0][1].method == "empirical"
+    assert "kept" in out.warnings[1][0]
+
+
 def test_starless_frame_borrows_its_neighbours_in_time(caplog):
     scene = sparse_field(n_frames=5, shape=(128, 128), n_stars=16, fwhms=[2.6, 3.0, 3.0, 3.6, 4.4],
                          transparency=[1, 1, 0.003, 1, 1], seed=6)
