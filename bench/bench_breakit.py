@@ -18,7 +18,8 @@ mean stack's, for the default and for no rejection; the clean stack's
 rejected fraction; the worst cosmic-ray imprint (dirty − clean) in the mean
 stack's own noise at the pixel (sky, read and shot noise); of the hit pixels
 more than 5σ above their own frame's clean value, how many the final pass still
-kept (the rejection maps), and the largest of those. With ``--oracle``
+kept (the rejection maps), and the largest of those; the clean result's flux
+of the ten brightest stars in 5 px apertures over the truth's (median). With ``--oracle``
 also that of a perfect rejection: the dirty stack with exactly the hit pixels
 masked (NaN), against the same clean result.
 """
@@ -79,6 +80,19 @@ def rmse(img, truth, base, margin: int = 8) -> float:
     return float(np.sqrt(np.mean(a * a) / np.mean(b * b)))
 
 
+def star_flux(img, truth, sc, count: int = 10, radius: float = 5.0, margin: int = 12) -> float:
+    """Median over the ``count`` brightest stars of the result's aperture flux over the truth's."""
+    h, w = img.shape
+    sky = float(np.median(sc.sky))
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = np.all((sc.stars_yx >= margin) & (sc.stars_yx < np.array([h, w]) - margin), axis=1)
+    ratios = []
+    for k in np.argsort(-np.where(inside, sc.star_flux, -np.inf))[:count]:
+        ap = np.hypot(yy - sc.stars_yx[k, 0], xx - sc.stars_yx[k, 1]) <= radius
+        ratios.append(float((img[ap] - sky).sum() / (truth[ap] - sky).sum()))
+    return float(np.median(ratios))
+
+
 def scene_row(kind: str, psfmode: str, seed: int, oracle: bool = False) -> dict:
     make = scenes.crowded_field if kind == "crowded" else scenes.deep_field
     sc = make(8, SHAPE, cosmic_rays=0, seed=seed)
@@ -110,6 +124,7 @@ def scene_row(kind: str, psfmode: str, seed: int, oracle: bool = False) -> dict:
         perfect = float(np.where(hits.any(axis=0), np.abs(ro.image[0] - xc) / local, 0.0).max())
     return dict(perfect=perfect, loud=int(loud.sum()), kept=int(kept.sum()),
                 kept_max=float(own[kept].max()) if kept.any() else 0.0, rmse=rmse(xc, truth, mean), rmse_none=rmse(xn, truth, mean),
+                flux=star_flux(xc, truth, sc),
                 rejected=float(np.mean(rc.rejected)), cr_local=float(imp.max()),
                 at=tuple(int(v) for v in np.unravel_index(np.argmax(imp), imp.shape)),
                 iters=rc.iterations)
@@ -126,9 +141,10 @@ def main(argv=None) -> int:
     set_variants(a.variant)
     print(f"variant {a.variant}")
     print("| scene | PSFs | seed | iters | RMSE default | RMSE none | default / none | "
-          "rejected clean | worst CR σ_local (at) | hit px > 5σ: kept / all (worst kept σ) |"
+          "rejected clean | worst CR σ_local (at) | hit px > 5σ: kept / all (worst kept σ) | "
+          "bright stars' flux / truth |"
           + (" perfect rejection |" if a.oracle else ""))
-    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if a.oracle else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if a.oracle else ""))
     for seed in a.seeds:
         for kind in a.kinds:
             for psfmode in a.psf:
@@ -136,7 +152,7 @@ def main(argv=None) -> int:
                 print(f"| {kind} | {psfmode} | {seed} | {q['iters']} | {q['rmse']:.4f} | "
                       f"{q['rmse_none']:.4f} | {q['rmse'] / q['rmse_none']:.3f} | "
                       f"{q['rejected']:.1e} | {q['cr_local']:.1f} {q['at']} | "
-                      f"{q['kept']} / {q['loud']} ({q['kept_max']:.1f}) |"
+                      f"{q['kept']} / {q['loud']} ({q['kept_max']:.1f}) | {q['flux']:.3f} |"
                       + (f" {q['perfect']:.1f} |" if a.oracle else ""), flush=True)
     return 0
 

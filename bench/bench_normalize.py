@@ -1,6 +1,6 @@
 """Issue 10: the photometric normalisation's transparency on crowded and deep fields.
 
-``python -m bench.bench_normalize [--seeds 3 4 5] [--time-shape 2048]``
+``python -m bench.bench_normalize [--seeds 3 4 5] [--time-shape 2048] [--variant m.attr=v]``
 
 tests/scenes.py's crowded field and galaxy-rich deep field, 8 frames of 160²
 (FWHM 2.6–5.0 px), with all transparencies 1 and with 1 / 0.7 / 0.4 / 0.9 /
@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from bench.bench_breakit import READ, SHAPE, add_cosmic_rays
+from bench.cr_stacks import set_variants
 from mfnumba import normalize
 from mfnumba.io.tiles import ArrayReader
 from mfnumba.psf import measure_fwhm, moffat_psf
@@ -86,10 +87,13 @@ def timing(side: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="*", default=[3, 4, 5])
-    ap.add_argument("--time-shape", type=int, default=2048)
+    ap.add_argument("--time-shape", type=int, default=2048, help="0: no timing")
+    ap.add_argument("--variant", nargs="*", default=[], help="module.attr=value (experiments)")
     a = ap.parse_args(argv)
+    set_variants(a.variant)
     accuracy(a.seeds)
-    timing(a.time_shape)
+    if a.time_shape:
+        timing(a.time_shape)
     return 0
 
 

@@ -41,7 +41,7 @@ def _others(segmap, seg_id: int, box, grow: int) -> np.ndarray:
 
 
 def cut_stamps(sub: np.ndarray, bad, yx: np.ndarray, radius: int, *, segmap=None, ids=None,
-               grow: int = 0, core: float | None = None):
+               grow: int = 0, core: float | None = None, sky: tuple[int, int] | None = None):
     """Integer-centred stamps of side ``2 radius + 1``, normalised, neighbours NaN.
 
     Returns the stamps, each star's sub-pixel phase ``(dy, dx)`` (centre
@@ -60,7 +60,7 @@ def cut_stamps(sub: np.ndarray, bad, yx: np.ndarray, radius: int, *, segmap=None
     bad pixel inside it, or with no positive flux are skipped.
     """
     h, w = sub.shape
-    a_in, a_out = radius + 3, radius + 8
+    a_in, a_out = (radius + 3, radius + 8) if sky is None else sky
     oy, ox = np.mgrid[-a_out:a_out + 1, -a_out:a_out + 1]
     ring_r = np.hypot(oy, ox)
     ring_sel = (ring_r >= a_in) & (ring_r <= a_out)

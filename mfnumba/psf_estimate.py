@@ -5,7 +5,9 @@ stellar locus (:mod:`mfnumba._psf_stars`: bright, unsaturated detections
 whose size sits on the tight, flux-independent sequence of smallest size,
 so neither galaxies nor cosmic rays are taken for stars); integer-centred
 stamps of the isolated ones (fainter neighbours masked) are combined
-robustly into an empirical PSF centred at sub-pixel phase 0. With too few
+robustly into an empirical PSF centred at sub-pixel phase 0, and its faint
+wing beyond the stamp is measured from the same stars' azimuthal profile
+(:mod:`mfnumba._psf_wings`; a low-β wing holds 5–13 % of the light). With too few
 good stars the PSF is a Moffat fitted to the stars there are, else a Moffat
 of a given FWHM. A whole stack's PSFs, checked against each other, come
 from :mod:`mfnumba.psf_frames`. Coordinates are (y, x) with the centre of
@@ -24,6 +26,7 @@ import numpy as np
 from ._locus import MIN_FWHM   # px; a sharper "PSF" is made of cosmic rays or hot pixels
 from ._psf_stamps import combine_stamps, cut_stamps, finish_psf
 from ._psf_stars import Stars, find_stars, stamp_radius
+from ._psf_wings import join_wing, measure_wing, sky_radii
 from ._sep import sep_image, subtracted
 from .errors import InputFileError, OptionError, ShapeError
 from .psf import measure_fwhm, moffat_psf, psf_size_for_fwhm
@@ -34,6 +37,7 @@ MIN_STARS = 5              # fewer good stars: a fitted Moffat instead of an emp
 PLATEAU_TOLERANCE = 0.02   # pixels within 2 % of the frame maximum ...
 PLATEAU_PIXELS = 5         # ... this many of them: a clipped plateau
 FALLBACK_BETA = 4.765      # Moffat β of Kolmogorov seeing
+WINGS = True               # measure the wing beyond the stamp (mfnumba._psf_wings)
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,9 @@ def _from_stars(sub, bad, stars: Stars, size: int | None, name: str):
         return None, f"no isolated star among the {stars.locus.n} point source(s)"
     masks = dict(segmap=stars.segmap, ids=stars.ids, grow=int(math.ceil(0.5 * stars.fwhm_guess)),
                  core=max(2.0, 1.5 * stars.fwhm_guess))
+    wings = WINGS and size is None and stars.segmap is not None
+    if wings:
+        masks["sky"] = sky_radii(stars.fwhm_guess)
 
     def cut(r):
         return cut_stamps(sub, bad, stars.yx, r, **masks)
@@ -168,6 +175,13 @@ def _from_stars(sub, bad, stars: Stars, size: int | None, name: str):
         if len(wide[0]) >= MIN_STARS:
             n = len(wide[0])
             psf = combine_stamps(*wide)
+    if wings:
+        r_join = float(min(final // 2, psf.shape[0] // 2))
+        r, level = measure_wing(sub, bad, stars.yx, stars.segmap, stars.ids, stars.fwhm_guess,
+                                masks["core"], r_join, masks["grow"])
+        if len(r) and r[-1] > r_join:
+            psf = join_wing(psf, r, level, r_join)
+            final = max(final, psf.shape[0])
     psf = finish_psf(psf, final, name)
     fwhm = measure_fwhm(psf)
     return PSFEstimate(psf, fwhm, "empirical", n, f"empirical from {n} stars, FWHM {fwhm:.2f} px",
@@ -247,7 +261,9 @@ def estimate_psf(image: np.ndarray, *, header=None, name: str = "frame",
     fallback_fwhm : float, optional
         FWHM (px) of a Moffat used when the frame has no usable star.
     size : int, optional
-        Odd kernel size; default ``psf_size_for_fwhm`` of the measured FWHM.
+        Odd kernel size; default ``psf_size_for_fwhm`` of the measured FWHM,
+        grown to hold the measured wing (up to 4 FWHM, until under 0.1 % of
+        the light is left outside). A given size is not grown.
     max_stars : int
         Use at most this many of the brightest good stars.
 
