@@ -133,12 +133,9 @@ def _from_stars(sub, bad, stars: Stars, size: int | None, name: str):
         return None, f"no isolated star among the {stars.locus.n} point source(s)"
     masks = dict(segmap=stars.segmap, ids=stars.ids, grow=int(math.ceil(0.5 * stars.fwhm_guess)),
                  core=max(2.0, 1.5 * stars.fwhm_guess))
-    wings = WINGS and size is None and stars.segmap is not None
-    if wings:
-        masks["sky"] = sky_radii(stars.fwhm_guess)
 
-    def cut(r):
-        return cut_stamps(sub, bad, stars.yx, r, **masks)
+    def cut(r, **kw):
+        return cut_stamps(sub, bad, stars.yx, r, **masks, **kw)
 
     radius = stamp_radius(stars.fwhm_guess, size)
     stamps, phases, noise = cut(radius)
@@ -175,12 +172,17 @@ def _from_stars(sub, bad, stars: Stars, size: int | None, name: str):
         if len(wide[0]) >= MIN_STARS:
             n = len(wide[0])
             psf = combine_stamps(*wide)
-    if wings:
-        r_join = float(min(final // 2, psf.shape[0] // 2))
+    if WINGS and size is None and stars.segmap is not None:
+        half = psf.shape[0] // 2
+        r_join = float(min(final // 2, half))
         r, level = measure_wing(sub, bad, stars.yx, stars.segmap, stars.ids, stars.fwhm_guess,
                                 masks["core"], r_join, masks["grow"])
-        if len(r) and r[-1] > r_join:
-            psf = join_wing(psf, r, level, r_join)
+        # With a wing, the stamps take their sky from the wing's ring too (their own
+        # ring lies on the wing); without one they stay as they are.
+        again = cut(half, sky=sky_radii(stars.fwhm_guess)) if len(r) and r[-1] > r_join else None
+        if again is not None and len(again[0]) >= MIN_STARS:
+            n = len(again[0])
+            psf = join_wing(combine_stamps(*again), r, level, r_join)
             final = max(final, psf.shape[0])
     psf = finish_psf(psf, final, name)
     fwhm = measure_fwhm(psf)
