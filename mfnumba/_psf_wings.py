@@ -42,6 +42,36 @@ def sky_radii(fwhm: float) -> tuple[int, int]:
     return r_in, r_in + SKY_WIDTH
 
 
+def core_shape(psf: np.ndarray, core: float) -> np.ndarray:
+    """The inverse of the core's second-moment matrix, scaled to determinant 1.
+
+    ρ² = d·S·d is then an elliptical radius with the core's axis ratio and
+    the area of a circle of radius ρ: the wing is binned and joined along it,
+    so an elongated core (tracking, an undersampled ellipse) keeps its shape
+    past the join. The identity when the moments are not those of a blob.
+    """
+    h = psf.shape[0] // 2
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1].astype(np.float64)
+    p = np.where(np.hypot(yy, xx) <= core, np.maximum(np.nan_to_num(psf), 0.0), 0.0)
+    tot = p.sum()
+    if not tot > 0:
+        return np.eye(2)
+    cy, cx = (p * yy).sum() / tot, (p * xx).sum() / tot
+    dy, dx = yy - cy, xx - cx
+    m = np.array([[(p * dy * dy).sum(), (p * dy * dx).sum()],
+                  [(p * dy * dx).sum(), (p * dx * dx).sum()]]) / tot
+    det = float(np.linalg.det(m))
+    if not det > 0 or not np.all(np.isfinite(m)):
+        return np.eye(2)
+    inv = np.linalg.inv(m / math.sqrt(det))
+    return inv if np.all(np.linalg.eigvalsh(inv) > 0) else np.eye(2)
+
+
+def _rho(dy, dx, shape: np.ndarray):
+    return np.sqrt(np.maximum(shape[0, 0] * dy * dy + 2.0 * shape[0, 1] * dy * dx
+                              + shape[1, 1] * dx * dx, 0.0))
+
+
 def bin_edges(fwhm: float, start: float) -> np.ndarray:
     """Radial bin edges from ``start``: 1 px, widening to ``GROWTH`` of the radius,
     past ``WING_EXTENT × fwhm``; the last bin runs up to the sky ring."""
@@ -53,7 +83,7 @@ def bin_edges(fwhm: float, start: float) -> np.ndarray:
     return np.append(edges[edges < sky_in - BIN], sky_in)   # a wide bin may overshoot it
 
 
-def _star_profile(sub, bad, segmap, seg_id, grow, yc, xc, r_out, core, edges):
+def _star_profile(sub, bad, segmap, seg_id, grow, yc, xc, r_out, core, edges, shape):
     """One star's binned radial profile (per pixel) over its core flux, or None.
 
     The box may run off the frame; what lies outside, bad pixels and other
@@ -70,7 +100,7 @@ def _star_profile(sub, bad, segmap, seg_id, grow, yc, xc, r_out, core, edges):
     if bad is not None:
         ok &= ~bad[y0:y1, x0:x1]
     oy, ox = np.mgrid[y0 - iy:y1 - iy, x0 - ix:x1 - ix]
-    r = np.hypot(oy + iy - yc, ox + ix - xc)
+    r = _rho(oy + iy - yc, ox + ix - xc, shape)
     img = sub[y0:y1, x0:x1].astype(np.float64)
     ring = ok & (r >= edges[-1]) & (r <= r_out)
     if ring.sum() < MIN_RING:
@@ -92,7 +122,7 @@ def _star_profile(sub, bad, segmap, seg_id, grow, yc, xc, r_out, core, edges):
 
 
 def measure_wing(sub, bad, yx, segmap, ids, fwhm: float, core: float, r_join: float,
-                 grow: int):
+                 grow: int, shape: np.ndarray | None = None):
     """Radii (px) and the wing's per-pixel level there, per unit of core flux.
 
     ``yx`` are the stars (brightest first) with their labels ``ids`` in
@@ -111,9 +141,10 @@ def measure_wing(sub, bad, yx, segmap, ids, fwhm: float, core: float, r_join: fl
     if len(edges) < 3:
         return np.zeros(0), np.zeros(0)
     sky_out = sky_radii(fwhm)[1]
+    shape = np.eye(2) if shape is None else shape
     profiles = [p[:-1] for k, (yc, xc) in enumerate(yx[:WING_STARS])
                 if (p := _star_profile(sub, bad, segmap, int(ids[k]), grow, yc, xc, sky_out,
-                                       core, edges)) is not None]
+                                       core, edges, shape)) is not None]
     if len(profiles) < MIN_PROFILES:
         return np.zeros(0), np.zeros(0)
     prof = np.asarray(profiles)
@@ -136,7 +167,8 @@ def measure_wing(sub, bad, yx, segmap, ids, fwhm: float, core: float, r_join: fl
     return np.append(r, more), np.append(level, level[-1] * (more / r[-1]) ** slope)
 
 
-def join_wing(psf: np.ndarray, r: np.ndarray, level: np.ndarray, r_join: float):
+def join_wing(psf: np.ndarray, r: np.ndarray, level: np.ndarray, r_join: float,
+              shape: np.ndarray | None = None):
     """The stamp's core inside ``r_join``, the circular wing beyond it, on a larger grid.
 
     ``psf`` is the combined stamp (normalised per core flux, centred).
@@ -149,7 +181,7 @@ def join_wing(psf: np.ndarray, r: np.ndarray, level: np.ndarray, r_join: float):
     new_half = max(half, int(math.ceil(r[-1])))
     out = np.pad(psf, new_half - half)
     yy, xx = np.mgrid[-new_half:new_half + 1, -new_half:new_half + 1]
-    rr = np.hypot(yy, xx)
+    rr = np.hypot(yy, xx) if shape is None else _rho(yy, xx, shape)
     wing = np.exp(np.interp(rr, r, np.log(level), left=np.log(level[0]), right=-np.inf))
     wing[rr > r[-1]] = 0.0
     t = np.clip((rr - (r_join - 2.0)) / 2.0, 0.0, 1.0)

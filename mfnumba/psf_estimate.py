@@ -26,7 +26,7 @@ import numpy as np
 from ._locus import MIN_FWHM   # px; a sharper "PSF" is made of cosmic rays or hot pixels
 from ._psf_stamps import combine_stamps, cut_stamps, finish_psf
 from ._psf_stars import Stars, find_stars, stamp_radius
-from ._psf_wings import join_wing, measure_wing, sky_radii
+from ._psf_wings import core_shape, join_wing, measure_wing, sky_radii
 from ._sep import sep_image, subtracted
 from .errors import InputFileError, OptionError, ShapeError
 from .psf import measure_fwhm, moffat_psf, psf_size_for_fwhm
@@ -175,14 +175,15 @@ def _from_stars(sub, bad, stars: Stars, size: int | None, name: str):
     if WINGS and size is None and stars.segmap is not None:
         half = psf.shape[0] // 2
         r_join = float(min(final // 2, half))
+        shape = core_shape(psf, masks["core"])     # the wing is binned and joined along it
         r, level = measure_wing(sub, bad, stars.yx, stars.segmap, stars.ids, stars.fwhm_guess,
-                                masks["core"], r_join, masks["grow"])
+                                masks["core"], r_join, masks["grow"], shape)
         # With a wing, the stamps take their sky from the wing's ring too (their own
         # ring lies on the wing); without one they stay as they are.
         again = cut(half, sky=sky_radii(stars.fwhm_guess)) if len(r) and r[-1] > r_join else None
         if again is not None and len(again[0]) >= MIN_STARS:
             n = len(again[0])
-            psf = join_wing(combine_stamps(*again), r, level, r_join)
+            psf = join_wing(combine_stamps(*again), r, level, r_join, shape)
             final = max(final, psf.shape[0])
     psf = finish_psf(psf, final, name)
     fwhm = measure_fwhm(psf)
