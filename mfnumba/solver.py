@@ -54,13 +54,6 @@ _SAMPLES = 1 << 14  # residual / update samples per frame (~1 % precision on a m
 _MAD = 1.482602218505602
 RELAX_FROM = 10  # an over-relaxation (Options.relax > 1) from here on: the rejection settles first
 SCALE_SETTLED = 10.0  # χ² flat counts while the scale falls by < this × tol_chi per iteration
-# Above this χ² the model does not fit to the noise yet (PSFs that are off, structure
-# still unresolved; the simulations settle at 0.99-1.04), and χ² must flatten to
-# MISFIT_TOL × tol_chi: on the twelve break-it scenes the error at the stop went from
-# 1.20 to 1.12 × the lowest of 100 iterations (worst 2.09 -> 1.26), the simulations'
-# stops unchanged (bench/RESULTS.md, issue 10)
-MISFIT_CHI2 = 1.08
-MISFIT_TOL = 0.1
 
 
 class Solver(TilePass, DeviceGuard):
@@ -395,9 +388,8 @@ class Solver(TilePass, DeviceGuard):
         # χ² is in units of the residuals' robust scale, which shrinks as the fit improves:
         # while it still falls fast, a flat χ² is the unit moving with the fit (bright
         # extended emission: χ² flat for iterations 2-4 while the scale fell 3 % each)
-        tol = o.tol_chi * (MISFIT_TOL if chi2 > MISFIT_CHI2 else 1.0)
-        flat = (np.isfinite(prev) and (prev - chi2) < tol * prev
-                and fall < SCALE_SETTLED * tol)
+        flat = (np.isfinite(prev) and (prev - chi2) < o.tol_chi * prev
+                and fall < SCALE_SETTLED * o.tol_chi)
         self._chi_calm = self._chi_calm + 1 if flat else 0
         return rec
 
@@ -461,8 +453,7 @@ class Solver(TilePass, DeviceGuard):
     def converged(self) -> bool:
         """Past min_iters: χ² no longer falling by ``tol_chi`` of itself, and its
         unit (the residuals' robust scale) by ``SCALE_SETTLED`` × that, for 2
-        consecutive iterations ("chi2"; while χ² > ``MISFIT_CHI2``, by
-        ``MISFIT_TOL`` × ``tol_chi``); with ``tol_chi = 0``, both EMAs under
+        consecutive iterations ("chi2"); with ``tol_chi = 0``, both EMAs under
         tolerance for 2 ("settled", the published rule)."""
         if not self.opt.early_stop or self.iteration < self.opt.min_iters:
             return False

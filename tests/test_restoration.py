@@ -239,26 +239,3 @@ def test_over_relaxation_waits_for_the_rejection_and_keeps_the_image_positive(st
     b = deconvolve(sim.frames, list(sim.psfs), options=Options(relax=1.0, **late)).image
     assert np.all(np.isfinite(a)) and float(a.min()) >= 0.0
     assert not np.allclose(a, b)
-
-
-def test_early_stop_waits_longer_where_the_model_does_not_fit_to_the_noise(monkeypatch):
-    """PSFs that are off (each frame's true profile, without its ellipticity) on a deep
-    field: χ² stays above MISFIT_CHI2 and flattens slowly while the error still falls.
-    Seen: 43 -> 60 iterations, RMSE 0.111 -> 0.097 of the mean stack's."""
-    from scipy.ndimage import gaussian_filter
-
-    from mfnumba import solver
-    from tests import scenes
-
-    shape = (96, 96)
-    sc = scenes.deep_field(6, shape, cosmic_rays=0, seed=5)
-    frames, psfs = sc.frames.astype(np.float32), scenes.round_psfs(sc)
-    truth = scenes.star_truth(sc, shape) + gaussian_filter(
-        3.0 * scenes.hdf_sky(shape, seed=5), 1.5 / 2.3548, mode="nearest", truncate=5.0)
-    mean = frames.mean(axis=0)
-    res = deconvolve(frames, psfs, options=Options())
-    assert res.stop_reason == "chi2" and res.iterations < 100
-    monkeypatch.setattr(solver, "MISFIT_TOL", 1.0)
-    old = deconvolve(frames, psfs, options=Options())
-    assert old.iterations < res.iterations
-    assert rmse_ratio(res.image[0], truth, mean) < 0.93 * rmse_ratio(old.image[0], truth, mean)
