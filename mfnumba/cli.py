@@ -202,7 +202,8 @@ def deconv(
                                          "sigma, integrated over the pixels (px; 0: to infinite "
                                          "resolution).", "0.637"),
     tol_chi: Optional[float] = _opt("Early stop when the fit's chi2 improves by less than this "
-                                    "per iteration, and its noise scale by less than 10x that "
+                                    "per iteration, and its noise scale by less than 10x that; "
+                                    "a tenth of it where all frames misfit "
                                     "(0: the update-settled rule).", "5e-4"),
     save_rejection: Optional[Path] = _opt("Write each frame's rejection map into this folder.",
                                           "none"),
