@@ -60,9 +60,9 @@ SCALE_SETTLED = 10.0  # χ² flat counts while the scale falls by < this × tol_
 # flatten to MISFIT_TOL × tol_chi. Shared means the consensus level (each pixel's mean z²
 # with its largest frame left out, so one frame's outliers do not count) above MISFIT ×
 # what pure noise gives: the break-it scenes' error at the stop 1.25 -> 1.11 × the lowest
-# of 100 iterations, the stops of 14 simulations with and without outliers unchanged
-# (their level 0.98-1.09 × noise; χ² itself, outliers and all, had been taken for misfit:
-# bench/RESULTS.md, issue 10)
+# of 100 iterations, the stops of 15 simulations with and without outliers unchanged
+# (their level 0.98-1.09 × noise). A rule on χ² itself took outliers for misfit
+# (bench/RESULTS.md, issue 10).
 MISFIT = 1.10
 MISFIT_TOL = 0.1
 
