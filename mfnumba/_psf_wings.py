@@ -10,9 +10,11 @@ profiles, each normalised as its stamp is (flux inside the core radius),
 are combined by their median. The profile is used out to the last radius
 where it is still significantly positive and falling, then extrapolated
 as a power law; the stamp keeps the core inside :func:`join_wing`'s join
-radius. The sky of both is the median
-of a ring beyond the farthest radius measured, where even a low-β wing has
-faded (the stamps' own ring, 3–8 px past the stamp, sits on it).
+radius. The profile's sky is the median of a ring beyond the farthest
+radius measured, where even a low-β wing has faded; when a wing is joined,
+the stamps are cut again with that ring too (their own ring, 3–8 px past
+the stamp, sits on the wing). Bins and the join follow the core's
+elliptical radius (:func:`core_shape`).
 """
 
 from __future__ import annotations
