@@ -31,7 +31,7 @@ def _nanmedian(a: np.ndarray, axis: int) -> np.ndarray:
         return np.nanmedian(a, axis=axis)
 
 
-def _others(segmap, seg_id: int, box, grow: int) -> np.ndarray:
+def other_sources(segmap, seg_id: int, box, grow: int) -> np.ndarray:
     """Pixels of other detections in ``box``, grown by ``grow`` px (4-connected steps)."""
     seg = segmap[box]
     other = (seg != 0) & (seg != seg_id)
@@ -85,8 +85,8 @@ def cut_stamps(sub: np.ndarray, bad, yx: np.ndarray, radius: int, *, segmap=None
             sel = sel & ~bad[y0:y1, x0:x1]
         others = None
         if segmap is not None:
-            sel = sel & ~_others(segmap, 0, (slice(y0, y1), slice(x0, x1)), grow)
-            others = _others(segmap, int(ids[k]), box, grow)
+            sel = sel & ~other_sources(segmap, 0, (slice(y0, y1), slice(x0, x1)), grow)
+            others = other_sources(segmap, int(ids[k]), box, grow)
             if (others & in_core).any():
                 continue
         ring = sub[y0:y1, x0:x1][sel].astype(np.float64)

@@ -23,7 +23,8 @@ import math
 import warnings
 
 import numpy as np
-from scipy import ndimage
+
+from ._psf_stamps import other_sources
 
 WING_EXTENT = 4.0      # × FWHM: how far out the wing is measured
 WING_SNR = 2.0         # the profile is used while it is this many σ above zero
@@ -35,7 +36,6 @@ MIN_RING = 20          # sky pixels a star needs
 MIN_PROFILES = 3       # stars with a profile the wing needs
 WING_TAIL = 1e-3       # the kernel is cut where this fraction of the light is left outside
 MAX_SLOPE = -5.0       # the extrapolated wing falls at least as r^-5 (Moffat β = 2.5)
-_GROW = ndimage.generate_binary_structure(2, 1)
 
 
 def sky_radii(fwhm: float) -> tuple[int, int]:
@@ -89,28 +89,27 @@ def _star_profile(sub, bad, segmap, seg_id, grow, yc, xc, r_out, core, edges, sh
     """One star's binned radial profile (per pixel) over its core flux, or None.
 
     The box may run off the frame; what lies outside, bad pixels and other
-    detections (grown by ``grow``) are left out.
+    detections (grown by ``grow``, as the stamps' :func:`other_sources`) are left out.
     """
     h, w = sub.shape
     iy, ix = int(round(yc)), int(round(xc))
+    if min(iy, ix, h - 1 - iy, w - 1 - ix) < core:     # the core must lie in the frame
+        return None
     y0, y1 = max(iy - r_out, 0), min(iy + r_out + 1, h)
     x0, x1 = max(ix - r_out, 0), min(ix + r_out + 1, w)
-    seg = segmap[y0:y1, x0:x1]
-    ok = (seg == 0) | (seg == seg_id)
-    if grow and not ok.all():
-        ok = ~ndimage.binary_dilation(~ok, structure=_GROW, iterations=int(grow))
+    ok = ~other_sources(segmap, seg_id, (slice(y0, y1), slice(x0, x1)), grow)
     if bad is not None:
         ok &= ~bad[y0:y1, x0:x1]
     oy, ox = np.mgrid[y0 - iy:y1 - iy, x0 - ix:x1 - ix]
+    in_core = np.hypot(oy, ox) <= core        # the stamps' core: about the integer centre
+    if not ok[in_core].all():
+        return None
     r = _rho(oy + iy - yc, ox + ix - xc, shape)
     img = sub[y0:y1, x0:x1].astype(np.float64)
     ring = ok & (r >= edges[-1]) & (r <= r_out)
     if ring.sum() < MIN_RING:
         return None
     img = img - float(np.median(img[ring]))
-    in_core = np.hypot(oy, ox) <= core        # the stamps' core: about the integer centre
-    if min(iy, ix, h - 1 - iy, w - 1 - ix) < core or not ok[in_core].all():
-        return None
     flux = float(img[in_core].sum())
     if not flux > 0:
         return None
@@ -171,9 +170,10 @@ def measure_wing(sub, bad, yx, segmap, ids, fwhm: float, core: float, r_join: fl
 
 def join_wing(psf: np.ndarray, r: np.ndarray, level: np.ndarray, r_join: float,
               shape: np.ndarray | None = None):
-    """The stamp's core inside ``r_join``, the circular wing beyond it, on a larger grid.
+    """The stamp's core inside ``r_join``, the wing beyond it, on a larger grid.
 
-    ``psf`` is the combined stamp (normalised per core flux, centred).
+    ``psf`` is the combined stamp (normalised per core flux, centred);
+    radii are elliptical along ``shape`` (:func:`core_shape`; None: circles).
     The wing is interpolated in log between the bin centres and blended
     into the stamp over the 2 px inside ``r_join``. The result is as wide
     as the stamp, or as wide as it takes to leave under ``WING_TAIL`` of
@@ -183,7 +183,7 @@ def join_wing(psf: np.ndarray, r: np.ndarray, level: np.ndarray, r_join: float,
     new_half = max(half, int(math.ceil(r[-1])))
     out = np.pad(psf, new_half - half)
     yy, xx = np.mgrid[-new_half:new_half + 1, -new_half:new_half + 1]
-    rr = np.hypot(yy, xx) if shape is None else _rho(yy, xx, shape)
+    rr = _rho(yy, xx, np.eye(2) if shape is None else shape)
     wing = np.exp(np.interp(rr, r, np.log(level), left=np.log(level[0]), right=-np.inf))
     wing[rr > r[-1]] = 0.0
     t = np.clip((rr - (r_join - 2.0)) / 2.0, 0.0, 1.0)

@@ -419,9 +419,12 @@ class Solver(TilePass, DeviceGuard):
         # χ² is in units of the residuals' robust scale, which shrinks as the fit improves:
         # while it still falls fast, a flat χ² is the unit moving with the fit (bright
         # extended emission: χ² flat for iterations 2-4 while the scale fell 3 % each)
-        tol = o.tol_chi * (MISFIT_TOL if self._shared_misfit() > MISFIT else 1.0)
-        flat = (np.isfinite(prev) and (prev - chi2) < tol * prev
-                and fall < SCALE_SETTLED * tol)
+        def flat_at(tol):
+            return np.isfinite(prev) and (prev - chi2) < tol * prev and fall < SCALE_SETTLED * tol
+
+        flat = flat_at(o.tol_chi)
+        if flat and self._shared_misfit() > MISFIT:  # the map is read only when it can matter
+            flat = flat_at(MISFIT_TOL * o.tol_chi)
         self._chi_calm = self._chi_calm + 1 if flat else 0
         return rec
 
