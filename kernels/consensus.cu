@@ -4,7 +4,7 @@
 //     w = 0 where z² > L² or (near[k] & 1 and z² > lo²L²): the plane's own outlier nearby,
 //     or (sharp2 > 0, with a consensus) where a kept z² > zt²·max(1, sharp2·m²) above the
 //     model is sharper than the PSF (mf_sharp_reject, over the 8 neighbours inside the
-//     window); below the model (y < ŷ) the limits are neg times higher
+//     window that have data, at least 3); below the model (y < ŷ) the limits are neg times higher
 //   hits[k] = rejected so (0 without a consensus), for the next pass's near
 //   acc[0, c] += Σ_k z²,  acc[1, c] = max(acc[1, c], max_k z²),  acc[2, c] += #(y NaN),
 //   acc[3, c] = the second largest of acc[1, c], acc[3, c] and the planes' z²
@@ -70,18 +70,25 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
                                             has_mask != 0, m, &a0, &a1, &z2, &hit, neg2);
                 float ms = sharp2 * m2;  // a candidate: above the model, past the test's limit
                 float lims = zt2 * (ms > 1.0f ? ms : 1.0f);
-                if (sharp_on && state == MF_C_KEPT && v - e > 0.0f && z2 > lims && i >= 1 &&
-                    i <= h - 2 && j >= 1 && j <= w - 2) {
-                    float nb = 0.0f;  // the neighbours' residuals, in the CPU kernel's order
+                if (sharp_on && state == MF_C_KEPT && v - e > 0.0f && z2 > lims) {
+                    float nb = 0.0f;  // the neighbours with data in the window, CPU order
+                    int cnt = 0;
                     for (mf_i64 di = -1; di <= 1; ++di)
-                        for (mf_i64 dj = -1; dj <= 1; ++dj)
-                            if (di != 0 || dj != 0)
-                                nb = nb + (y[k * y_sp + (i + di) * y_sr + j + dj] -
-                                           yhat[k * e_sp + (i + di + p) * e_sr + j + dj + p]);
+                        for (mf_i64 dj = -1; dj <= 1; ++dj) {
+                            mf_i64 ii = i + di, jj = j + dj;
+                            if ((di != 0 || dj != 0) && ii >= 0 && ii < h && jj >= 0 && jj < w) {
+                                float a = y[k * y_sp + ii * y_sr + jj] -
+                                          yhat[k * e_sp + (ii + p) * e_sr + jj + p];
+                                if (mf_isfinite(a)) {
+                                    nb = nb + a;
+                                    cnt += 1;
+                                }
+                            }
+                        }
                     float ve = vmode == MF_V_CONST ? 1.0f
                              : (vmode == MF_V_POISSON ? mf_maxf(e, (float)floor) : varv);
                     float wt = vmode == MF_V_CONST ? prm[k] : prm[k] / ve;
-                    if (mf_sharp_reject(v - e, nb, wt, prm[2 * P + k], zt2, sharp2, m2)) {
+                    if (mf_sharp_reject(v - e, nb, cnt, wt, prm[2 * P + k], zt2, sharp2, m2)) {
                         a0 = 0.0f;
                         a1 = 0.0f;
                         hit = true;

@@ -211,13 +211,16 @@ MF_HD int mf_consensus_weight(float v, float e, float inv, float ds, float u2, i
 
 // The sharpness test of a kept pixel with z² > zt² above the model (the
 // consensus kernel's candidates, CPU: _sharp_row): rejected where the
-// residual a stands out of its 8 neighbours' residual sum nb by d = a − nb/8,
-// d > 0 and d²·wt·unit⁻² > zt² · max(1, sharp2 · m²). A model error is smooth
-// over the PSF, a cosmic ray is not. NaN in nb (a neighbour without data) or
-// m²: kept. In the CPU kernel's float32 order.
-MF_HD bool mf_sharp_reject(float a, float nb, float wt, float u2, float zt2, float sharp2,
-                           float m2) {
-    float d = a - nb * 0.125f;
+// residual a stands out of its cnt neighbours' residual sum nb (the 8 around
+// it that lie in the window and have data) by d = a − nb/cnt, d > 0 and
+// d²·wt·unit⁻² > zt² · max(1, sharp2 · m²). A model error is smooth over the
+// PSF, a cosmic ray is not. Fewer than MF_SHARP_MIN_NB neighbours, or m² NaN:
+// kept. In the CPU kernel's float32 order.
+#define MF_SHARP_MIN_NB 3
+MF_HD bool mf_sharp_reject(float a, float nb, int cnt, float wt, float u2, float zt2,
+                           float sharp2, float m2) {
+    if (cnt < MF_SHARP_MIN_NB) return false;
+    float d = a - nb / (float)cnt;
     float s2 = d * d * wt * u2;
     float ms = sharp2 * m2;
     float lim = zt2 * (ms > 1.0f ? ms : 1.0f);

@@ -28,7 +28,8 @@ imprint 9.2 -> 4.7σ; bench/RESULTS.md, issue 10).
 Where the PSFs are off, m is high at every star core in every frame, and a
 cosmic ray there stays under zt·max(1, m). The weights kernel then also
 tests a kept sample with z > zt above the model for sharpness: its residual's
-excess over the mean of its 8 neighbours' residuals, in the same units,
+excess over the mean of its neighbours' residuals (the 8 around it that
+have data, 3 at least: on a frame's edge too), in the same units,
 against zt·max(1, ``SHARP``·m). A model error is smooth over the PSF (its
 excess is a fraction of its z), a cosmic ray is not (the break-it scenes'
 worst core imprints 46 -> 30σ and 40 -> 16σ of the pixel's noise; bench/RESULTS.md).

@@ -210,10 +210,10 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
     0, and z > lo_frac · L) or y is NaN. Returns (w, rejected per plane,
     finite per plane, (Σz², max z², NaN count) per channel, hits: rejected
     so per plane, none without ``cons``). With ``cons`` and ``sharp`` > 0 a
-    pixel kept so far with y − ŷ > zt · max(1, sharp · m) · σ√V·unit, off the window's edge, is
-    rejected (and a hit) where d = (y − ŷ) − (the mean of its 8 neighbours'
-    y − ŷ) has d > 0 and d / (σ√V·unit) > zt · max(1, sharp · m). Where
-    y < ŷ the limits (L, lo_frac · L, and zt without ``cons``) are ``neg`` times higher.
+    pixel kept so far with y − ŷ > zt · max(1, sharp · m) · σ√V·unit is
+    rejected (and a hit) where d = (y − ŷ) − (the mean of y − ŷ over its 8
+    neighbours in the window with data, at least 3 of them) has d > 0 and
+    d / (σ√V·unit) > zt · max(1, sharp · m). Where y < ŷ the limits (L, lo_frac · L, and zt without ``cons``) are ``neg`` times higher.
     """
     P = y.shape[0]
     v = np.ones_like(y, dtype=np.float64) if var is None else var.astype(np.float64)
@@ -236,11 +236,17 @@ def consensus_weights(y, yhat, sigma, unit, *, zt=5.0, lo_frac=0.5, cons=None, v
         hits = finite & (z > lim)
         rej = hits | (finite & own & (z > lo_frac * lim))
         if sharp > 0:
-            a = y.astype(np.float64) - yhat  # NaN and ±Inf stay: such a d keeps the pixel
-            nb = sum(a[:, 1 + di:a.shape[1] - 1 + di, 1 + dj:a.shape[2] - 1 + dj]
+            a = y.astype(np.float64) - yhat
+            fa = np.isfinite(a)
+            ap = np.pad(np.where(fa, a, 0.0), ((0, 0), (1, 1), (1, 1)))
+            fp = np.pad(fa, ((0, 0), (1, 1), (1, 1)))
+            hh, ww = a.shape[1:]
+            nb = sum(ap[:, 1 + di:1 + di + hh, 1 + dj:1 + dj + ww]
                      for di in (-1, 0, 1) for dj in (-1, 0, 1) if di or dj)
-            d = np.full_like(a, np.nan)
-            d[:, 1:-1, 1:-1] = a[:, 1:-1, 1:-1] - nb / 8.0
+            cnt = sum(fp[:, 1 + di:1 + di + hh, 1 + dj:1 + dj + ww].astype(int)
+                      for di in (-1, 0, 1) for dj in (-1, 0, 1) if di or dj)
+            with np.errstate(invalid="ignore", divide="ignore"):  # fewer than 3: kept
+                d = np.where(cnt >= 3, a - nb / np.maximum(cnt, 1), np.nan)
             with np.errstate(invalid="ignore"):
                 mc = np.nan_to_num(m, nan=0.0)
                 cand = finite & ~rej & (a > 0) & (z > zt * np.maximum(1.0, sharp * mc))

@@ -318,6 +318,38 @@ def test_consensus_rejects_a_sharp_hit_on_a_core_whose_model_is_off(backend, rng
     assert got[0.5].sum() == 1  # the smooth misses of all frames are kept
 
 
+def test_sharpness_test_reaches_the_edges_and_nan_borders(backend, rng):
+    """A cosmic ray on a core whose model is off is sharp on the window's edge, in
+    its corner and beside a frame's NaN border too: its neighbours are those with
+    data (5, 3, what is left). With fewer than 3 it is kept. As the reference."""
+    be = backend
+    P, h, w, p = 5, 12, 14, 1
+    yh = np.full((P, h, w), 100.0, np.float32)
+    y = (yh + 0.2 * rng.standard_normal((P, h, w))).astype(np.float32)
+    y[:, :, 10:] = np.nan  # frame edge of a registered frame: NaN beyond column 9
+    y[4, 0, 0:2] = np.nan
+    y[4, 1, 0] = np.nan
+    want = {(0, 5, 0), (1, 0, 0), (2, 6, 9), (3, 11, 4), (4, 1, 1)}  # edge, corner, border
+    for k, i, j in want:  # (4, 1, 1): 5 of its neighbours have data
+        y[k, i, j] += 30.0
+    y[3, 0:2, 12:14] = [[100.0, 130.0], [100.0, np.nan]]  # a hit with 2 neighbours: kept
+    grid = np.zeros((P, h + 2 * p, w + 2 * p), np.float32)
+    grid[:, p:p + h, p:p + w] = yh
+    cons = np.full((1, 1, h, w), 64.0, np.float32)  # m = 8: the limit 40σ, over every hit
+    sigma, unit = np.ones(P), np.ones(P)
+    out, acc = be.zeros((2, P) + grid.shape[1:]), be.zeros((4, 1, h, w))
+    hits = np.full((P, h, w), 7, np.uint8)
+    rej, _ = be.consensus_weights(be.asarray(y), be.asarray(grid), out, acc, p=p,
+                                  noise=NoiseModel("mad", 0.0), sigma=sigma, unit=unit,
+                                  delta=np.full(P, 2.5), huber=False, cons=be.asarray(cons),
+                                  zt=5.0, lo_frac=0.5, channels=1, hits=hits, sharp=0.5)
+    *_, want_hits = ref.consensus_weights(y, yh.astype(np.float64), sigma, unit, cons=cons,
+                                          sharp=0.5)
+    np.testing.assert_array_equal(hits, want_hits)
+    assert set(zip(*np.nonzero(hits))) == want  # not (3, 0, 13)
+    np.testing.assert_array_equal(rej, [1, 1, 1, 1, 1])
+
+
 def test_consensus_limit_below_the_model_is_neg_times_higher(backend, rng):
     """A frame-specific outlier is light (a trail, a cosmic ray); a deficit in one
     frame is mostly its PSF that is off at a star. With neg = 2 a deficit between L

@@ -11,6 +11,8 @@ import numpy as np
 from numba import njit, prange
 
 _MAD_TO_SIGMA = 1.482602218505602
+# the sharpness test needs this many neighbours with data (a window's corner has 3)
+SHARP_MIN_NB = 3
 
 
 # Variance models (vmode): 0 constant, σ² = s²; 1 Poisson, σ² = s² max(ŷ, floor);
@@ -172,28 +174,26 @@ def _consensus_row(yr, er, vr, mr, c0, nr, hr, zr, s0, s1, s2, s3, o0, o1, vmode
 @njit(cache=True, error_model="numpy")
 def _sharp_row(y, yhat, i, p, vr, c0, hr, o0, o1, vmode, fl, inv, u2, zt2, sharp2):
     """Settle row i's candidates (hr = 2) of one plane: rejected (hr = 1, o0 = o1 = 0)
-    where the residual a stands out of its 8 neighbours' mean, d = a − Σ a_nb / 8,
+    where the residual a stands out of its neighbours' mean, d = a − Σ a_nb / n_nb,
     by d > 0 and d² / (σ² V unit²) > zt² · max(1, sharp2 · m²), else kept (hr = 0).
 
     A model error (a PSF that is off, a core not yet fitted) is smooth over
     the PSF, so its d is a fraction of its z; a cosmic ray's is not. Only a
     sample whose z itself is past that limit is a candidate (the usual row has
-    none: the test costs nothing there). Pixels
-    on the window's edge rows and columns and those with a neighbour
-    without data (d NaN) are kept. Returns the count rejected.
+    none: the test costs nothing there). The neighbours are the 8 around the
+    pixel that lie in the window and have data: on the window's edge 5, in a
+    corner 3, beside a frame's NaN border what is left. With fewer than
+    :data:`SHARP_MIN_NB` the pixel is kept. Returns the count rejected.
     """
     h, w = y.shape
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    eighth = np.float32(0.125)
+    big = np.float32(np.inf)
     n = 0
-    inner = (i >= 1) & (i <= h - 2)
     for j in range(w):
         if hr[j] != 2:
             continue
         hr[j] = 0
-        if not inner or j < 1 or j > w - 2:
-            continue
         e = yhat[i + p, j + p]
         ve = one
         if vmode == 1:
@@ -202,11 +202,19 @@ def _sharp_row(y, yhat, i, p, vr, c0, hr, o0, o1, vmode, fl, inv, u2, zt2, sharp
             ve = vr[j]
         wt = inv / ve if vmode != 0 else inv
         nb = zero
+        cnt = 0
         for di in range(-1, 2):
+            ii = i + di
             for dj in range(-1, 2):
-                if di != 0 or dj != 0:
-                    nb = nb + (y[i + di, j + dj] - yhat[i + di + p, j + dj + p])
-        d = (y[i, j] - e) - nb * eighth
+                jj = j + dj
+                if (di != 0 or dj != 0) and ii >= 0 and ii < h and jj >= 0 and jj < w:
+                    a = y[ii, jj] - yhat[ii + p, jj + p]
+                    if abs(a) < big:
+                        nb = nb + a
+                        cnt += 1
+        if cnt < SHARP_MIN_NB:
+            continue
+        d = (y[i, j] - e) - nb / np.float32(cnt)
         s2 = d * d * wt * u2
         ms = sharp2 * c0[j]
         lim = zt2 * (ms if ms > one else one)
@@ -428,7 +436,8 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
     limits are ``neg`` times higher (frame-specific outliers are light: one
     frame's PSF that is off is mostly a deficit at its stars' cores). With a
     consensus and ``sharp`` > 0 a kept pixel above the model with z > zt ·
-    max(1, sharp · m) is rejected too where it is sharper than the PSF: its excess over its 8 neighbours' mean stands above
+    max(1, sharp · m) is rejected too where it is sharper than the PSF: its
+    excess over its neighbours' mean stands above
     zt · max(1, sharp · m) (:func:`_sharp_row`; a cosmic ray on a star core
     whose PSF is off, where m is high in every frame). hits[k] = 1 where
     rejected so (z > L, or sharp; with a consensus, 0 without), for the next
