@@ -36,6 +36,8 @@ class DeviceGuard:
                     self._cache()
                 return fn()
             except DeviceOOM as exc:
+                self.keep_blocks = False  # the frames are sent each pass from now on
+                self._blocks = None
                 free = getattr(self.be, "free_memory", None)
                 if free is not None:
                     free()

@@ -303,13 +303,25 @@ class Solver(TilePass, DeviceGuard):
         self._last = None  # (tile frame shape) the buffers were last zeroed for
         self._cacc = be.zeros((4, C, t.h, t.w)) if self._consensus else None
         # a batch's own-outlier flags over the tile, read and written (host: the flags live there)
-        self._tflags = np.zeros((2, B * C, t.h, t.w), np.uint8) if self._consensus else None
+        self._tflags = None
+        if self._consensus:
+            self._tflags = be.host_empty((2, B * C, t.h, t.w), np.uint8)
+            self._tflags.fill(0)
+        self._blocks = None  # the frames' blocks kept on the device: decided at the next pass
+
+    def host_buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 host array a local pass writes into, allocated once (page-locked on
+        a GPU, so the device's results land in it at the bus's speed)."""
+        a = getattr(self, name, None)
+        if a is None or a.shape != tuple(shape):
+            a = self.be.host_empty(tuple(shape), np.float32)
+            a.fill(0)
+            setattr(self, name, a)
+        return a
 
     def nd_buffer(self) -> np.ndarray:
         """The host (2, C, E0, E1) num/den array a local pass writes into, allocated once."""
-        if getattr(self, "_nd_host", None) is None:
-            self._nd_host = np.zeros((2,) + self.x_host.shape, np.float32)
-        return self._nd_host
+        return self.host_buffer("_nd_host", (2,) + self.x_host.shape)
 
     def _partials(self, *, accumulate: bool, gather: bool = False) -> Partial:
         """The reduced part of all frames, from the executor, surviving device failures."""

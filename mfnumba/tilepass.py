@@ -34,6 +34,9 @@ class TilePass:
     ``batch``, ``conv``, ``otfs``, ``psfs``, the noise scales, the consensus maps and
     flags (``cons_host``, ``_flags``), ``_x_device`` and the work buffers of ``_alloc``."""
 
+    keep_blocks = True  # the frames may stay on the device across passes (off after an OOM)
+    _blocks = None  # batch (start, stop) -> its blocks on the device; False: sent each pass
+
     def _choose_conv(self) -> str:
         method = self.opt.conv
         if method != "auto":
@@ -124,10 +127,8 @@ class TilePass:
         own = SampleGrid(step=self.res_step, origin=(tile.rows[0], tile.cols[0]),
                          rows=(tile.own_rows[0] - tile.rows[0], tile.own_rows[1] - tile.rows[0]),
                          cols=(tile.own_cols[0] - tile.cols[0], tile.own_cols[1] - tile.cols[0]))
-        for idx, maps in self._reads(tile, frames):
+        for idx, maps in self._device_blocks(tile, frames):
             interrupt.check()  # a signal during the kernels is raised here, between batches
-            # the batch's blocks go to the device once, for the samples and the weights
-            maps = {k: None if a is None else be.asarray(a) for k, a in maps.items()}
             nb, planes = len(idx), slice(idx.start * C, idx.stop * C)
             otf = self._otf(idx) if self.conv == "fft" else None
             yhat = self._predict(tile, idx, otf).reshape(nb * C, *self.grid)
@@ -180,8 +181,41 @@ class TilePass:
             be.irfft2(self._acc, self.grid, out=self._nd, overwrite_input=True)
         if gather:  # the rows and columns this tile owns go to the whole-frame statistics
             (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
-            part.cstat[:, :, r0:r1, c0:c1] = be.to_host(acc[:, :, own.rows[0]:own.rows[1],
-                                                            own.cols[0]:own.cols[1]])
+            be.to_host(acc[:, :, own.rows[0]:own.rows[1], own.cols[0]:own.cols[1]],
+                       out=part.cstat[:, :, r0:r1, c0:c1])
+
+    def _device_blocks(self, tile: Tile, frames: range):
+        """(batch, its blocks of the frames and maps on the device) for each batch.
+
+        Sent once per pass for the samples and the weights; or, where the image is
+        one tile and every frame's blocks take at most half of the device's free
+        memory, sent once per run and kept there (on a GPU the frames would
+        otherwise cross the bus twice per iteration). The CPU's are the host
+        arrays themselves, read each pass.
+        """
+        be = self.be
+        if self._blocks is None:
+            self._blocks = {} if self._can_keep_blocks() else False
+        kept = self._blocks
+        if kept:
+            batches = list(self._batches(frames))
+            if all((i.start, i.stop) in kept for i in batches):
+                for idx in batches:  # a copy: the caller pops the frames
+                    yield idx, dict(kept[idx.start, idx.stop])
+                return
+        for idx, maps in self._reads(tile, frames):
+            maps = {k: None if a is None else be.asarray(a) for k, a in maps.items()}
+            if kept is not False:
+                kept[idx.start, idx.stop] = dict(maps)
+            yield idx, maps
+
+    def _can_keep_blocks(self) -> bool:
+        pr = self.problem
+        if self.be.name == "cpu" or not self.keep_blocks or len(self.tiles) != 1:
+            return False
+        arrays = [a for a in (pr.frames, pr.mask, pr.var, pr.protect) if a is not None]
+        need = 4 * len(arrays) * pr.n_frames * pr.channels * int(np.prod(pr.shape))
+        return 2 * need <= self.be.mem_info()[0]
 
     def _reads(self, tile: Tile, frames: range):
         """(batch, its blocks of the frames and maps) for each batch of ``frames`` over the tile.
@@ -228,14 +262,17 @@ class TilePass:
             # the cores partition the extent, so every pixel of nd is rewritten
             part.nd = np.empty((2,) + self.x_host.shape, np.float32) if out is None else out
         if gather:  # every pixel is rewritten by its own tile
-            part.cstat = np.empty((4, C) + tuple(self.problem.shape), np.float32)
+            shape = (4, C) + tuple(self.problem.shape)
+            # a local pass (out given) reuses one buffer; a worker's part leaves it
+            part.cstat = (np.empty(shape, np.float32) if out is None
+                          else self.host_buffer("_cstat_host", shape))
         for tile in self.tiles:
             self._load_tile(tile)
             self._tile_pass(tile, frames, part, accumulate=accumulate, gather=gather)
             if accumulate:
                 cy, cx = tile.core_in_model
                 a, b, c, d = tile.core
-                part.nd[:, :, a:b, c:d] = self.be.to_host(self._nd[:, :, cy, cx])
+                self.be.to_host(self._nd[:, :, cy, cx], out=part.nd[:, :, a:b, c:d])
         if gather:  # each plane's own outliers of this pass, for the driver's growth
             hits = self._flags()[0]
             part.hits = {k: hits[k] for k in range(frames.start * C, frames.stop * C)}

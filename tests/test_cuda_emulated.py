@@ -54,6 +54,16 @@ class _Errors:
         pass
 
 
+def _asnumpy(a, out=None):
+    """cupy.asnumpy: a new host array, or into ``out`` (C-contiguous, same shape)."""
+    if out is None:
+        return np.array(a)
+    if out.shape != a.shape or out.dtype != a.dtype or not out.flags.c_contiguous:
+        raise ValueError("asnumpy out: C-contiguous, same shape and dtype")
+    out[...] = a
+    return out
+
+
 def _fake_cupy(build_dir: Path):
     """Modules standing in for cupy, cupy.cuda.*, cupyx.scipy.fft."""
     cp = types.ModuleType("cupy")
@@ -61,16 +71,23 @@ def _fake_cupy(build_dir: Path):
     cp.ndarray = np.ndarray
     cp.asarray = lambda a, dtype=None: np.asarray(a, dtype=dtype)
     cp.ascontiguousarray = np.ascontiguousarray
-    cp.asnumpy = lambda a: np.array(a)
+    cp.asnumpy = _asnumpy
     cp.zeros, cp.empty, cp.ones, cp.array = np.zeros, np.empty, np.ones, np.array
     cp.memoize = lambda for_each_device=False: functools.cache
     cp.launches = []
 
     class Pool:
         freed = 0
+        limit = used = 0
 
         def free_bytes(self):
             return 0
+
+        def get_limit(self):
+            return self.limit
+
+        def used_bytes(self):
+            return self.used
 
         def free_all_blocks(self):
             Pool.freed += 1
@@ -177,6 +194,7 @@ def _fake_cupy(build_dir: Path):
     xfft.get_fft_plan = lambda a, shape=None, axes=None, value_type="C2C": Plan(a, shape, value_type)
     xfft.Plan = Plan
     cupyx = types.ModuleType("cupyx")
+    cupyx.empty_pinned = np.empty
     scipy_ = types.ModuleType("cupyx.scipy")
     cupyx.scipy, scipy_.fft = scipy_, xfft
     mods = {"cupy": cp, "cupy.cuda": cuda, "cupy.fft": fft, "cupyx": cupyx, "cupyx.scipy": scipy_,
@@ -219,6 +237,14 @@ def test_status_and_housekeeping(emu):
     be = cuda.CUDABackend()
     be.synchronize()
     assert be.mem_info() == (6 << 30, 8 << 30)
+    pool = cp.get_default_memory_pool()
+    try:  # a budget on the pool (CUPY_GPU_MEMORY_LIMIT): its total, less what is used
+        pool.limit, pool.used = 2 << 30, 1 << 29
+        assert be.mem_info() == (3 << 29, 2 << 30)
+        pool.used = 3 << 30
+        assert be.mem_info() == (0, 2 << 30)
+    finally:
+        pool.limit = pool.used = 0
 
 
 def test_transforms_reuse_plans_and_handle_strided_batches(emu, rng):

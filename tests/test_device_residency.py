@@ -34,9 +34,9 @@ class _Copying(CPUBackend):
         self.h2d.append(np.shape(a))
         return np.array(a, dtype=dtype, copy=True)
 
-    def to_host(self, a):
+    def to_host(self, a, out=None):
         self.d2h.append(np.shape(a))
-        return np.array(a, copy=True)
+        return super().to_host(np.array(a, copy=True), out=out)
 
     def mem_info(self):
         return self.free, 1 << 40
@@ -85,6 +85,24 @@ def test_estimate_too_big_for_the_device_goes_by_tiles(rng):
     (h0, _), (h1, _) = marks[2], marks[3]
     windows = [sh for sh in be.h2d[h0:h1] if len(sh) == 3 and sh[0] == 1 and sh != s.x_host.shape]
     assert len(windows) == len(s.tiles)  # each tile its own window, each pass
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_frames_cross_once_per_run_where_they_fit(rng, room):
+    """With room for them, the frames' blocks go to the device in the first pass only;
+    without, every pass sends each batch again. The result is the same either way."""
+    problem, seed = _problem(rng)
+    _, want, _ = _run(CPUBackend(), problem, seed, tile=None)
+    frames = problem.frames
+    # the estimate fits (4 x its bytes) in either case; the frames (2 x theirs) only with room
+    be = _Copying(free=1 << 40 if room else 2 * frames.nbytes - 1)
+    s, got, marks = _run(be, problem, seed, tile=None)
+    np.testing.assert_array_equal(got.image, want.image)
+    block = (s.batch,) + frames.shape[2:]
+    batches = -(-frames.shape[0] // s.batch)
+    assert be.h2d[:marks[1][0]].count(block) >= batches  # setup and the first iteration
+    later = be.h2d[marks[2][0]:marks[4][0]].count(block)  # iterations 3 and 4: a pass each
+    assert later == (0 if room else 2 * batches)
 
 
 def test_device_lost_in_the_update_recomputes_it_on_the_cpu(rng):

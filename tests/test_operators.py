@@ -82,6 +82,15 @@ def test_transfer_round_trip(backend, rng):
     np.testing.assert_array_equal(backend.to_host(d), a.astype(np.float32))
     z = backend.to_host(backend.zeros((3, 4), np.complex64))
     assert z.dtype == np.complex64 and z.shape == (3, 4) and not z.any()
+    # into a kept host buffer: whole (contiguous), and into a strided window of one
+    buf = backend.host_empty((2, 5, 6))
+    assert isinstance(buf, np.ndarray) and buf.dtype == np.float32
+    assert backend.to_host(d, out=buf) is buf
+    np.testing.assert_array_equal(buf, a.astype(np.float32))
+    big = np.zeros((2, 7, 9), np.float32)
+    backend.to_host(d[:, 1:4, 2:5], out=big[:, 2:5, 3:6])
+    np.testing.assert_array_equal(big[:, 2:5, 3:6], a[:, 1:4, 2:5].astype(np.float32))
+    assert big[:, :2].sum() == 0 and big[:, :, :3].sum() == 0
 
 
 @pytest.mark.parametrize("shape", [(24, 30), (25, 27)])
@@ -460,7 +469,7 @@ def test_update_with_floor_matches_reference(backend, rng):
 
 PARITY = {
     "asarray": "test_transfer_round_trip", "to_host": "test_transfer_round_trip",
-    "zeros": "test_transfer_round_trip",
+    "zeros": "test_transfer_round_trip", "host_empty": "test_transfer_round_trip",
     "rfft2": "test_rfft2_irfft2_and_otf_match_numpy", "irfft2": "test_rfft2_irfft2_and_otf_match_numpy",
     "otf": "test_rfft2_irfft2_and_otf_match_numpy",
     "spectral_multiply": "test_spectral_multiply_and_accumulate_match_reference",

@@ -120,8 +120,12 @@ class Backend(Protocol):
 
     # transfer -------------------------------------------------------------
     def asarray(self, a, dtype=np.float32): ...
-    def to_host(self, a) -> np.ndarray: ...
+    def to_host(self, a, out: np.ndarray | None = None) -> np.ndarray:
+        """``a`` on the host; into ``out`` (same shape and dtype) when given."""
     def zeros(self, shape, dtype=np.float32): ...
+    def host_empty(self, shape, dtype=np.float32) -> np.ndarray:
+        """A host array that transfers fast (page-locked on a GPU), for buffers kept
+        across passes; the CPU's is a plain array."""
 
     # Fourier domain -------------------------------------------------------
     def rfft2(self, a, out=None, rows: tuple[int, int] | None = None):

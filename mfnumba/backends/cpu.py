@@ -53,11 +53,17 @@ class CPUBackend:
     def asarray(self, a, dtype=np.float32):
         return np.asarray(a, dtype=dtype)  # host memory already: no copy, any layout
 
-    def to_host(self, a) -> np.ndarray:
-        return np.asarray(a)
+    def to_host(self, a, out=None) -> np.ndarray:
+        if out is None:
+            return np.asarray(a)
+        out[...] = a
+        return out
 
     def zeros(self, shape, dtype=np.float32):
         return np.zeros(shape, dtype=dtype)
+
+    def host_empty(self, shape, dtype=np.float32) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
 
     # Fourier domain -------------------------------------------------------
     def rfft2(self, a, out=None, rows=None):

@@ -155,6 +155,11 @@ def _api(fn):
     return wrapper
 
 
+def _into(out: np.ndarray, a: np.ndarray) -> np.ndarray:
+    out[...] = a
+    return out
+
+
 class CUDABackend:
     """CuPy backend on one device.
 
@@ -190,9 +195,17 @@ class CUDABackend:
 
     @_api
     def mem_info(self) -> tuple[int, int]:
-        """(free, total) device bytes; blocks cached by CuPy's pool count as free."""
+        """(free, total) device bytes; blocks cached by CuPy's pool count as free.
+
+        Under a limit on CuPy's pool (``CUPY_GPU_MEMORY_LIMIT``, or ``set_limit``:
+        a device memory budget) the budget is the total and what it leaves is free.
+        """
         free, total = cupy.cuda.runtime.memGetInfo()
-        return int(free + cupy.get_default_memory_pool().free_bytes()), int(total)
+        pool = cupy.get_default_memory_pool()
+        free, limit = free + pool.free_bytes(), pool.get_limit()
+        if limit:
+            free, total = min(free, max(limit - pool.used_bytes(), 0)), min(total, limit)
+        return int(free), int(total)
 
     def free_memory(self) -> None:
         """Drop plans, cached OTFs and the pools' unused blocks (after an OOM)."""
@@ -212,12 +225,28 @@ class CUDABackend:
         return cupy.asarray(np.ascontiguousarray(a, dtype=dtype))
 
     @_api
-    def to_host(self, a) -> np.ndarray:
-        return cupy.asnumpy(a) if isinstance(a, cupy.ndarray) else np.asarray(a)
+    def to_host(self, a, out=None) -> np.ndarray:
+        if not isinstance(a, cupy.ndarray):
+            return np.asarray(a) if out is None else _into(out, np.asarray(a))
+        if out is None:
+            return cupy.asnumpy(a)
+        if (out.shape == a.shape and out.dtype == a.dtype and out.flags.c_contiguous):
+            # straight into the caller's buffer: no temporary host array to fault in
+            cupy.asnumpy(cupy.ascontiguousarray(a), out=out)
+            return out
+        return _into(out, cupy.asnumpy(a))
 
     @_api
     def zeros(self, shape, dtype=np.float32):
         return cupy.zeros(shape, dtype=dtype)
+
+    @_api
+    def host_empty(self, shape, dtype=np.float32) -> np.ndarray:
+        """Page-locked host memory (CuPy's pinned pool): copies to and from it run at
+        the bus's speed, without the driver's staging through pageable memory."""
+        import cupyx
+
+        return cupyx.empty_pinned(shape, dtype=dtype)
 
     def _in(self, a, dtype=np.float32):
         """A device input of ``dtype`` with a contiguous last axis (copied if needed)."""
@@ -403,7 +432,7 @@ class CUDABackend:
         self._launch(launch)
         rej, fin = cupy.asnumpy(counts).astype(np.int64)  # the protocol's host counts: a sync
         if on_host:
-            hits[...] = cupy.asnumpy(dhits)
+            self.to_host(dhits, out=hits)
         return rej, fin
 
     @_api
