@@ -347,9 +347,10 @@ def gib(n: float) -> str:
 
 
 def bench_stack(size: int, frames: int, *, made: dict, iters: int = 5, psf: int | None = None,
-                kernel_steps: int = 2, sr: int = 1, seed: int = 1) -> BenchReport:
+                kernel_steps: int = 2, sr: int = 1, seed: int = 1, progress=None) -> BenchReport:
     """One stack on the backends ``made`` (name -> (backend or None, why)), or skipped
-    when :func:`stack_bytes` exceeds the memory available now."""
+    when :func:`stack_bytes` exceeds the memory available now. ``progress(line)``, when
+    given, hears of each backend's result as soon as it is measured."""
     from .geometry import Geometry
     from .rss import available_memory
 
@@ -375,6 +376,10 @@ def bench_stack(size: int, frames: int, *, made: dict, iters: int = 5, psf: int 
             res = BackendTiming(name, False, f"failed during the benchmark: {exc}")
         res.why = res.why or why
         results[name] = res
+        if progress is not None:
+            progress(f"{size}²×{frames} {name}: " + (
+                f"{res.step_ms:.3f} ms per frame-iteration, floor {res.floor_ms:.3f} ms "
+                f"({res.ratio:.2f}×)" if res.available else res.why))
     return BenchReport(size, frames, iters, int(psfs.shape[-1]), geom.grid, min(frames, 8),
                        machine(), results, sr, need)
 
@@ -410,14 +415,17 @@ def run_bench(*, size: int = 256, frames: int = 4, iters: int = 5, psf: int | No
 
 
 def run_suite(*, sizes=(256,), frames=(4,), iters: int = 5, psf: int | None = None,
-              backends=BACKENDS, seed: int = 1, kernel_steps: int = 2, sr: int = 1) -> BenchSuite:
+              backends=BACKENDS, seed: int = 1, kernel_steps: int = 2, sr: int = 1,
+              progress=None) -> BenchSuite:
     """:func:`run_bench` on every (size, frames) of ``sizes`` × ``frames``, in one process.
 
     Each backend is started once; a stack that would not fit the memory
     available is skipped with a note (:attr:`BenchReport.skipped`).
+    ``progress``: as in :func:`bench_stack`.
     """
     made = {name: make_backend(name) for name in backends}
     reports = [bench_stack(n, f, made=made, iters=iters, psf=psf, kernel_steps=kernel_steps,
-                           sr=sr, seed=seed) for n, f in itertools.product(sizes, frames)]
+                           sr=sr, seed=seed, progress=progress)
+               for n, f in itertools.product(sizes, frames)]
     status = {name: {"available": be is not None, "why": why} for name, (be, why) in made.items()}
     return BenchSuite(iters, kernel_steps, machine(), status, reports)

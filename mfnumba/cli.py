@@ -460,8 +460,10 @@ def bench(
         ok, why, _ = cuda_status()
         if not ok:
             raise OptionError(f"--backend cuda: {why}; use --backend cpu or all")
+    # each result as it comes (stderr): a run cut short still leaves its figures
     suite = run_suite(sizes=sizes, frames=counts, iters=iters, psf=psf, backends=names,
-                      kernel_steps=kernel_steps, sr=sr)
+                      kernel_steps=kernel_steps, sr=sr,
+                      progress=lambda line: typer.echo(f"bench: {line}", err=True))
     print_report(suite)
     if json_out is not None:
         json_out.write_text(json.dumps(suite.to_dict(), indent=2) + "\n")

@@ -274,6 +274,13 @@ class Solver(TilePass, DeviceGuard):
         """Every frame's OTF, once, where they fit: on a device without room for
         them the OTFs are made per batch instead (one FFT more per frame)."""
         self.otfs = None
+        if self.conv == "fft" and self.cache_otfs and self.be.name != "cpu":
+            g0, g1 = self.grid  # on a device: planned from its free memory (a budget's too)
+            need, free = self.problem.n_frames * g0 * (g1 // 2 + 1) * 8, self.be.mem_info()[0]
+            if 2 * need > free:
+                self.cache_otfs = False
+                log.info("%s: OTFs made per batch: the cache (%.2f GiB) would take more than "
+                         "half of the %.2f GiB free", self.be.name, need / 2**30, free / 2**30)
         if self.conv == "fft" and self.cache_otfs:
             try:
                 self.otfs = self._otf_cache(range(self.problem.n_frames))

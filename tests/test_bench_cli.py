@@ -47,6 +47,10 @@ def test_bench_times_every_kernel_the_solver_calls_and_reports_cuda(tmp_path):
     assert cpu["iteration_ms"] == cpu["step_ms"] * 3
     ratio = float(re.search(r"([0-9.]+)×", _row(output, "cpu", "64²×3")).group(1))
     assert math.isfinite(ratio) and ratio > 0
+    # each result was also told as it came (stderr), with the figures of the table
+    told = re.search(r"bench: 64²×3 cpu: ([0-9.]+) ms per frame-iteration, floor ([0-9.]+) ms",
+                     output)
+    assert told and abs(float(told.group(1)) - cpu["step_ms"]) < 1e-3 + 1e-3 * cpu["step_ms"]
     # 3 frames: the consensus weights; one batch, so each call once per step
     kern = cpu["kernels"]
     assert SOLVER_CALLS | {"consensus_weights"} <= set(kern)

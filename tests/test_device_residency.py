@@ -90,7 +90,8 @@ def test_estimate_too_big_for_the_device_goes_by_tiles(rng):
 @pytest.mark.parametrize("room", [True, False])
 def test_frames_cross_once_per_run_where_they_fit(rng, room):
     """With room for them, the frames' blocks go to the device in the first pass only;
-    without, every pass sends each batch again. The result is the same either way."""
+    without, every pass sends each batch again, and the OTFs, planned from the device's
+    free memory too, are made per batch. The result is the same either way."""
     problem, seed = _problem(rng)
     _, want, _ = _run(CPUBackend(), problem, seed, tile=None)
     frames = problem.frames
@@ -103,6 +104,7 @@ def test_frames_cross_once_per_run_where_they_fit(rng, room):
     assert be.h2d[:marks[1][0]].count(block) >= batches  # setup and the first iteration
     later = be.h2d[marks[2][0]:marks[4][0]].count(block)  # iterations 3 and 4: a pass each
     assert later == (0 if room else 2 * batches)
+    assert (s.otfs is not None) == s.cache_otfs == room
 
 
 def test_device_lost_in_the_update_recomputes_it_on_the_cpu(rng):
