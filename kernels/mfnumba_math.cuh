@@ -76,6 +76,17 @@ MF_HD mf_i64 mf_div(mf_i64 a, mf_i64 b) {
 }
 MF_HD mf_i64 mf_mod(mf_i64 a, mf_i64 b) { return a - mf_div(a, b) * b; }
 
+// Packed flag rows (np.packbits' order): column j is bit 7 - (j & 7) of byte j >> 3.
+MF_HD unsigned char mf_flag_bit(unsigned char byte, mf_i64 j) {
+    return (unsigned char)((byte >> (7 - (j & 7))) & 1);
+}
+// the byte of the eight (or, at a row's end, cnt < 8) flags f[0..cnt): f != 0 is set
+MF_HD unsigned char mf_flag_byte(const unsigned char* f, mf_i64 cnt) {
+    unsigned v = 0;
+    for (mf_i64 t = 0; t < cnt; ++t) v |= (f[t] != 0 ? 1u : 0u) << (7 - t);
+    return (unsigned char)v;
+}
+
 // Python's (a % m) for m > 0 (non-negative result)
 MF_HD mf_i64 mf_pymod(mf_i64 a, mf_i64 m) {
     mf_i64 r = a % m;

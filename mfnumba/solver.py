@@ -311,7 +311,9 @@ class Solver(TilePass, DeviceGuard):
         self._cacc = be.zeros((4, C, t.h, t.w)) if self._consensus else None
         # a batch's own-outlier flags over the tile, read and written (host: the flags live there)
         self._tflags = None
-        if self._consensus:
+        if self._consensus and self.whole_flags:  # the backend's: they cross packed
+            self._tflags = be.zeros((2, B * C, t.h, t.w), np.uint8)
+        elif self._consensus:  # each tile's window unpacked on the host
             self._tflags = be.host_empty((2, B * C, t.h, t.w), np.uint8)
             self._tflags.fill(0)
         self._blocks = None  # the frames' blocks kept on the device: decided at the next pass

@@ -147,7 +147,7 @@ class TilePass:
             out = self._wbuf[:, : nb * C]
             if gather:
                 near, hits = self._tflags[:, : nb * C, :g.h, :g.w]
-                unpack_window(near_map, planes, tile.rows, tile.cols, near)
+                self._get_flags(tile, near_map, planes, near)
                 rej, fin = be.consensus_weights(
                     y, yhat, out, acc, p=py, noise=self.noise, sigma=self.sigma[planes],
                     unit=unit[planes], delta=self.delta[planes], huber=self._huber, cons=cons,
@@ -155,8 +155,11 @@ class TilePass:
                     mask=maps["mask"], var=maps["var"], near=near, hits=hits,
                     sharp=_cons.SHARP, neg=_cons.NEG)
                 # the pixels this tile owns: assigned, so a recomputed pass rewrites them
-                set_window(hits_map, planes, tile.own_rows, tile.own_cols,
-                           hits[:, own.rows[0]:own.rows[1], own.cols[0]:own.cols[1]])
+                if self.whole_flags:
+                    be.pack_flags(hits, hits_map[planes])
+                else:
+                    set_window(hits_map, planes, tile.own_rows, tile.own_cols,
+                               hits[:, own.rows[0]:own.rows[1], own.cols[0]:own.cols[1]])
                 # counted over the tile's frame window: approximate where tiles overlap
                 for k in range(nb * C):
                     p = planes.start + k
@@ -183,6 +186,23 @@ class TilePass:
             (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
             be.to_host(acc[:, :, own.rows[0]:own.rows[1], own.cols[0]:own.cols[1]],
                        out=part.cstat[:, :, r0:r1, c0:c1])
+
+    @property
+    def whole_flags(self) -> bool:
+        """One tile, the whole image: a batch's flags cross packed (an eighth of the
+        bytes; the backend packs and unpacks them), and its flag buffers are the
+        backend's. Else the host unpacks each tile's window into host buffers."""
+        h, w = self.problem.shape
+        t = self.tiles[0]
+        return len(self.tiles) == 1 and t.rows == t.own_rows == (0, h) \
+            and t.cols == t.own_cols == (0, w)
+
+    def _get_flags(self, tile: Tile, packed, planes: slice, out) -> None:
+        """``out`` := the near flags of ``planes`` over the tile, from the packed map."""
+        if self.whole_flags:
+            self.be.unpack_flags(packed[planes], out)
+        else:
+            unpack_window(packed, planes, tile.rows, tile.cols, out)
 
     def _device_blocks(self, tile: Tile, frames: range):
         """(batch, its blocks of the frames and maps on the device) for each batch.
@@ -330,7 +350,7 @@ class TilePass:
             planes = slice(idx.start * C, idx.stop * C)
             w = self._wbuf[:, : nb * C]
             near, hits = self._tflags[:, : nb * C, :g.h, :g.w]
-            unpack_window(self._flags()[1], planes, tile.rows, tile.cols, near)
+            self._get_flags(tile, self._flags()[1], planes, near)
             be.consensus_weights(y, yhat, w, self._cacc[:, :, :g.h, :g.w], p=py, noise=self.noise,
                                  sigma=self.sigma[planes],
                                  unit=(self._scale / self.sigma)[planes],

@@ -137,6 +137,20 @@ def ref_replicate(u: np.ndarray, r: int, offset: int, grid: tuple[int, int]) -> 
     return out
 
 
+def ref_pack_flags(flags: np.ndarray) -> np.ndarray:
+    """(P, h, ceil(w/8)) uint8: flags != 0, column c at bit 7 - c % 8 of byte c // 8."""
+    P, h, w = flags.shape
+    out = np.zeros((P, h, (w + 7) // 8), np.uint8)
+    for c in range(w):
+        out[:, :, c // 8] |= ((flags[:, :, c] != 0).astype(np.uint8) << (7 - c % 8))
+    return out
+
+
+def ref_unpack_flags(packed: np.ndarray, w: int) -> np.ndarray:
+    """(P, h, w) uint8 0/1: the inverse of :func:`ref_pack_flags`."""
+    return np.stack([(packed[:, :, c // 8] >> (7 - c % 8)) & 1 for c in range(w)], axis=-1)
+
+
 def ref_spectral_multiply(X: np.ndarray, otf: np.ndarray) -> np.ndarray:
     """out[b, c] = X[c] · otf[b]."""
     return X[None, :, :, :].astype(np.complex128) * otf[:, None, :, :]

@@ -518,3 +518,40 @@ def test_status_unavailable_without_nvrtc_or_cufft(emu, monkeypatch, part):
     ok, why, devices = cuda.cuda_status()
     assert not ok and devices and "not usable" in why and ("libnvrtc" in why or "libcufft" in why)
     assert cuda.cuda_status(probe=False)[0]
+
+
+def test_host_buffers_fall_back_to_pageable_memory(emu, monkeypatch):
+    """Page-locked host buffers where the system grants them, plain ones where it refuses."""
+    cuda, cp = emu
+    be = cuda.CUDABackend()
+    calls = []
+    monkeypatch.setattr(sys.modules["cupyx"], "empty_pinned",
+                        lambda shape, dtype: calls.append(shape) or np.empty(shape, dtype))
+    assert be.host_empty((3, 4)).dtype == np.float32 and calls == [(3, 4)]
+
+    def refuse(shape, dtype):
+        raise cp.cuda.runtime.CUDARuntimeError(2)  # cudaErrorMemoryAllocation
+
+    monkeypatch.setattr(sys.modules["cupyx"], "empty_pinned", refuse)
+    a = be.host_empty((2, 5), np.uint8)
+    assert isinstance(a, np.ndarray) and a.shape == (2, 5) and a.dtype == np.uint8
+
+
+@pytest.mark.parametrize("w", [16, 21])
+def test_flags_cross_packed_and_match_cpu(emu, rng, w):
+    """kernels/flags.cu through the backend: packed on the "device" into a host array,
+    unpacked from a host array into a strided device window, as the CPU does."""
+    cuda, cp = emu
+    be, cpu = cuda.CUDABackend(), CPUBackend()
+    P, h = 4, 6
+    flags = ((rng.random((P, h, w)) < 0.2) * 3).astype(np.uint8)
+    host, want = np.full((P, h, (w + 7) // 8), 0xFF, np.uint8), np.zeros((P, h, (w + 7) // 8), np.uint8)
+    n = len(cp.launches)
+    be.pack_flags(flags, host)
+    cpu.pack_flags(flags, want)
+    np.testing.assert_array_equal(host, want)
+    out = np.zeros((P, h + 2, w), np.uint8)
+    be.unpack_flags(host, out[:, 1:-1])
+    np.testing.assert_array_equal(out[:, 1:-1], flags != 0)
+    assert not out[:, 0].any() and not out[:, -1].any()
+    assert cp.launches[n:] == ["mf_pack_flags", "mf_unpack_flags"]

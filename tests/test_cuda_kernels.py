@@ -137,6 +137,30 @@ def test_block_sum_is_adjoint_of_replicate(lib, rng):
     assert abs(lhs - rhs) <= 1e-5 * (abs(lhs) + abs(rhs))
 
 
+# packed flags -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w", [1, 7, 8, 9, 24, 31])
+def test_flags_pack_unpack_round_trip(lib, rng, w):
+    """Every row length around a byte's edge, strided views both ways, bits past w 0."""
+    P, h = 3, 4
+    nb = (w + 7) // 8
+    src = np.zeros((P, h + 1, w + 5), np.uint8)
+    flags = src[:, 1:, 3:3 + w]
+    flags[...] = (rng.random((P, h, w)) < 0.4) * rng.integers(1, 256, (P, h, w))
+    big = np.full((P, h + 2, nb + 2), 0xAA, np.uint8)
+    packed = big[:, 1:1 + h, 1:1 + nb]
+    run(lib, L.pack_flags(flags, packed))
+    np.testing.assert_array_equal(packed, ref.ref_pack_flags(flags))
+    assert (big[:, 0] == 0xAA).all() and (big[:, :, 0] == 0xAA).all() and (big[:, :, -1] == 0xAA).all()
+    out = np.full((P, h, w + 2), 9, np.uint8)
+    run(lib, L.unpack_flags(packed, out[:, :, 1:1 + w]))
+    np.testing.assert_array_equal(out[:, :, 1:1 + w], flags != 0)
+    assert (out[:, :, 0] == 9).all() and (out[:, :, -1] == 9).all()
+    with pytest.raises(ValueError):
+        L.pack_flags(flags, np.zeros((P, h, nb + 1), np.uint8))
+
+
 # spectra ------------------------------------------------------------------------
 
 

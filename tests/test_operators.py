@@ -465,11 +465,41 @@ def test_update_with_floor_matches_reference(backend, rng):
     assert (got >= floor - 1e-4).all()  # never below the floor
 
 
+@pytest.mark.parametrize("w", [8, 13, 1])
+def test_flags_pack_and_unpack_match_reference(backend, rng, w):
+    """Own-outlier flags packed along rows and back, on the device or into host arrays,
+    strided windows included; bits past w stay 0."""
+    P, h = 3, 5
+    nb = (w + 7) // 8
+    flags = (rng.random((P, h, w)) < 0.3) * rng.integers(1, 256, (P, h, w))
+    flags = flags.astype(np.uint8)
+    big = np.zeros((P + 1, h + 2, w + 3), np.uint8)
+    big[1:, 1:1 + h, 2:2 + w] = flags
+    want = ref.ref_pack_flags(flags)
+    dev = backend.zeros((P, h, nb), np.uint8)
+    backend.pack_flags(backend.asarray(big, np.uint8)[1:, 1:1 + h, 2:2 + w], dev)
+    np.testing.assert_array_equal(backend.to_host(dev), want)
+    host = np.full((P, h, nb), 0xFF, np.uint8)  # the bits past w are rewritten too
+    assert backend.pack_flags(backend.asarray(flags, np.uint8), host) is host
+    np.testing.assert_array_equal(host, want)
+    out = backend.zeros((P, h, w), np.uint8)
+    backend.unpack_flags(want, out)  # from a host array
+    np.testing.assert_array_equal(backend.to_host(out), ref.ref_unpack_flags(want, w))
+    np.testing.assert_array_equal(backend.to_host(out), (flags != 0).astype(np.uint8))
+    frame = backend.zeros((P, h + 1, w + 2), np.uint8)
+    backend.unpack_flags(dev, frame[:, 1:, :w])  # into a strided device window
+    got = backend.to_host(frame)
+    np.testing.assert_array_equal(got[:, 1:, :w], flags != 0)
+    assert not got[:, 0].any() and not got[:, :, w:].any()
+
+
 # every protocol method has its parity test ------------------------------------------------
 
 PARITY = {
     "asarray": "test_transfer_round_trip", "to_host": "test_transfer_round_trip",
     "zeros": "test_transfer_round_trip", "host_empty": "test_transfer_round_trip",
+    "pack_flags": "test_flags_pack_and_unpack_match_reference",
+    "unpack_flags": "test_flags_pack_and_unpack_match_reference",
     "rfft2": "test_rfft2_irfft2_and_otf_match_numpy", "irfft2": "test_rfft2_irfft2_and_otf_match_numpy",
     "otf": "test_rfft2_irfft2_and_otf_match_numpy",
     "spectral_multiply": "test_spectral_multiply_and_accumulate_match_reference",

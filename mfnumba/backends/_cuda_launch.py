@@ -87,6 +87,30 @@ def replicate(u, r, off, out) -> Launch:
                   (u, _I(su[0]), _I(su[1]), _I(r), _I(off), out, _I(so[0]), _I(so[1]), _I(h), _I(w)))
 
 
+def _flag_pair(packed, flags, what):
+    """(P, h, w, nb) of a packed (P, h, ceil(w / 8)) and an unpacked (P, h, w) uint8 pair."""
+    _check(packed, np.uint8, 3, f"{what} packed")
+    _check(flags, np.uint8, 3, f"{what} flags")
+    P, h, w = flags.shape
+    if packed.shape != (P, h, (w + 7) // 8):
+        raise ValueError(f"{what}: packed {packed.shape} for flags {flags.shape}")
+    return P, h, w, packed.shape[2]
+
+
+def unpack_flags(packed, out) -> Launch:
+    P, h, w, _ = _flag_pair(packed, out, "unpack_flags")
+    sp, so = strides(packed), strides(out)
+    return Launch("flags", "mf_unpack_flags", P * h * w,
+                  (packed, _I(sp[0]), _I(sp[1]), out, _I(so[0]), _I(so[1]), _I(h), _I(w)))
+
+
+def pack_flags(flags, out) -> Launch:
+    P, h, w, nb = _flag_pair(out, flags, "pack_flags")
+    sf, so = strides(flags), strides(out)
+    return Launch("flags", "mf_pack_flags", P * h * nb,
+                  (flags, _I(sf[0]), _I(sf[1]), out, _I(so[0]), _I(so[1]), _I(h), _I(w), _I(nb)))
+
+
 def _spectra(a, ndim, what):
     _check(a, np.complex64, ndim, what)
     s = strides(a)

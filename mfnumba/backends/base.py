@@ -179,6 +179,13 @@ class Backend(Protocol):
         without ``cons``); ``acc`` (4, C, h, w) gathers Σz², max z², the count
         of NaN frames and the second largest z² per channel for the next pass.
         Returns host (rejected, finite) pixel counts per plane."""
+    def unpack_flags(self, packed, out):
+        """``out`` (P, h, w) uint8 := the 0/1 flags of ``packed`` (P, h, ceil(w/8)),
+        packed along the rows as ``np.packbits`` does; ``packed`` may be on the host
+        (an eighth of the bytes crosses)."""
+    def pack_flags(self, flags, out):
+        """``out`` (P, h, ceil(w/8)), on the host or the device, := ``flags`` (P, h, w)
+        != 0 packed along the rows; the bits past w are 0."""
     def block_sum(self, a, r: int, offset: int, out):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
     def replicate(self, u, r: int, offset: int, out):

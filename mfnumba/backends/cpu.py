@@ -12,6 +12,7 @@ import numba
 import numpy as np
 import scipy.fft as sfft
 
+from ..consensus import set_window, unpack_window
 from . import _cpu_fft as F
 from . import _cpu_kernels as K
 from .base import NoiseModel, SampleGrid
@@ -64,6 +65,19 @@ class CPUBackend:
 
     def host_empty(self, shape, dtype=np.float32) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
+
+    # packed flags ---------------------------------------------------------
+    def unpack_flags(self, packed, out):
+        P, h, w = out.shape
+        return unpack_window(np.asarray(packed), slice(0, P), (0, h), (0, w), out)
+
+    def pack_flags(self, flags, out):
+        flags = np.asarray(flags)
+        P, h, w = flags.shape
+        if w & 7:
+            out[..., -1] = 0  # the bits past w
+        set_window(out, slice(0, P), (0, h), (0, w), flags)
+        return out
 
     # Fourier domain -------------------------------------------------------
     def rfft2(self, a, out=None, rows=None):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import sys
 from collections import OrderedDict
 
@@ -35,6 +36,8 @@ from ._cuda_errors import classes as _error_classes
 from ._cuda_errors import translate
 from ._cuda_source import load_source
 from .base import DeviceOOM, NoiseModel, SampleGrid
+
+log = logging.getLogger("mfnumba")
 
 try:  # optional dependency (extras cuda12 / cuda13); cuFFT and NVRTC load on first use
     import cupy
@@ -240,13 +243,18 @@ class CUDABackend:
     def zeros(self, shape, dtype=np.float32):
         return cupy.zeros(shape, dtype=dtype)
 
-    @_api
     def host_empty(self, shape, dtype=np.float32) -> np.ndarray:
         """Page-locked host memory (CuPy's pinned pool): copies to and from it run at
-        the bus's speed, without the driver's staging through pageable memory."""
+        the bus's speed, without the driver's staging through pageable memory. Where
+        the system refuses to lock that much, plain (pageable) memory."""
         import cupyx
 
-        return cupyx.empty_pinned(shape, dtype=dtype)
+        try:
+            with self._device:
+                return cupyx.empty_pinned(shape, dtype=dtype)
+        except Exception as exc:  # noqa: BLE001 -- any refusal: the copies only get slower
+            log.info("cuda: page-locked host memory refused (%s); pageable instead", exc)
+            return np.empty(shape, dtype=dtype)
 
     def _in(self, a, dtype=np.float32):
         """A device input of ``dtype`` with a contiguous last axis (copied if needed)."""
@@ -434,6 +442,22 @@ class CUDABackend:
         if on_host:
             self.to_host(dhits, out=hits)
         return rej, fin
+
+    @_api
+    def unpack_flags(self, packed, out):
+        self._launch(L.unpack_flags(self._in(packed, np.uint8),
+                                    self._out(out, np.uint8, "unpack_flags out")))
+        return out
+
+    @_api
+    def pack_flags(self, flags, out):
+        flags = self._in(flags, np.uint8)
+        if isinstance(out, cupy.ndarray):
+            self._launch(L.pack_flags(flags, self._out(out, np.uint8, "pack_flags out")))
+            return out
+        dev = cupy.empty(out.shape, np.uint8)  # packed on the device, an eighth comes back
+        self._launch(L.pack_flags(flags, dev))
+        return self.to_host(dev, out=out)
 
     @_api
     def block_sum(self, a, r, offset, out):
