@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 from .benchmark import BackendTiming, BenchReport, BenchSuite, gib
 
@@ -25,7 +26,10 @@ def print_report(suite: BenchSuite, console=None) -> None:
     from rich.table import Table
 
     # reasons hold brackets (mfnumba[cuda12]) and file names: printed as they are
-    console = console or Console(highlight=False, markup=False, emoji=False)
+    if console is None:
+        console = Console(highlight=False, markup=False, emoji=False)
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console.width = 132  # a log (a device's, CI's): room for every column
     m, reps = suite.machine, suite.reports
     both = any(math.isfinite(r.speedup("step_ms")) for r in reps)
     table = Table(title=f"mfnumba bench: ms, median of {suite.iters} step(s); floor: 3 "
