@@ -160,6 +160,20 @@ class Solver(TilePass, DeviceGuard):
         self._x_host = x
         self._xdev = None
 
+    @property
+    def cons_host(self) -> np.ndarray | None:
+        """The consensus level m² of the last pass (1, C, h, w) on the host, or None.
+
+        Replace it by assignment (the consensus update does, also when it writes
+        in place): that drops the device's copy, sent again when next needed.
+        """
+        return self._cons_host
+
+    @cons_host.setter
+    def cons_host(self, cons: np.ndarray | None) -> None:
+        self._cons_host = cons
+        self._consdev = None
+
     def _x_device(self):
         """The estimate on the device, copied there once and kept across tiles and
         iterations (the update runs on it), or None where it would take more
@@ -317,6 +331,7 @@ class Solver(TilePass, DeviceGuard):
             self._tflags = be.host_empty((2, B * C, t.h, t.w), np.uint8)
             self._tflags.fill(0)
         self._blocks = None  # the frames' blocks kept on the device: decided at the next pass
+        self._consdev = None  # the consensus level's device copy: sent again when needed
 
     def host_buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 host array a local pass writes into, allocated once (page-locked on
@@ -368,7 +383,7 @@ class Solver(TilePass, DeviceGuard):
                         grid=SampleGrid(step=self.upd_step, origin=(0, 0), rows=(0, e0),
                                         cols=(0, e1)), floor=self._floor_device())
         if x is not self._x_host:
-            self._x_host[...] = be.to_host(x)
+            be.to_host(x, out=self._x_host)
         return got
 
     def _set_consensus(self, part: Partial) -> None:

@@ -36,6 +36,7 @@ class TilePass:
 
     keep_blocks = True  # the frames may stay on the device across passes (off after an OOM)
     _blocks = None  # batch (start, stop) -> its blocks on the device; False: sent each pass
+    _consdev = None  # the consensus level on the device (one tile), until it changes
 
     def _choose_conv(self) -> str:
         method = self.opt.conv
@@ -114,8 +115,7 @@ class TilePass:
         if gather:
             acc = self._cacc[:, :, :g.h, :g.w]
             acc.fill(0)
-            cons = None if self.cons_host is None else np.ascontiguousarray(
-                self.cons_host[:, :, tile.rows[0]:tile.rows[1], tile.cols[0]:tile.cols[1]])
+            cons = self._cons_block(tile)
             unit = self._scale / self.sigma
             hits_map, near_map = self._flags()
         if self.conv == "fft":
@@ -196,6 +196,19 @@ class TilePass:
         t = self.tiles[0]
         return len(self.tiles) == 1 and t.rows == t.own_rows == (0, h) \
             and t.cols == t.own_cols == (0, w)
+
+    def _cons_block(self, tile: Tile):
+        """The consensus level over the tile, for the weights of every batch: where the
+        image is one tile, sent to the device once per iteration and kept there (a
+        batch would send it again), else the tile's window of the host array."""
+        cons = self.cons_host
+        if cons is None:
+            return None
+        if self.whole_flags and self.be.name != "cpu":
+            if self._consdev is None:
+                self._consdev = self.be.asarray(cons)
+            return self._consdev
+        return np.ascontiguousarray(cons[:, :, tile.rows[0]:tile.rows[1], tile.cols[0]:tile.cols[1]])
 
     def _get_flags(self, tile: Tile, packed, planes: slice, out) -> None:
         """``out`` := the near flags of ``planes`` over the tile, from the packed map."""
@@ -345,8 +358,7 @@ class TilePass:
             y, mask, var = (None if a is None else a.reshape(nb * C, g.h, g.w) for a in (
                 read_block(getattr(pr, k), idx, tile.rows, tile.cols)
                 for k in ("frames", "mask", "var")))
-            cons = None if self.cons_host is None else np.ascontiguousarray(
-                self.cons_host[:, :, tile.rows[0]:tile.rows[1], tile.cols[0]:tile.cols[1]])
+            cons = self._cons_block(tile)
             planes = slice(idx.start * C, idx.stop * C)
             w = self._wbuf[:, : nb * C]
             near, hits = self._tflags[:, : nb * C, :g.h, :g.w]

@@ -104,6 +104,8 @@ def test_frames_cross_once_per_run_where_they_fit(rng, room):
     assert be.h2d[:marks[1][0]].count(block) >= batches  # setup and the first iteration
     later = be.h2d[marks[2][0]:marks[4][0]].count(block)  # iterations 3 and 4: a pass each
     assert later == (0 if room else 2 * batches)
+    cons = (1, 1) + frames.shape[2:]  # the consensus level: once per iteration, not per batch
+    assert be.h2d[marks[2][0]:marks[4][0]].count(cons) == 2
     assert (s.otfs is not None) == s.cache_otfs == room
 
 
