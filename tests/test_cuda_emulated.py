@@ -557,3 +557,30 @@ def test_flags_cross_packed_and_match_cpu(emu, rng, w):
     np.testing.assert_array_equal(out[:, 1:-1], flags != 0)
     assert not out[:, 0].any() and not out[:, -1].any()
     assert cp.launches[n:] == ["mf_pack_flags", "mf_unpack_flags"]
+
+
+@pytest.mark.parametrize("sr,tile,batch", [(1, None, 2), (2, None, 3), (1, 40, 2)])
+def test_colour_stack_with_a_nan_border_matches_cpu(emu, sr, tile, batch):
+    """Three channels, SR, a NaN border, one tile or several: result, rejected fractions
+    and rejection maps as on the CPU (the flags cross packed for one tile)."""
+    from mfnumba.options import Options
+    from mfnumba.simulate import SimConfig, simulate_stack
+    from mfnumba.solver import Problem, Solver
+
+    cuda, cp = emu
+    sims = [simulate_stack(SimConfig(n_frames=5, shape=(44, 52), n_stars=10, psf_size=9, seed=s,
+                                     oversample=sr)) for s in (4, 5, 6)]
+    frames = np.stack([s.frames for s in sims], axis=1)  # (n, 3, h, w)
+    frames[1, 2, :, :3] = np.nan
+    psfs = np.stack(sims[0].fine_psfs if sr > 1 else sims[0].psfs).astype(np.float32)
+    out = []
+    for be in (CPUBackend(), cuda.CUDABackend()):
+        s = Solver(Problem(frames, psfs, sr=sr), Options(iters=4, early_stop=False, batch=batch),
+                   be, tile=tile)
+        s.setup(np.nanmedian(frames, axis=0).astype(np.float32))
+        r = s.run()
+        out.append((r.image, s.rejected, s.rejection_maps(range(0, min(batch, 5)))))
+    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-4,
+                               atol=1e-4 * np.nanmax(np.abs(out[0][0])))
+    np.testing.assert_allclose(out[1][1], out[0][1], atol=1e-3)
+    assert (out[1][2] != out[0][2]).mean() < 1e-3
