@@ -114,3 +114,16 @@ extern "C" MF_GLOBAL void mf_consensus_weights(
         }
     }
 }
+
+// The consensus level m² (1, C, h, w) for the next pass from the statistics
+// (4, C, h, w) the weights gathered, both contiguous: one element per pixel.
+extern "C" MF_GLOBAL void mf_consensus_maps(
+    mf_i64 n, const float* stat, float* out, double n_frames, double min_frames,
+    double trim2, double zt2, double big)
+{
+    MF_FOR_EACH(idx, n) {
+        out[idx] = mf_consensus_level(stat[idx], stat[n + idx], stat[2 * n + idx],
+                                      stat[3 * n + idx], (float)n_frames, (float)min_frames,
+                                      (float)trim2, (float)zt2, (float)big);
+    }
+}

@@ -256,6 +256,28 @@ MF_HD void mf_consensus_stat(int state, float z2, float* sum, float* top, float*
     *sum += z2;
 }
 
+// The consensus level m² of a pixel for the next pass, from its statistics
+// (Σz², largest, frames without data, second largest over n_frames frames):
+// the mean z² with the largest left out, and the second largest too where it
+// stands zt2 times above the rest and trim2 frames have data; big under
+// min_frames frames. mfnumba.consensus._maps' float32 steps and selects
+// (a NaN sum stays NaN).
+MF_HD float mf_consensus_level(float sr, float tr, float gr, float t2, float n_frames,
+                               float min_frames, float trim2, float zt2, float big) {
+    float n = n_frames - gr;
+    float m2 = sr - tr;
+    m2 = m2 < 0.0f ? 0.0f : m2;
+    float d = n - 1.0f;
+    m2 = m2 / (d < 1.0f ? 1.0f : d);
+    float m2b = sr - tr - t2;
+    m2b = m2b < 0.0f ? 0.0f : m2b;
+    float d2 = n - 1.0f - 1.0f;
+    m2b = m2b / (d2 < 1.0f ? 1.0f : d2);
+    bool second = (n >= trim2) && (t2 > (m2b < 1.0f ? 1.0f : m2b) * zt2);
+    m2 = second ? m2b : m2;
+    return n < min_frames ? big : m2;
+}
+
 // ca[key] += a, cb[key] += b for each live caller. On the GPU every lane of
 // the warp calls it together (MF_FOR_EACH_WARP): lanes sharing a key are
 // counted with ballots, then their lowest lane adds with one integer atomic

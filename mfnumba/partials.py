@@ -46,11 +46,15 @@ class Partial:
     rej: dict[int, float] = field(default_factory=dict)  # plane -> rejected pixels
     fin: dict[int, float] = field(default_factory=dict)  # plane -> finite pixels
     hits: dict[int, np.ndarray] = field(default_factory=dict)  # plane -> own outliers, packed
+    # (1, C, h, w) float32: the consensus level for the next pass, made from the statistics
+    # where they stayed (on the device) by a part of every frame, in place of cstat
+    cons: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays it carries (what a worker sends back per pass)."""
-        arrays = [*self.z.values(), *self.q.values(), *self.hits.values(), self.nd, self.cstat]
+        arrays = [*self.z.values(), *self.q.values(), *self.hits.values(), self.nd, self.cstat,
+                  self.cons]
         return sum(a.nbytes for a in arrays if a is not None)
 
 
@@ -70,6 +74,8 @@ def merge(a: Partial, b: Partial) -> Partial:
     overlap = a.z.keys() & b.z.keys()
     if overlap:
         raise ValueError(f"parts overlap on plane(s) {sorted(overlap)[:5]}")
+    if a.cons is not None or b.cons is not None:
+        raise ValueError("a part of every frame (with its consensus level) has nothing to merge")
     a.z.update(b.z)
     a.q.update(b.q)
     a.hits.update(b.hits)

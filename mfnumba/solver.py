@@ -332,6 +332,7 @@ class Solver(TilePass, DeviceGuard):
             self._tflags.fill(0)
         self._blocks = None  # the frames' blocks kept on the device: decided at the next pass
         self._consdev = None  # the consensus level's device copy: sent again when needed
+        self._level_next = None  # and the one a pass made on another backend: not taken
 
     def host_buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 host array a local pass writes into, allocated once (page-locked on
@@ -363,7 +364,7 @@ class Solver(TilePass, DeviceGuard):
         host copy follows once.
         """
         got = self._guarded(lambda: self._update(part.nd))
-        if self._consensus and part.cstat is not None:
+        if self._consensus and (part.cstat is not None or part.cons is not None):
             self._set_consensus(part)
         return got
 
@@ -390,8 +391,13 @@ class Solver(TilePass, DeviceGuard):
         """The consensus maps for the next pass (:mod:`mfnumba.consensus`), each plane's
         near flags grown from its own outliers of this pass, and the rejected fraction
         of each frame."""
-        self.cons_host = consensus_maps(part.cstat, self.problem.n_frames, self.opt.reject_z,
-                                        out=self.cons_host)
+        if part.cons is not None:  # made by the pass, where its statistics stayed
+            host, dev = self._level_next or (None, None)
+            self.cons_host = part.cons
+            self._consdev = dev if host is part.cons else None
+        else:
+            self.cons_host = consensus_maps(part.cstat, self.problem.n_frames,
+                                            self.opt.reject_z, out=self.cons_host)
         hits, near = self._flags()
         for k, a in part.hits.items():  # a worker's planes; the local pass wrote them in place
             if not np.shares_memory(a, hits[k]):

@@ -37,6 +37,7 @@ class TilePass:
     keep_blocks = True  # the frames may stay on the device across passes (off after an OOM)
     _blocks = None  # batch (start, stop) -> its blocks on the device; False: sent each pass
     _consdev = None  # the consensus level on the device (one tile), until it changes
+    _level_next = None  # (host, device) copies of the level a pass made (one tile)
 
     def _choose_conv(self) -> str:
         method = self.opt.conv
@@ -182,7 +183,7 @@ class TilePass:
                                        self.psfs[idx.start:idx.stop], self._nd, g.p, g.extent)
         if accumulate and self.conv == "fft":
             be.irfft2(self._acc, self.grid, out=self._nd, overwrite_input=True)
-        if gather:  # the rows and columns this tile owns go to the whole-frame statistics
+        if gather and part.cstat is not None:  # this tile's own rows and columns of them
             (r0, r1), (c0, c1) = tile.own_rows, tile.own_cols
             be.to_host(acc[:, :, own.rows[0]:own.rows[1], own.cols[0]:own.cols[1]],
                        out=part.cstat[:, :, r0:r1, c0:c1])
@@ -196,6 +197,23 @@ class TilePass:
         t = self.tiles[0]
         return len(self.tiles) == 1 and t.rows == t.own_rows == (0, h) \
             and t.cols == t.own_cols == (0, w)
+
+    def _next_level(self) -> np.ndarray:
+        """The consensus level for the next pass from this pass's statistics (one tile:
+        ``_cacc`` holds them all), made on the backend; its host copy goes into the one
+        of two host buffers that is not the current level (a pass recomputed after a
+        device failure still reads that), the device's is kept for the next pass."""
+        be, shape = self.be, (1, self.problem.channels) + tuple(self.problem.shape)
+        host = self.host_buffer("_level_a", shape)
+        if host is self.cons_host:
+            host = self.host_buffer("_level_b", shape)
+        kw = dict(n_frames=self.problem.n_frames, reject_z=self.opt.reject_z)
+        if be.name == "cpu":
+            self._level_next = (host, None)
+            return be.consensus_maps(self._cacc, host, **kw)
+        dev = be.consensus_maps(self._cacc, be.zeros(shape), **kw)
+        self._level_next = (host, dev)
+        return be.to_host(dev, out=host)
 
     def _cons_block(self, tile: Tile):
         """The consensus level over the tile, for the weights of every batch: where the
@@ -294,7 +312,11 @@ class TilePass:
         if accumulate:
             # the cores partition the extent, so every pixel of nd is rewritten
             part.nd = np.empty((2,) + self.x_host.shape, np.float32) if out is None else out
-        if gather:  # every pixel is rewritten by its own tile
+        # a local pass of every frame over one tile: the statistics stay where the weights
+        # gathered them, and the pass makes the next consensus level from them there
+        level_here = (gather and out is not None and self.whole_flags
+                      and (frames.start, frames.stop) == (0, self.problem.n_frames))
+        if gather and not level_here:  # every pixel is rewritten by its own tile
             shape = (4, C) + tuple(self.problem.shape)
             # a local pass (out given) reuses one buffer; a worker's part leaves it
             part.cstat = (np.empty(shape, np.float32) if out is None
@@ -306,6 +328,8 @@ class TilePass:
                 cy, cx = tile.core_in_model
                 a, b, c, d = tile.core
                 self.be.to_host(self._nd[:, :, cy, cx], out=part.nd[:, :, a:b, c:d])
+        if level_here:
+            part.cons = self._next_level()
         if gather:  # each plane's own outliers of this pass, for the driver's growth
             hits = self._flags()[0]
             part.hits = {k: hits[k] for k in range(frames.start * C, frames.stop * C)}

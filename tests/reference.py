@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mfnumba import consensus as C
+
 MAD_TO_SIGMA = 1.482602218505602
 
 
@@ -135,6 +137,21 @@ def ref_replicate(u: np.ndarray, r: int, offset: int, grid: tuple[int, int]) -> 
     out = np.zeros((P,) + tuple(grid), dtype=u.dtype)
     out[:, offset:offset + r * h, offset:offset + r * w] = np.repeat(np.repeat(u, r, 1), r, 2)
     return out
+
+
+def ref_consensus_maps(cstat, n_frames, reject_z=5.0):
+    """The consensus level m² (1, C, h, w) from the statistics (4, C, h, w): (Σz² − max z²)/(n − 1),
+    the largest left out; the second largest too where it is above (TRIM2_Z zt)² max(1, the
+    rest's mean) and TRIM2_FRAMES frames have data; 1e24 under MIN_FRAMES."""
+    total, top, gaps, second = cstat.astype(np.float32)
+    n = np.float32(n_frames) - gaps
+    f0, f1 = np.float32(0), np.float32(1)
+    m1 = np.maximum(total - top, f0) / np.maximum(n - 1, f1)
+    m2 = np.maximum(total - top - second, f0) / np.maximum(n - 2, f1)
+    zt2 = np.float32((C.TRIM2_Z * reject_z) ** 2)
+    two = (n >= C.TRIM2_FRAMES) & (second > np.maximum(m2, f1) * zt2)
+    m = np.where(two, m2, m1)
+    return np.where(n < C.MIN_FRAMES, np.float32(C.NO_CONSENSUS), m).astype(np.float32)[None]
 
 
 def ref_pack_flags(flags: np.ndarray) -> np.ndarray:

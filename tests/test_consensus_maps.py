@@ -4,24 +4,13 @@ import numpy as np
 import pytest
 from scipy.ndimage import maximum_filter
 
-from mfnumba.consensus import (GROW_R, MIN_FRAMES, NO_CONSENSUS, TRIM2_FRAMES, TRIM2_Z,
-                               consensus_maps, flag_maps, grow_flags, set_window, unpack_window)
+from mfnumba.consensus import (GROW_R, NO_CONSENSUS, consensus_maps, flag_maps, grow_flags,
+                               set_window, unpack_window)
 
 from . import reference as ref
 
 
-def reference_maps(cstat, n_frames, reject_z=5.0):
-    """m² = (Σz² − max z²)/(n − 1), the largest left out; the second largest too where it is
-    above (TRIM2_Z zt)² max(1, the rest's mean) and TRIM2_FRAMES frames have data; 1e24 under
-    MIN_FRAMES."""
-    total, top, gaps, second = cstat.astype(np.float32)
-    n = np.float32(n_frames) - gaps
-    f0, f1 = np.float32(0), np.float32(1)
-    m1 = np.maximum(total - top, f0) / np.maximum(n - 1, f1)
-    m2 = np.maximum(total - top - second, f0) / np.maximum(n - 2, f1)
-    two = (n >= TRIM2_FRAMES) & (second > np.maximum(m2, f1) * np.float32((TRIM2_Z * reject_z) ** 2))
-    m = np.where(two, m2, m1)
-    return np.where(n < MIN_FRAMES, np.float32(NO_CONSENSUS), m).astype(np.float32)[None]
+reference_maps = ref.ref_consensus_maps
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -86,6 +86,7 @@ def _fail_once(monkeypatch, obj, name, exc, when):
     ("launch", 30, "device lost"),      # in the middle of the run (46 launches in all)
     ("otf", 1, "no room for the OTF cache"),  # while the OTF cache is allocated
     ("plan", 1, "batch halved to 2"),  # while a batched cuFFT plan is made
+    ("maps", 2, "device lost"),  # while the pass makes the next consensus level (iteration 2)
 ])
 def test_real_cupy_failures_fail_over(emu, real_errors, cpu_result, monkeypatch, site, when,
                                       expect):
@@ -95,6 +96,17 @@ def test_real_cupy_failures_fail_over(emu, real_errors, cpu_result, monkeypatch,
     if site == "launch":
         calls = _fail_once(monkeypatch, be, "_launch",
                            _runtime.CUDARuntimeError(ILLEGAL_ADDRESS), when)
+    elif site == "maps":  # the level made on the device at the end of a pass
+        orig, calls = be._launch, {"n": 0}
+
+        def launch(lc):
+            if lc.kernel == "mf_consensus_maps":
+                calls["n"] += 1
+                if calls["n"] == when:
+                    raise _runtime.CUDARuntimeError(ILLEGAL_ADDRESS)
+            return orig(lc)
+
+        monkeypatch.setattr(be, "_launch", launch)
     elif site == "plan":  # the batched plan of the weighted planes (2, batch, ...)
         orig, calls = be._plan, {"n": 0}
 
@@ -119,7 +131,7 @@ def test_real_cupy_failures_fail_over(emu, real_errors, cpu_result, monkeypatch,
     assert calls["n"] >= when
     assert got.iterations == cpu_result.iterations
     assert any(expect in e for e in got.events), got.events
-    if site == "launch" and when > 1:  # mid-run: an iteration after the first was recomputed
+    if site in ("launch", "maps") and when > 1:  # mid-run: a later iteration was recomputed
         assert any(re.search(r"iteration [2-9] recomputed", e) for e in got.events), got.events
     np.testing.assert_allclose(got.image, cpu_result.image, rtol=1e-4,
                                atol=1e-4 * np.abs(cpu_result.image).max())

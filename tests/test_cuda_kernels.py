@@ -137,6 +137,25 @@ def test_block_sum_is_adjoint_of_replicate(lib, rng):
     assert abs(lhs - rhs) <= 1e-5 * (abs(lhs) + abs(rhs))
 
 
+def test_consensus_maps_bit_for_bit_with_cpu(lib, rng):
+    """The level from the statistics, NaN and ±Inf sums included, as mfnumba.consensus."""
+    from mfnumba.consensus import consensus_maps
+
+    C, h, w, n = 2, 13, 17, 6
+    stat = np.stack([rng.chisquare(3, (C, h, w)) * n, rng.chisquare(3, (C, h, w)) * 3,
+                     rng.integers(0, n, (C, h, w)), rng.chisquare(3, (C, h, w))]).astype(np.float32)
+    stat[1] = np.maximum(stat[1], stat[3])
+    stat[0, 0, 1, 1], stat[0, 1, 2, 2], stat[1, 0, 3, 3] = np.nan, np.inf, np.inf
+    stat[:, 0, 5, 5] = (5000.0, 2500.0, 0.0, 2000.0)  # two outliers among six frames
+    out = np.full((1, C, h, w), -1.0, np.float32)
+    run(lib, L.consensus_maps(stat, out, n, 5.0))
+    want = consensus_maps(stat, n, 5.0)
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(out, ref.ref_consensus_maps(stat, n, 5.0))
+    with pytest.raises(ValueError):
+        L.consensus_maps(stat[:, :, :, ::2], out[:, :, :, ::2], n, 5.0)
+
+
 # packed flags -------------------------------------------------------------------
 
 

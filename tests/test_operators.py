@@ -465,6 +465,27 @@ def test_update_with_floor_matches_reference(backend, rng):
     assert (got >= floor - 1e-4).all()  # never below the floor
 
 
+def _stats(rng, n, C, h, w):
+    """Consensus statistics of n frames' z² (some without data), as the weights gather them."""
+    z2 = rng.chisquare(1, (n, C, h, w)).astype(np.float32)
+    z2[1, :, 2, 3], z2[3, :, 2, 3] = 400.0, 300.0  # two outliers at one pixel
+    nan = rng.random((n, C, h, w)) < 0.15
+    nan[:n - 2, :, 4, 5] = True  # two frames with data: no consensus there
+    z = np.where(nan, 0, z2)
+    return np.stack([z.sum(0), z.max(0), nan.sum(0), np.sort(z, axis=0)[-2]]).astype(np.float32)
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_consensus_maps_match_reference(backend, rng, C):
+    n = 7
+    stat = _stats(rng, n, C, 9, 11)
+    out = backend.zeros((1, C, 9, 11))
+    backend.consensus_maps(backend.asarray(stat), out, n_frames=n, reject_z=5.0)
+    got = backend.to_host(out)
+    np.testing.assert_array_equal(got, ref.ref_consensus_maps(stat, n, 5.0))
+    assert got[0, 0, 4, 5] == np.float32(1e24) and got[0, :, 2, 3].max() < 3
+
+
 @pytest.mark.parametrize("w", [8, 13, 1])
 def test_flags_pack_and_unpack_match_reference(backend, rng, w):
     """Own-outlier flags packed along rows and back, on the device or into host arrays,
@@ -499,6 +520,7 @@ PARITY = {
     "asarray": "test_transfer_round_trip", "to_host": "test_transfer_round_trip",
     "zeros": "test_transfer_round_trip", "host_empty": "test_transfer_round_trip",
     "pack_flags": "test_flags_pack_and_unpack_match_reference",
+    "consensus_maps": "test_consensus_maps_match_reference",
     "unpack_flags": "test_flags_pack_and_unpack_match_reference",
     "rfft2": "test_rfft2_irfft2_and_otf_match_numpy", "irfft2": "test_rfft2_irfft2_and_otf_match_numpy",
     "otf": "test_rfft2_irfft2_and_otf_match_numpy",

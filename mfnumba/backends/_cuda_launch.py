@@ -87,6 +87,22 @@ def replicate(u, r, off, out) -> Launch:
                   (u, _I(su[0]), _I(su[1]), _I(r), _I(off), out, _I(so[0]), _I(so[1]), _I(h), _I(w)))
 
 
+def consensus_maps(stat, out, n_frames: int, reject_z: float) -> Launch:
+    """The consensus level (1, C, h, w) from the statistics (4, C, h, w), both contiguous;
+    the constants rounded to float32 as :func:`mfnumba.consensus.consensus_maps` does."""
+    from ..consensus import MIN_FRAMES, NO_CONSENSUS, TRIM2_FRAMES, TRIM2_Z
+
+    _check(stat, np.float32, 4, "consensus_maps stat")
+    _check(out, np.float32, 4, "consensus_maps out")
+    if stat.shape[0] != 4 or out.shape != (1,) + stat.shape[1:]:
+        raise ValueError(f"consensus_maps: stat {stat.shape}, out {out.shape}")
+    if not (stat.flags.c_contiguous and out.flags.c_contiguous):
+        raise ValueError("consensus_maps: stat and out must be contiguous")
+    f = [_D(np.float32(v)) for v in (n_frames, MIN_FRAMES, TRIM2_FRAMES,
+                                      (TRIM2_Z * reject_z) ** 2, NO_CONSENSUS)]
+    return Launch("consensus", "mf_consensus_maps", out.size, (stat, out, *f))
+
+
 def _flag_pair(packed, flags, what):
     """(P, h, w, nb) of a packed (P, h, ceil(w / 8)) and an unpacked (P, h, w) uint8 pair."""
     _check(packed, np.uint8, 3, f"{what} packed")

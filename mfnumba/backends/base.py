@@ -179,6 +179,10 @@ class Backend(Protocol):
         without ``cons``); ``acc`` (4, C, h, w) gathers Σz², max z², the count
         of NaN frames and the second largest z² per channel for the next pass.
         Returns host (rejected, finite) pixel counts per plane."""
+    def consensus_maps(self, stat, out, *, n_frames: int, reject_z: float):
+        """``out`` (1, C, h, w) := the consensus level m² for the next pass from the
+        statistics ``stat`` (4, C, h, w) that :meth:`consensus_weights` gathered over
+        all ``n_frames`` frames (:func:`mfnumba.consensus.consensus_maps`)."""
     def unpack_flags(self, packed, out):
         """``out`` (P, h, w) uint8 := the 0/1 flags of ``packed`` (P, h, ceil(w/8)),
         packed along the rows as ``np.packbits`` does; ``packed`` may be on the host

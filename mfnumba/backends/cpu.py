@@ -12,7 +12,7 @@ import numba
 import numpy as np
 import scipy.fft as sfft
 
-from ..consensus import set_window, unpack_window
+from ..consensus import consensus_maps, set_window, unpack_window
 from . import _cpu_fft as F
 from . import _cpu_kernels as K
 from .base import NoiseModel, SampleGrid
@@ -65,6 +65,9 @@ class CPUBackend:
 
     def host_empty(self, shape, dtype=np.float32) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
+
+    def consensus_maps(self, stat, out, *, n_frames, reject_z):
+        return consensus_maps(stat, n_frames, reject_z, out=out)
 
     # packed flags ---------------------------------------------------------
     def unpack_flags(self, packed, out):

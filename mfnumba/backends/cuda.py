@@ -444,6 +444,13 @@ class CUDABackend:
         return rej, fin
 
     @_api
+    def consensus_maps(self, stat, out, *, n_frames, reject_z):
+        self._launch(L.consensus_maps(self._out(stat, np.float32, "consensus_maps stat"),
+                                      self._out(out, np.float32, "consensus_maps out"),
+                                      n_frames, reject_z))
+        return out
+
+    @_api
     def unpack_flags(self, packed, out):
         self._launch(L.unpack_flags(self._in(packed, np.uint8),
                                     self._out(out, np.uint8, "unpack_flags out")))
