@@ -11,7 +11,10 @@
 #   bench.log     its table; cuda_calls.log: bench/bench_cuda.py's per-call table
 #   budget.log    bench/device/budget_run.py: solver steps on 64 x 4096² (and variance maps)
 #                 with CuPy's pool limited to 8 GiB
-# STEPS (default: all) picks some, e.g. STEPS="tests bench"; TESTS the test files.
+# STEPS (default: all) picks some, e.g. STEPS="tests bench"; TESTS the test files; TESTS_S,
+# BENCH_S, BUDGET_S those steps' limits (s). All steps took 5.5 min on one H200 machine and
+# would have taken about 9 on a slower one: split them over two calls if time is short
+# (the bench step prints each result as it is measured, so a cut one keeps its figures).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"env tests failover cli bench calls budget"}
@@ -63,7 +66,7 @@ EOF
 fi
 if has bench; then
     stamp bench
-    timeout 130 python3 -m mfnumba bench --backend all --size 1024 --size 4096 --frames 16 \
+    timeout "${BENCH_S:-200}" python3 -m mfnumba bench --backend all --size 1024 --size 4096 --frames 16 \
         --iters 2 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 fi
 if has calls; then
@@ -72,6 +75,6 @@ if has calls; then
 fi
 if has budget; then
     stamp budget
-    timeout "${BUDGET_S:-150}" python3 bench/device/budget_run.py 64 8 2>&1 | tee "$OUT/budget.log"
+    timeout "${BUDGET_S:-100}" python3 bench/device/budget_run.py 64 8 2>&1 | tee "$OUT/budget.log"
 fi
 stamp done
