@@ -12,7 +12,7 @@
 #   budget.log    bench/device/budget_run.py: solver steps on 64 x 4096² (and variance maps)
 #                 with CuPy's pool limited to 8 GiB
 # STEPS (default: all) picks some, e.g. STEPS="tests bench"; TESTS the test files; TESTS_S,
-# BENCH_S, BUDGET_S those steps' limits (s). All steps took 5.5 min on one H200 machine and
+# BENCH_S, BUDGET_S those steps' limits (s). The steps but budget took 5.5 min on one H200 and
 # would have taken about 9 on a slower one: split them over two calls if time is short
 # (the bench step prints each result as it is measured, so a cut one keeps its figures).
 set -uo pipefail
