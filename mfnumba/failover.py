@@ -37,7 +37,7 @@ class DeviceGuard:
                 return fn()
             except DeviceOOM as exc:
                 self.keep_blocks = False  # the frames are sent each pass from now on
-                self._blocks = None
+                self._blocks = None  # let go before the pools are freed, so they are
                 free = getattr(self.be, "free_memory", None)
                 if free is not None:
                     free()

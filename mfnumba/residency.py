@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .consensus import unpack_window
+from .consensus import set_window, unpack_window
 from .geometry import Tile
 
 
@@ -27,7 +27,7 @@ class Residency:
     keep_blocks = True  # the frames may stay on the device across passes (off after an OOM)
     _blocks = None  # batch (start, stop) -> its blocks on the device; False: sent each pass
     _consdev = None  # the consensus level on the device (one tile), until it changes
-    _level_next = None  # (host, device) copies of the level a pass made (one tile)
+    _level_dev = None  # the device's copy of the level the last pass made (one tile)
 
     @property
     def whole_flags(self) -> bool:
@@ -50,11 +50,10 @@ class Residency:
             host = self.host_buffer("_level_b", shape)
         kw = dict(n_frames=self.problem.n_frames, reject_z=self.opt.reject_z)
         if be.name == "cpu":
-            self._level_next = (host, None)
+            self._level_dev = None
             return be.consensus_maps(self._cacc, host, **kw)
-        dev = be.consensus_maps(self._cacc, be.zeros(shape), **kw)
-        self._level_next = (host, dev)
-        return be.to_host(dev, out=host)
+        self._level_dev = be.consensus_maps(self._cacc, be.zeros(shape), **kw)
+        return be.to_host(self._level_dev, out=host)
 
     def _cons_block(self, tile: Tile):
         """The consensus level over the tile, for the weights of every batch: where the
@@ -76,6 +75,15 @@ class Residency:
             self.be.unpack_flags(packed[planes], out)
         else:
             unpack_window(packed, planes, tile.rows, tile.cols, out)
+
+    def _put_flags(self, tile: Tile, packed, planes: slice, own, hits) -> None:
+        """The packed map's flags of ``planes`` over the pixels the tile owns (``own``,
+        its window in the tile) := ``hits``: assigned, so a recomputed pass rewrites them."""
+        if self.whole_flags:
+            self.be.pack_flags(hits, packed[planes])
+        else:
+            set_window(packed, planes, tile.own_rows, tile.own_cols,
+                       hits[:, own.rows[0]:own.rows[1], own.cols[0]:own.cols[1]])
 
     def _device_blocks(self, tile: Tile, frames: range):
         """(batch, its blocks of the frames and maps on the device) for each batch.
@@ -104,7 +112,7 @@ class Residency:
 
     def _can_keep_blocks(self) -> bool:
         pr = self.problem
-        if self.be.name == "cpu" or not self.keep_blocks or len(self.tiles) != 1:
+        if self.be.name == "cpu" or not self.keep_blocks or not self.whole_flags:
             return False
         arrays = [a for a in (pr.frames, pr.mask, pr.var, pr.protect) if a is not None]
         need = 4 * len(arrays) * pr.n_frames * pr.channels * int(np.prod(pr.shape))

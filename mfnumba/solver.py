@@ -332,7 +332,7 @@ class Solver(TilePass, DeviceGuard):
             self._tflags.fill(0)
         self._blocks = None  # the frames' blocks kept on the device: decided at the next pass
         self._consdev = None  # the consensus level's device copy: sent again when needed
-        self._level_next = None  # and the one a pass made on another backend: not taken
+        self._level_dev = None  # and the one a pass made on another backend: not taken
 
     def host_buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 host array a local pass writes into, allocated once (page-locked on
@@ -392,9 +392,8 @@ class Solver(TilePass, DeviceGuard):
         near flags grown from its own outliers of this pass, and the rejected fraction
         of each frame."""
         if part.cons is not None:  # made by the pass, where its statistics stayed
-            host, dev = self._level_next or (None, None)
             self.cons_host = part.cons
-            self._consdev = dev if host is part.cons else None
+            self._consdev = self._level_dev  # None on the CPU, or after a failover
         else:
             self.cons_host = consensus_maps(part.cstat, self.problem.n_frames,
                                             self.opt.reject_z, out=self.cons_host)

@@ -20,7 +20,7 @@ import numpy as np
 from . import interrupt
 from .backends.base import DeviceLost, DeviceOOM, SampleGrid
 from . import consensus as _cons
-from .consensus import GROW as _GROW, set_window
+from .consensus import GROW as _GROW
 from .geometry import Tile
 from .partials import Partial
 from .problem import read_block
@@ -151,12 +151,7 @@ class TilePass(Residency):
                     zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
                     mask=maps["mask"], var=maps["var"], near=near, hits=hits,
                     sharp=_cons.SHARP, neg=_cons.NEG)
-                # the pixels this tile owns: assigned, so a recomputed pass rewrites them
-                if self.whole_flags:
-                    be.pack_flags(hits, hits_map[planes])
-                else:
-                    set_window(hits_map, planes, tile.own_rows, tile.own_cols,
-                               hits[:, own.rows[0]:own.rows[1], own.cols[0]:own.cols[1]])
+                self._put_flags(tile, hits_map, planes, own, hits)
                 # counted over the tile's frame window: approximate where tiles overlap
                 for k in range(nb * C):
                     p = planes.start + k
