@@ -1,4 +1,5 @@
-"""Where Numba keeps the compiled kernels: a per-user cache, never site-packages.
+"""Numba's environment: where it keeps the compiled kernels (a per-user cache,
+never site-packages), and how its idle threads wait.
 
 Numba's default for ``cache=True`` is a ``__pycache__`` beside the source.
 Inside an installed package that writes into site-packages, and a later
@@ -50,3 +51,18 @@ def configure() -> None:
     numba = sys.modules.get("numba")
     if numba is not None:  # imported before us: its config was read already
         numba.config.CACHE_DIR = folder
+
+
+def idle_threads_sleep() -> None:
+    """Numba's OpenMP threads go to sleep when a kernel ends, instead of spinning.
+
+    GNU OpenMP's default (``OMP_WAIT_POLICY`` unset) keeps the team's
+    threads spinning for a while after each parallel region. Between two
+    Numba kernels that spin runs beside pocketfft's own threads and takes
+    their cores: on 2 cores the frame loop's transforms ran 1.3-1.5x their
+    floor, and at it with the threads asleep (bench/RESULTS.md, "the idle
+    threads"). Waking a sleeping team costs microseconds against kernels of
+    milliseconds. A policy the user set is kept; this must run before
+    Numba starts its threads (libgomp reads it once, when it is loaded).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -63,3 +63,31 @@ def test_cache_goes_to_the_user_cache_folder_not_the_package(tmp_path):
                          check=True, env=env)
     assert Path(out.stdout.strip().splitlines()[-1]) == tmp_path / "mine"
     assert list((tmp_path / "mine").rglob("*.nbi"))
+
+
+def _omp_env(env):
+    """What libgomp says it read (OMP_DISPLAY_ENV) once a Numba kernel has run, and the layer."""
+    script = ("import numpy as np\nimport mfnumba\nfrom mfnumba.backends import _cpu_kernels as K\n"
+              "a = np.ones((2, 8, 8), np.float32)\n"
+              "K.block_sum(a, 2, 0, np.empty((2, 4, 4), np.float32))\n"
+              "import numba; print(numba.threading_layer())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, env=dict(env, OMP_DISPLAY_ENV="VERBOSE"))
+    return out.stdout + out.stderr, out.stdout.strip().splitlines()[-1]
+
+
+def test_idle_kernel_threads_sleep_unless_the_user_chose():
+    """Numba's OpenMP team must not spin beside pocketfft's threads between kernels."""
+    import os
+
+    import pytest
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    shown, layer = _omp_env(env)
+    if layer != "omp":
+        pytest.skip(f"Numba's threading layer here is {layer}, not OpenMP")
+    # libgomp shows an unset policy as PASSIVE too: what tells them apart is the spin count
+    # (300000 when unset, 0 when passive)
+    assert "GOMP_SPINCOUNT = '0'" in shown, shown
+    shown, _ = _omp_env(dict(env, OMP_WAIT_POLICY="ACTIVE"))
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in shown, shown
