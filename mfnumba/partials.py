@@ -49,6 +49,9 @@ class Partial:
     # (1, C, h, w) float32: the consensus level for the next pass, made from the statistics
     # where they stayed (on the device) by a part of every frame, in place of cstat
     cons: np.ndarray | None = None
+    # the backend whose device holds nd (a local pass over one tile, read by the update
+    # there; never merged or sent); None: nd is a host array
+    nd_on: object | None = None
 
     @property
     def nbytes(self) -> int:
@@ -74,8 +77,9 @@ def merge(a: Partial, b: Partial) -> Partial:
     overlap = a.z.keys() & b.z.keys()
     if overlap:
         raise ValueError(f"parts overlap on plane(s) {sorted(overlap)[:5]}")
-    if a.cons is not None or b.cons is not None:
-        raise ValueError("a part of every frame (with its consensus level) has nothing to merge")
+    if a.cons is not None or b.cons is not None or a.nd_on is not None or b.nd_on is not None:
+        raise ValueError("a part of every frame (with its consensus level, or num and den "
+                         "on a device) has nothing to merge")
     a.z.update(b.z)
     a.q.update(b.q)
     a.hits.update(b.hits)

@@ -363,12 +363,20 @@ class Solver(TilePass, DeviceGuard):
         (element-wise; nothing else reads x until the next pass), and the
         host copy follows once.
         """
-        got = self._guarded(lambda: self._update(part.nd))
+        def update():
+            if part.nd_on is not None and part.nd_on is not self.be:
+                # num and den were left on a device lost since: the pass again, here
+                again = self.executor.partials(self, accumulate=True, gather=False)
+                for f in dataclasses.fields(part):
+                    setattr(part, f.name, getattr(again, f.name))
+            return self._update(part.nd, on_device=part.nd_on is not None)
+
+        got = self._guarded(update)
         if self._consensus and (part.cstat is not None or part.cons is not None):
             self._set_consensus(part)
         return got
 
-    def _update(self, nd: np.ndarray):
+    def _update(self, nd, on_device: bool = False):
         """The update on the device's estimate, then one copy of it to the host.
 
         A device failure before the copy leaves the host estimate as it was:
@@ -378,7 +386,8 @@ class Solver(TilePass, DeviceGuard):
         x = self._x_device()
         x = be.asarray(self._x_host) if x is None else x
         e0, e1 = self.geom.extent
-        got = be.update(x, be.asarray(nd[0]), be.asarray(nd[1]), kappa=self.opt.kappa,
+        num, den = (nd[0], nd[1]) if on_device else (be.asarray(nd[0]), be.asarray(nd[1]))
+        got = be.update(x, num, den, kappa=self.opt.kappa,
                         alpha=self.opt.alpha if self.iteration >= RELAX_FROM else min(
                             self.opt.alpha, 1.0), den_floor=self.den_floor,
                         grid=SampleGrid(step=self.upd_step, origin=(0, 0), rows=(0, e0),

@@ -214,19 +214,24 @@ class TilePass(Residency):
         work buffers, so it can be recomputed after a device failure, and
         parts of disjoint frame sets add up (:func:`mfnumba.partials.merge`)
         to the part of their union. ``out``: the (2, C, E0, E1) array num
-        and den go into (else a new one).
+        and den go into (else a new one); where a local pass of every frame
+        over one tile runs on a device they stay there instead (``nd_on``),
+        until the update.
         """
         C = self.problem.channels
         gather = self._consensus and (gather or accumulate)
         self._pending = []  # (first plane, the backend's samples) of every batch and tile
         part = Partial()
-        if accumulate:
+        # a local pass of every frame over one tile: the statistics stay where the weights
+        # gathered them, and the pass makes the next consensus level from them there; on a
+        # device, num and den stay there too, for the update
+        local_whole = (out is not None and self.whole_flags
+                       and (frames.start, frames.stop) == (0, self.problem.n_frames))
+        level_here = gather and local_whole
+        nd_here = accumulate and local_whole and self.be.name != "cpu"
+        if accumulate and not nd_here:
             # the cores partition the extent, so every pixel of nd is rewritten
             part.nd = np.empty((2,) + self.x_host.shape, np.float32) if out is None else out
-        # a local pass of every frame over one tile: the statistics stay where the weights
-        # gathered them, and the pass makes the next consensus level from them there
-        level_here = (gather and out is not None and self.whole_flags
-                      and (frames.start, frames.stop) == (0, self.problem.n_frames))
         if gather and not level_here:  # every pixel is rewritten by its own tile
             shape = (4, C) + tuple(self.problem.shape)
             # a local pass (out given) reuses one buffer; a worker's part leaves it
@@ -235,8 +240,10 @@ class TilePass(Residency):
         for tile in self.tiles:
             self._load_tile(tile)
             self._tile_pass(tile, frames, part, accumulate=accumulate, gather=gather)
-            if accumulate:
-                cy, cx = tile.core_in_model
+            cy, cx = tile.core_in_model
+            if nd_here:  # the one tile's core is the extent: a view of the device's buffer
+                part.nd, part.nd_on = self._nd[:, :, cy, cx], self.be
+            elif accumulate:
                 a, b, c, d = tile.core
                 self.be.to_host(self._nd[:, :, cy, cx], out=part.nd[:, :, a:b, c:d])
         if level_here:

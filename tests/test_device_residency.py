@@ -2,8 +2,8 @@
 
 A CPU backend that copies on every ``asarray`` and ``to_host``, as a device
 would, counts what crosses: per iteration the estimate goes to the host
-once (after the update) and never comes back, num and den go over once,
-and the result equals the plain CPU backend's bit for bit. Where the
+once (after the update) and never comes back, num and den go over once
+(where the image is tiled; one tile keeps them on the device), and the result equals the plain CPU backend's bit for bit. Where the
 estimate would not fit, each tile copies its own window instead; a device
 lost during the update is met from the unchanged host copy.
 """
@@ -29,6 +29,12 @@ class _Copying(CPUBackend):
         self.free, self.lose_update_at, self.updates = free, lose_update_at, 0
         self.h2d: list[tuple] = []  # shapes sent to the device
         self.d2h: list[tuple] = []
+        self.made: list[np.ndarray] = []  # the "device" buffers: garbage once it is lost
+
+    def zeros(self, shape, dtype=np.float32):
+        a = super().zeros(shape, dtype)
+        self.made.append(a)
+        return a
 
     def asarray(self, a, dtype=np.float32):
         self.h2d.append(np.shape(a))
@@ -45,6 +51,8 @@ class _Copying(CPUBackend):
         self.updates += 1
         if self.updates == self.lose_update_at:
             x *= 3.0  # a half-done update on the device, then the failure
+            for a in self.made:  # and what the device held is gone
+                a[...] = np.nan if a.dtype.kind in "fc" else 0
             raise DeviceLost("cudaErrorIllegalAddress (emulated)")
         return super().update(x, num, den, **kw)
 
@@ -109,6 +117,10 @@ def test_frames_cross_once_per_run_where_they_fit(rng, room):
     sent, back = be.h2d[marks[2][0]:marks[4][0]], be.d2h[marks[2][1]:marks[4][1]]
     level, stats = (1, 1) + frames.shape[2:], (4, 1) + frames.shape[2:]
     assert sent.count(level) == 0 and back.count(stats) == 0 and back.count(level) == 2
+    # and num and den stay where the pass made them, for the update there; the estimate
+    # comes back once per iteration and is never sent
+    xs = s.x_host.shape
+    assert back.count((2,) + xs) == 0 and sent.count(xs) == 0 and back.count(xs) == 2
     assert (s.otfs is not None) == s.cache_otfs == room
 
 
