@@ -95,8 +95,8 @@ def _weight_row(yr, er, vr, mr, pr, o0, o1, vmode, fl, inv, ds, huber, has_mask,
 
 
 @njit(cache=True, error_model="numpy")
-def _consensus_row(yr, er, vr, mr, c0, nr, hr, zr, s0, s1, s2, s3, o0, o1, vmode, fl, inv, ds,
-                   u2, huber, has_mask, has_cons, zt2, lo2, sharp_on, neg2, sharp2):
+def _consensus_row(yr, er, vr, mr, c0, nr, hr, zr, fr, s0, s1, s2, s3, o0, o1, vmode, fl, inv,
+                   ds, u2, huber, has_mask, has_cons, zt2, lo2, sharp_on, neg2, sharp2):
     """One row of :func:`consensus_weights`: o0 = w y, o1 = w ŷ, and its statistics.
 
     The consensus statistics go into s0 (Σz²), s1 (max z²), s2 (NaN count)
@@ -109,7 +109,11 @@ def _consensus_row(yr, er, vr, mr, c0, nr, hr, zr, s0, s1, s2, s3, o0, o1, vmode
     finite, candidates) pixel counts of the row.
 
     Two loops, each branch-free: the weights (z² kept in the scratch row zr,
-    -1 where there is no data), then the statistics from zr. What makes the
+    -1 where there is no data; what is finite, rejected, a candidate as bits
+    0-2 of the scratch row fr), then the statistics from zr; the counts come
+    from fr in a third. Counting in the first loop made LLVM vectorise it
+    only 4 wide (Numba's counters are int64), 8 wide without: 8 × 1000²
+    planes, 2 threads, 10.8 → 7.6 ms. What makes the
     kernel vectorise on AVX2 is that every load is unconditional
     (:func:`_noise`) and the statistics' maxima are ``np.maximum`` (a select's
     read-modify-write becomes a conditional store): 8 × 1000² planes, 2
@@ -119,9 +123,7 @@ def _consensus_row(yr, er, vr, mr, c0, nr, hr, zr, s0, s1, s2, s3, o0, o1, vmode
     zero = np.float32(0.0)
     one = np.float32(1.0)
     big = np.float32(np.inf)
-    nrej = 0
-    nfin = 0
-    ncand = 0
+    u0, u1, u2_, u4 = np.uint8(0), np.uint8(1), np.uint8(2), np.uint8(4)
     for j in range(yr.shape[0]):
         v = yr[j]
         e = er[j]
@@ -144,12 +146,10 @@ def _consensus_row(yr, er, vr, mr, c0, nr, hr, zr, s0, s1, s2, s3, o0, o1, vmode
         # a candidate for the sharpness test: above the model and past its limit
         ms = sharp2 * m2
         cand = sharp_on & ok & (~bad) & (a > zero) & (z2 > zt2 * (ms if ms > one else one))
-        ncand += 1 if cand else 0
         # no data (NaN, ±Inf) is no outlier; without a consensus no flags
-        hr[j] = (1 if (ok & hit) else (2 if cand else 0)) if has_cons else 0
+        hr[j] = (u1 if (ok & hit) else (u2_ if cand else u0)) if has_cons else u0
         f = zero if bad else f
-        nrej += 1 if (ok & bad) else 0
-        nfin += 1 if ok else 0
+        fr[j] = (u1 if ok else u0) | (u2_ if (ok & bad) else u0) | (u4 if cand else u0)
         zr[j] = z2 if ok else -one
         wt = wt * f
         wt = wt * mj if has_mask else wt
@@ -168,6 +168,14 @@ def _consensus_row(yr, er, vr, mr, c0, nr, hr, zr, s0, s1, s2, s3, o0, o1, vmode
         s1[j] = np.maximum(zq, t)
         s3[j] = np.maximum(np.minimum(t, zq), s3[j])  # the new second largest
         s2[j] = s2[j] + (zero if ok else one)
+    nrej = 0
+    nfin = 0
+    ncand = 0
+    for j in range(yr.shape[0]):
+        b = fr[j]
+        nfin += b & 1
+        nrej += (b >> 1) & 1
+        ncand += b >> 2
     return nrej, nfin, ncand
 
 
@@ -458,6 +466,7 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
     neg2 = np.float32(neg * neg)
     for i in prange(h):
         zr = np.empty(w, np.float32)
+        fr = np.empty(w, np.uint8)
         if r > 1:
             o0, o1 = np.empty(w, np.float32), np.empty(w, np.float32)
         for k in range(P):
@@ -472,7 +481,7 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
             if r == 1:
                 o0, o1 = out[0, k, po + i, po:po + w], out[1, k, po + i, po:po + w]
             nr, nf, nc = _consensus_row(yr, yhat[k, i + p, p:p + w], vr, mr, c0, near[k, i],
-                                        hits[k, i], zr, acc[0, c, i], acc[1, c, i],
+                                        hits[k, i], zr, fr, acc[0, c, i], acc[1, c, i],
                                         acc[2, c, i], acc[3, c, i], o0, o1, vmode, fl, inv, ds,
                                         u2, huber, has_mask, has_cons, zt2, lo2, sharp_on, neg2,
                                         sharp2)
