@@ -142,6 +142,8 @@ class TilePass(Residency):
                 pr.release_maps()
                 continue
             out = self._wbuf[:, : nb * C]
+            # the weighted planes' spectra, made by the weights where the backend fuses them
+            S = self._S[:, : nb * C] if accumulate and self.conv == "fft" else None
             if gather:
                 near, hits = self._tflags[:, : nb * C, :g.h, :g.w]
                 self._get_flags(tile, near_map, planes, near)
@@ -150,7 +152,7 @@ class TilePass(Residency):
                     unit=unit[planes], delta=self.delta[planes], huber=self._huber, cons=cons,
                     zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
                     mask=maps["mask"], var=maps["var"], near=near, hits=hits,
-                    sharp=_cons.SHARP, neg=_cons.NEG)
+                    sharp=_cons.SHARP, neg=_cons.NEG, spectra=S)
                 self._put_flags(tile, hits_map, planes, own, hits)
                 # counted over the tile's frame window: approximate where tiles overlap
                 for k in range(nb * C):
@@ -161,12 +163,12 @@ class TilePass(Residency):
                 be.robust_weights(y, yhat, out, p=py, noise=self.noise, sigma=self.sigma[planes],
                                   delta=self.delta[planes], huber=self._huber, p_out=g.p, r=g.r,
                                   **maps)
+                if S is not None:  # the weighted planes are zero outside the frame's rows
+                    be.rfft2(out, out=S, rows=(g.p, g.p + g.r * g.h))
             pr.release_maps()  # maps in scratch files: their pages leave our resident memory
             if not accumulate:
                 continue
             if self.conv == "fft":
-                # the weighted planes are zero outside the frame's rows
-                S = be.rfft2(out, out=self._S[:, : nb * C], rows=(g.p, g.p + g.r * g.h))
                 S = S.reshape((2, nb, C) + self._X.shape[-2:])
                 be.spectral_accumulate(self._acc, otf, S)
             else:

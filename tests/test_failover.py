@@ -51,6 +51,14 @@ class _Flaky(CPUBackend):
             raise DeviceOOM("cuFFT CUFFT_ALLOC_FAILED (emulated)")
         return super().rfft2(a, out, rows)
 
+    def consensus_weights(self, y, yhat, out, acc, *, spectra=None, **kw):
+        # unfused, as on a GPU: the weighted planes' transform is an rfft2 call that can fail
+        got = super().consensus_weights(y, yhat, out, acc, **kw)
+        if spectra is not None:
+            po, r, h = kw["p_out"], kw.get("r", 1), y.shape[1]
+            self.rfft2(out, out=spectra, rows=(po, po + r * h))
+        return got
+
     def free_memory(self):
         self.freed += 1
 

@@ -287,6 +287,61 @@ def test_consensus_weights_match_reference(backend, with_cons, with_var, rng):
     assert rej[2] >= w - 1 and rej[3] >= 1  # the trail and the cosmic ray are rejected
 
 
+@pytest.mark.parametrize("r", [1, 2])
+def test_consensus_weights_with_spectra_give_their_planes_transform(backend, r, rng):
+    """With ``spectra`` the weights also hand over rfft2 of the weighted planes (on the
+    CPU, r = 1, made from the cache and never written): everything else as without it,
+    and those spectra what rfft2 of the planes gives. 37 rows: blocks of 16 and a rest;
+    NaN pixels, a trail, a cosmic ray on a core (sharpness candidates), two channels."""
+    be = backend
+    P, h, w, p, C = 6, 37, 23, 4, 2
+    yh = (rng.random((P, h, w)) * 50 + 100).astype(np.float32)
+    y = (yh + rng.standard_normal((P, h, w)) * 5).astype(np.float32)
+    y[1, 3, :4] = np.nan
+    y[2, 20, :] += 200.0  # a trail: rejected
+    y[3, 15, 11] += 400.0  # a cosmic ray where the level is high: a sharpness candidate
+    y[4, 36, 22] = np.inf
+    po = p + 1  # the planes' own offset, as a tile's
+    g0, g1 = po + r * h + 3, po + r * w + 5
+    grid = np.zeros((P, h + 2 * p, w + 2 * p), np.float32)
+    grid[:, p:p + h, p:p + w] = yh
+    cons = np.zeros((2, C, h, w), np.float32)
+    cons[0] = rng.uniform(0.2, 3.0, (C, h, w))
+    cons[0, :, 13:18, 9:14] = 40.0
+    near = (rng.random((P, h, w)) < 0.05).astype(np.uint8)
+    var = rng.uniform(20, 30, (P, h, w)).astype(np.float32)
+    kw = dict(p=p, noise=NoiseModel("map", 0.0), sigma=rng.uniform(0.9, 1.1, P),
+              unit=np.ones(P), delta=np.full(P, 2.5), huber=False, cons=be.asarray(cons),
+              zt=5.0, lo_frac=0.5, channels=C, var=be.asarray(var), p_out=po, r=r,
+              near=be.asarray(near, np.uint8), sharp=2.0, neg=1.5)
+    got = []
+    for fused in (False, True):
+        out, acc = be.zeros((2, P, g0, g1)), be.zeros((4, C, h, w))
+        hits = be.zeros((P, h, w), np.uint8)
+        spectra = be.zeros((2, P, g0, g1 // 2 + 1), np.complex64)
+        if fused:
+            rej, fin = be.consensus_weights(be.asarray(y), be.asarray(grid), out, acc,
+                                            hits=hits, spectra=spectra, **kw)
+        else:
+            rej, fin = be.consensus_weights(be.asarray(y), be.asarray(grid), out, acc,
+                                            hits=hits, **kw)
+            be.rfft2(out, out=spectra, rows=(po, po + r * h))
+        got.append([np.asarray(rej), np.asarray(fin)] + [be.to_host(a) for a in
+                                                          (hits, acc, spectra)])
+    (rej0, fin0, hits0, acc0, s0), (rej1, fin1, hits1, acc1, s1) = got
+    assert rej0[2] >= w and hits0[3, 15, 11] == 1  # the trail and the cosmic ray went
+    np.testing.assert_array_equal(rej1, rej0)
+    np.testing.assert_array_equal(fin1, fin0)
+    np.testing.assert_array_equal(hits1, hits0)
+    np.testing.assert_array_equal(acc1, acc0)
+    scale = np.abs(s0).max()
+    assert scale > 0
+    if be.name == "cpu":  # the same row transforms from the same rows: bit for bit
+        np.testing.assert_array_equal(s1, s0)
+    else:
+        np.testing.assert_allclose(s1, s0, rtol=0, atol=1e-5 * scale)
+
+
 def test_consensus_rejects_a_sharp_hit_on_a_core_whose_model_is_off(backend, rng):
     """Every frame misses a star core by ~10σ (a PSF that is off): the level m ≈ 10
     lifts the limit to 5 m, so a 35σ cosmic ray on that core stays under it; its

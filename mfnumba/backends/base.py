@@ -167,7 +167,8 @@ class Backend(Protocol):
     def consensus_weights(self, y, yhat, out, acc, *, p: int, noise: NoiseModel, sigma, unit,
                           delta, huber: bool, cons=None, zt: float = 5.0, lo_frac: float = 0.5,
                           channels: int = 1, mask=None, var=None, p_out=None, r: int = 1,
-                          near=None, hits=None, sharp: float = 0.0, neg: float = 1.0):
+                          near=None, hits=None, sharp: float = 0.0, neg: float = 1.0,
+                          spectra=None):
         """:meth:`robust_weights` with cross-frame consensus rejection: w = 0 where
         z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, √cons[0]), or > lo_frac·L where
         bit 0 of ``near`` (P, h, w) uint8 marks the plane's own outlier nearby
@@ -178,6 +179,9 @@ class Backend(Protocol):
         times higher. ``hits`` (P, h, w) uint8 gets 1 where rejected so (0
         without ``cons``); ``acc`` (4, C, h, w) gathers Σz², max z², the count
         of NaN frames and the second largest z² per channel for the next pass.
+        ``spectra`` (2, P, g0, g1//2+1) complex64: also ``rfft2(out, rows=(p_out,
+        p_out + r h))`` into it, and ``out`` may then be left as it was (a backend
+        that fuses the two never writes the weighted planes: the CPU's, r = 1).
         Returns host (rejected, finite) pixel counts per plane."""
     def consensus_maps(self, stat, out, *, n_frames: int, reject_z: float):
         """``out`` (1, C, h, w) := the consensus level m² for the next pass from the

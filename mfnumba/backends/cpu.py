@@ -14,6 +14,7 @@ import scipy.fft as sfft
 
 from ..consensus import consensus_maps, set_window, unpack_window
 from . import _cpu_fft as F
+from . import _cpu_fused as FU
 from . import _cpu_kernels as K
 from .base import NoiseModel, SampleGrid
 
@@ -154,22 +155,29 @@ class CPUBackend:
 
     def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
                           huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
-                          p_out=None, r=1, near=None, hits=None, sharp=0.0, neg=1.0):
+                          p_out=None, r=1, near=None, hits=None, sharp=0.0, neg=1.0,
+                          spectra=None):
         P, h, w = y.shape
+        po = p if p_out is None else p_out
         rej = np.zeros((P, h), np.int64)
         fin = np.zeros((P, h), np.int64)
         if near is None:
             near = np.zeros((P, h, w), np.uint8)
         if hits is None:
             hits = np.empty((P, h, w), np.uint8)
-        K.consensus_weights(y, yhat, p, noise.code, _or_dummy(var), noise.floor,
-                            np.asarray(sigma, np.float64), np.asarray(unit, np.float64),
-                            np.asarray(delta, np.float64), bool(huber), _or_dummy(mask),
-                            mask is not None, _DUMMY4 if cons is None else cons,
-                            cons is not None, near, hits, float(zt), float(lo_frac),
-                            int(channels), out,
-                            p if p_out is None else p_out, int(r), acc, rej, fin, float(sharp),
-                            float(neg))
+        args = (y, yhat, p, noise.code, _or_dummy(var), noise.floor,
+                np.asarray(sigma, np.float64), np.asarray(unit, np.float64),
+                np.asarray(delta, np.float64), bool(huber), _or_dummy(mask), mask is not None,
+                _DUMMY4 if cons is None else cons, cons is not None, near, hits, float(zt),
+                float(lo_frac), int(channels))
+        if spectra is not None and r == 1:  # the planes go from the cache into their spectra
+            FU.consensus_weights_rows(*args, spectra, po, acc, rej, fin, float(sharp),
+                                      float(neg), out.shape[-1], FU.ROWS)
+            FU.finish_rows(spectra, po, po + h, self.threads)
+        else:
+            K.consensus_weights(*args, out, po, int(r), acc, rej, fin, float(sharp), float(neg))
+            if spectra is not None:
+                self.rfft2(out, out=spectra, rows=(po, po + r * h))
         return rej.sum(axis=1), fin.sum(axis=1)
 
     def block_sum(self, a, r, offset, out):

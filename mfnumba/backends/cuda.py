@@ -418,7 +418,8 @@ class CUDABackend:
     @_api
     def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
                           huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
-                          p_out=None, r=1, near=None, hits=None, sharp=0.0, neg=1.0):
+                          p_out=None, r=1, near=None, hits=None, sharp=0.0, neg=1.0,
+                          spectra=None):
         prm = cupy.asarray(L.consensus_params(*(self.to_host(a) for a in (sigma, unit, delta))))
         # hits held on the host (the solver's flags, a strided window) are written on the
         # device and copied there after the launch; a device array is written in place
@@ -438,6 +439,8 @@ class CUDABackend:
             near=self._in(near, np.uint8), hits=dhits, sharp=float(sharp),
             neg=float(neg))
         self._launch(launch)
+        if spectra is not None:  # not fused here: cuFFT of the planes, all rows
+            self.rfft2(out, out=spectra)
         rej, fin = cupy.asnumpy(counts).astype(np.int64)  # the protocol's host counts: a sync
         if on_host:
             self.to_host(dhits, out=hits)
