@@ -7,7 +7,7 @@ import sys
 SCRIPT = r"""
 import json
 import numpy as np
-from mfnumba.backends import _cpu_kernels as K, _cpu_fft as F
+from mfnumba.backends import _cpu_kernels as K, _cpu_fft as F, _cpu_consensus as KC
 from mfnumba.options import Options
 from mfnumba.solver import Problem, Solver
 from mfnumba.backends.cpu import CPUBackend
@@ -17,7 +17,8 @@ for reject in ("consensus", "huber"):  # both weight kernels
     s = Solver(Problem(frames, psfs), Options(iters=2, conv="fft", reject=reject), CPUBackend())
     s.setup(frames[0])
     s.run()
-kernels = [K.residual_samples, K.robust_weights, K.consensus_weights, K.spectral_multiply,
+kernels = [K.residual_samples, K.robust_weights, KC.consensus_weights, KC.consensus_weights_rows,
+           KC.finish_rows, K.spectral_multiply,
            K.spectral_accumulate, K.update, F.rfft2_rows_into, F.irfft2_rows_into, F.irfft2_into]
 print(json.dumps({k.__name__: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]
                   for k in kernels}))

@@ -14,7 +14,7 @@ import scipy.fft as sfft
 
 from ..consensus import consensus_maps, set_window, unpack_window
 from . import _cpu_fft as F
-from . import _cpu_fused as FU
+from . import _cpu_consensus as KC
 from . import _cpu_kernels as K
 from .base import NoiseModel, SampleGrid
 
@@ -171,11 +171,11 @@ class CPUBackend:
                 _DUMMY4 if cons is None else cons, cons is not None, near, hits, float(zt),
                 float(lo_frac), int(channels))
         if spectra is not None and r == 1:  # the planes go from the cache into their spectra
-            FU.consensus_weights_rows(*args, spectra, po, acc, rej, fin, float(sharp),
-                                      float(neg), out.shape[-1], FU.ROWS)
-            FU.finish_rows(spectra, po, po + h, self.threads)
+            KC.consensus_weights_rows(*args, spectra, po, acc, rej, fin, float(sharp),
+                                      float(neg), out.shape[-1], KC.ROWS)
+            KC.finish_rows(spectra, po, po + h, self.threads)
         else:
-            K.consensus_weights(*args, out, po, int(r), acc, rej, fin, float(sharp), float(neg))
+            KC.consensus_weights(*args, out, po, int(r), acc, rej, fin, float(sharp), float(neg))
             if spectra is not None:
                 self.rfft2(out, out=spectra, rows=(po, po + r * h))
         return rej.sum(axis=1), fin.sum(axis=1)
