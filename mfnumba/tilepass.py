@@ -109,15 +109,13 @@ class TilePass(Residency):
         be, pr, g = self.be, self.problem, tile.geom
         C = pr.channels
         gather = self._consensus and (gather or accumulate) and part is not None
-        if gather:
+        if gather:  # the first batch sets the statistics (init), the others add to them
             acc = self._cacc[:, :, :g.h, :g.w]
-            acc.fill(0)
             cons = self._cons_block(tile)
             unit = self._scale / self.sigma
             hits_map, near_map = self._flags()
         if self.conv == "fft":
             be.rfft2(self._x, out=self._X, rows=(0, g.extent[0]))  # x: zero beyond its window
-            self._acc.fill(0)
         else:
             self._nd.fill(0)
         # the window this tile owns, sampled on the frame's global residual grid
@@ -125,6 +123,7 @@ class TilePass(Residency):
                          rows=(tile.own_rows[0] - tile.rows[0], tile.own_rows[1] - tile.rows[0]),
                          cols=(tile.own_cols[0] - tile.cols[0], tile.own_cols[1] - tile.cols[0]))
         for idx, maps in self._device_blocks(tile, frames):
+            first = idx.start == frames.start  # sets the sums the later batches add to
             interrupt.check()  # a signal during the kernels is raised here, between batches
             nb, planes = len(idx), slice(idx.start * C, idx.stop * C)
             otf = self._otf(idx) if self.conv == "fft" else None
@@ -152,7 +151,7 @@ class TilePass(Residency):
                     unit=unit[planes], delta=self.delta[planes], huber=self._huber, cons=cons,
                     zt=self.opt.reject_z, lo_frac=_GROW, channels=C, p_out=g.p, r=g.r,
                     mask=maps["mask"], var=maps["var"], near=near, hits=hits,
-                    sharp=_cons.SHARP, neg=_cons.NEG, spectra=S)
+                    sharp=_cons.SHARP, neg=_cons.NEG, spectra=S, init=first)
                 self._put_flags(tile, hits_map, planes, own, hits)
                 # counted over the tile's frame window: approximate where tiles overlap
                 for k in range(nb * C):
@@ -170,7 +169,7 @@ class TilePass(Residency):
                 continue
             if self.conv == "fft":
                 S = S.reshape((2, nb, C) + self._X.shape[-2:])
-                be.spectral_accumulate(self._acc, otf, S)
+                be.spectral_accumulate(self._acc, otf, S, init=first)
             else:
                 be.conv_adjoint_direct(out.reshape((2, nb, C) + self.grid),
                                        self.psfs[idx.start:idx.stop], self._nd, g.p, g.extent)

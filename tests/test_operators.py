@@ -137,6 +137,11 @@ def test_spectral_multiply_and_accumulate_match_reference(backend, rng):
                                  be.asarray(S, np.complex64))
     np.testing.assert_allclose(be.to_host(got), ref.ref_spectral_accumulate(acc, otf, S), rtol=1e-5,
                                atol=1e-5)
+    # init: the sum alone, whatever acc held
+    got = be.spectral_accumulate(be.asarray(acc.copy(), np.complex64), be.asarray(otf, np.complex64),
+                                 be.asarray(S, np.complex64), init=True)
+    np.testing.assert_allclose(be.to_host(got), ref.ref_spectral_accumulate(0 * acc, otf, S),
+                               rtol=1e-5, atol=1e-5)
 
 
 # element-wise, fused ---------------------------------------------------------------------
@@ -319,9 +324,10 @@ def test_consensus_weights_with_spectra_give_their_planes_transform(backend, r, 
         out, acc = be.zeros((2, P, g0, g1)), be.zeros((4, C, h, w))
         hits = be.zeros((P, h, w), np.uint8)
         spectra = be.zeros((2, P, g0, g1 // 2 + 1), np.complex64)
-        if fused:
+        if fused:  # and ``init``: what acc held before does not count
+            acc = be.asarray(np.full((4, C, h, w), 7.0, np.float32))
             rej, fin = be.consensus_weights(be.asarray(y), be.asarray(grid), out, acc,
-                                            hits=hits, spectra=spectra, **kw)
+                                            hits=hits, spectra=spectra, init=True, **kw)
         else:
             rej, fin = be.consensus_weights(be.asarray(y), be.asarray(grid), out, acc,
                                             hits=hits, **kw)

@@ -166,7 +166,7 @@ def _sharp_row(y, yhat, i, p, vr, c0, hr, o0, o1, vmode, fl, inv, u2, zt2, sharp
 @njit(parallel=True, cache=True)
 def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, mask, has_mask,
                       cons, has_cons, near, hits, zt, lo_frac, C, out, po, r, acc, rej, fin,
-                      sharp=0.0, neg=1.0):
+                      sharp=0.0, neg=1.0, init=False):
     """``_cpu_kernels.robust_weights`` with cross-frame consensus rejection, and its
     statistics.
 
@@ -192,7 +192,8 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
     data), per channel, for the next pass; rej[k, i], fin[k, i]: rejected
     and finite pixels per row. Compared
     squared: no square root per pixel. Rows run in parallel and each row's
-    planes in order, so the sums do not depend on the threads.
+    planes in order, so the sums do not depend on the threads. ``init``: acc
+    is set to this batch's statistics (each row zeroed where it is gathered).
     """
     P, h, w = y.shape
     fl = np.float32(floor)
@@ -202,6 +203,8 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
     sharp2 = np.float32(sharp * sharp)
     neg2 = np.float32(neg * neg)
     for i in prange(h):
+        if init:
+            acc[:, :, i] = 0
         zr = np.empty(w, np.float32)
         fr = np.empty(w, np.uint8)
         if r > 1:
@@ -248,11 +251,11 @@ ROWS = 16  # rows per task: 2 × 16 rows of a 1080-wide grid are 138 KB of scrat
 @njit(parallel=True, cache=True)
 def consensus_weights_rows(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, mask,
                            has_mask, cons, has_cons, near, hits, zt, lo_frac, C, spectra, po, acc,
-                           rej, fin, sharp, neg, g1, rows):
+                           rej, fin, sharp, neg, g1, rows, init):
     """spectra[:, k, po + i] = the row transforms of rows po + i of the weighted planes
     (o0 = w y, o1 = w ŷ embedded at column po of a grid row, zero elsewhere) that
     :func:`consensus_weights` (r = 1) would write, for i < h; its
-    statistics, flags and counts likewise; g1: the grid's width. The other rows of
+    statistics, flags and counts likewise (``init`` too); g1: the grid's width. The other rows of
     ``spectra`` and its column transforms are :func:`finish_rows`' to do."""
     P, h, w = y.shape
     fl = np.float32(floor)
@@ -268,6 +271,8 @@ def consensus_weights_rows(y, yhat, p, vmode, var, floor, sigma, unit, delta, hu
         zr = np.empty(w, np.float32)
         fr = np.empty(w, np.uint8)
         o = np.zeros((2, n, g1), np.float32)  # zero outside the frame's columns, for good
+        if init:
+            acc[:, :, i0:i0 + n] = 0
         for k in range(P):
             for t in range(n):
                 rej[k, i0 + t], fin[k, i0 + t] = consensus_plane_row(

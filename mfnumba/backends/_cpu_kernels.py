@@ -192,8 +192,8 @@ def spectral_multiply(X, otf, out):
 
 
 @njit(parallel=True, cache=True)
-def spectral_accumulate(acc, otf, S):
-    """acc[k, c] += Σ_b conj(otf[b]) · S[k, b, c].
+def spectral_accumulate(acc, otf, S, init):
+    """acc[k, c] += Σ_b conj(otf[b]) · S[k, b, c]; with ``init``, acc := that sum.
 
     A task per row of the spectra, num and den in the inner loop: each OTF
     row is read once, not once for each (0.5 ms less per batch of 8 × 1080²).
@@ -203,6 +203,9 @@ def spectral_accumulate(acc, otf, S):
     for ci in prange(C * n0):
         c = ci // n0
         i = ci % n0
+        if init:  # the row zeroed where it is summed into: no pass of its own over acc
+            for k in range(Kk):
+                acc[k, c, i] = 0
         for b in range(B):
             orow = otf[b, i]
             for k in range(Kk):

@@ -139,8 +139,9 @@ class Backend(Protocol):
     def otf(self, psf: np.ndarray, grid: tuple[int, int]): ...
     def spectral_multiply(self, X, otf, out):
         """``out[b, c] = X[c] · otf[b]`` for a batch of frames."""
-    def spectral_accumulate(self, acc, otf, S):
-        """``acc[k, c] += Σ_b conj(otf[b]) · S[k, b, c]`` (k: num, den)."""
+    def spectral_accumulate(self, acc, otf, S, *, init: bool = False):
+        """``acc[k, c] += Σ_b conj(otf[b]) · S[k, b, c]`` (k: num, den); with ``init``,
+        acc is set to that sum (the first batch: no zeroing of its own)."""
 
     # direct (spatial) convolution -----------------------------------------
     def conv_forward_direct(self, x, psfs, out, p: int, shape: tuple[int, int]):
@@ -168,7 +169,7 @@ class Backend(Protocol):
                           delta, huber: bool, cons=None, zt: float = 5.0, lo_frac: float = 0.5,
                           channels: int = 1, mask=None, var=None, p_out=None, r: int = 1,
                           near=None, hits=None, sharp: float = 0.0, neg: float = 1.0,
-                          spectra=None):
+                          spectra=None, init: bool = False):
         """:meth:`robust_weights` with cross-frame consensus rejection: w = 0 where
         z = |y - ŷ|/(σ√V·unit) > L = zt·max(1, √cons[0]), or > lo_frac·L where
         bit 0 of ``near`` (P, h, w) uint8 marks the plane's own outlier nearby
@@ -182,6 +183,7 @@ class Backend(Protocol):
         ``spectra`` (2, P, g0, g1//2+1) complex64: also ``rfft2(out, rows=(p_out,
         p_out + r h))`` into it, and ``out`` may then be left as it was (a backend
         that fuses the two never writes the weighted planes: the CPU's, r = 1).
+        ``init``: ``acc`` is set to this batch's statistics, not added to.
         Returns host (rejected, finite) pixel counts per plane."""
     def consensus_maps(self, stat, out, *, n_frames: int, reject_z: float):
         """``out`` (1, C, h, w) := the consensus level m² for the next pass from the

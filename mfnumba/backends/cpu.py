@@ -117,8 +117,8 @@ class CPUBackend:
         K.spectral_multiply(X, otf, out)
         return out
 
-    def spectral_accumulate(self, acc, otf, S):
-        K.spectral_accumulate(acc, otf, S)
+    def spectral_accumulate(self, acc, otf, S, *, init=False):
+        K.spectral_accumulate(acc, otf, S, bool(init))
         return acc
 
     # direct convolution ---------------------------------------------------
@@ -156,7 +156,7 @@ class CPUBackend:
     def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
                           huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
                           p_out=None, r=1, near=None, hits=None, sharp=0.0, neg=1.0,
-                          spectra=None):
+                          spectra=None, init=False):
         P, h, w = y.shape
         po = p if p_out is None else p_out
         rej = np.zeros((P, h), np.int64)
@@ -172,10 +172,11 @@ class CPUBackend:
                 float(lo_frac), int(channels))
         if spectra is not None and r == 1:  # the planes go from the cache into their spectra
             KC.consensus_weights_rows(*args, spectra, po, acc, rej, fin, float(sharp),
-                                      float(neg), out.shape[-1], KC.ROWS)
+                                      float(neg), out.shape[-1], KC.ROWS, bool(init))
             KC.finish_rows(spectra, po, po + h, self.threads)
         else:
-            KC.consensus_weights(*args, out, po, int(r), acc, rej, fin, float(sharp), float(neg))
+            KC.consensus_weights(*args, out, po, int(r), acc, rej, fin, float(sharp), float(neg),
+                                 bool(init))
             if spectra is not None:
                 self.rfft2(out, out=spectra, rows=(po, po + r * h))
         return rej.sum(axis=1), fin.sum(axis=1)

@@ -368,9 +368,12 @@ class CUDABackend:
         return out
 
     @_api
-    def spectral_accumulate(self, acc, otf, S):
-        self._launch(L.spectral_accumulate(self._out(acc, np.complex64, "spectral_accumulate acc"),
-                                           self._in(otf, np.complex64), self._in(S, np.complex64)))
+    def spectral_accumulate(self, acc, otf, S, *, init=False):
+        dst = self._out(acc, np.complex64, "spectral_accumulate acc")
+        if init:
+            dst.fill(0)
+        self._launch(L.spectral_accumulate(dst, self._in(otf, np.complex64),
+                                           self._in(S, np.complex64)))
         return acc
 
     # direct convolution -----------------------------------------------------------------
@@ -419,7 +422,9 @@ class CUDABackend:
     def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,
                           huber, cons=None, zt=5.0, lo_frac=0.5, channels=1, mask=None, var=None,
                           p_out=None, r=1, near=None, hits=None, sharp=0.0, neg=1.0,
-                          spectra=None):
+                          spectra=None, init=False):
+        if init:
+            self._out(acc, np.float32, "consensus_weights acc").fill(0)
         prm = cupy.asarray(L.consensus_params(*(self.to_host(a) for a in (sigma, unit, delta))))
         # hits held on the host (the solver's flags, a strided window) are written on the
         # device and copied there after the launch; a device array is written in place
