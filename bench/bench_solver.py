@@ -294,7 +294,9 @@ def machine_info() -> list[str]:
         rocket = "not installed"
     return [
         f"- CPU: {model}; {os.cpu_count()} logical cores ({affinity} usable){mem}",
-        f"- Numba threads: {numba.get_num_threads()} (layer: {numba.threading_layer()})",
+        f"- Numba threads: {numba.get_num_threads()} (layer: {numba.threading_layer()}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')})",
         f"- Python {platform.python_version()}, NumPy {np.__version__}, SciPy {scipy.__version__}, "
         f"Numba {numba.__version__}, rocket-fft {rocket}, mfnumba {mfnumba_version}",
     ]
