@@ -2,7 +2,9 @@
 # The GPU checks of issue 11, as one command on the device machine (run in the repo root,
 # with .whl carried; see bench/device/wheels.sh). Every step has its own time limit, so a
 # slow or hanging one still leaves the others' results. Results land in $OUT:
-#   env.txt       nvidia-smi, mfnumba info
+#   env.txt       nvidia-smi, mfnumba info, then (step headline) the figure issue 11 asks for
+#                 first: mfnumba bench --backend cuda at 4096² × 16, solver step and cuFFT floor
+#                 (the 2-core CPU's 196.2 ms is in RESULTS.md); at most 8 files come back
 #   tests.log     the CUDA tests, the backend-fixture tests on cuda, failover, auto selection
 #   failover.log  bench/device/failover_run.py: real OOM (pool limit), OOM at batch 1, a real
 #                 illegal-address fault mid-run; each against the CPU result
@@ -12,12 +14,12 @@
 #   budget.log    bench/device/budget_run.py: solver steps on 64 x 4096² (and variance maps)
 #                 with CuPy's pool limited to 8 GiB
 # STEPS (default: all) picks some, e.g. STEPS="tests bench"; TESTS the test files; TESTS_S,
-# BENCH_S, BUDGET_S those steps' limits (s). The steps but budget took 5.5 min on one H200 and
+# HEADLINE_S, BENCH_S, BUDGET_S those steps' limits (s). The steps but budget took 5.5 min on one H200 and
 # would have taken about 9 on a slower one: split them over two calls if time is short
 # (the bench step prints each result as it is measured, so a cut one keeps its figures).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"env tests failover cli bench calls budget"}
+STEPS=${STEPS:-"env headline tests failover cli bench calls budget"}
 TESTS=${TESTS:-"tests/test_cuda_backend.py tests/test_cuda_compile.py tests/test_cuda_kernels.py
     tests/test_operators.py tests/test_solver.py tests/test_failover.py tests/test_backend_auto.py
     tests/test_cuda_failover.py tests/test_device_residency.py tests/test_tiling.py tests/test_sr.py"}
@@ -32,6 +34,11 @@ if has env; then
     { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc
       python3 -c "import numpy, numba, cupy; print(numpy.__version__, numba.__version__, cupy.__version__)"
       timeout 60 python3 -m mfnumba info; } 2>&1 | tee "$OUT/env.txt"
+fi
+if has headline; then
+    stamp headline
+    timeout "${HEADLINE_S:-90}" python3 -m mfnumba bench --backend cuda --size 4096 --frames 16 \
+        --iters 2 2>&1 | tee -a "$OUT/env.txt"
 fi
 if has tests; then
     stamp tests
