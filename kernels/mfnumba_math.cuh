@@ -87,6 +87,35 @@ MF_HD unsigned char mf_flag_byte(const unsigned char* f, mf_i64 cnt) {
     return (unsigned char)v;
 }
 
+// byte b of row i of a plane's flags grown by a square of side 2 r + 1 (r <= 7 px): the rows
+// within r of i or-ed, the bits of that column of bytes spread by up to r each way, carrying
+// between neighbouring bytes; a row of w px in nb bytes, its bits past w neither grown from
+// nor set. hits: the plane's packed rows, row stride sr.
+MF_HD unsigned mf_grow_col(const unsigned char* hits, mf_i64 sr, mf_i64 i, mf_i64 b, mf_i64 h,
+                           mf_i64 nb, mf_i64 w, int r) {
+    if (b < 0 || b >= nb) return 0u;
+    unsigned v = 0;
+    mf_i64 t0 = i - r < 0 ? 0 : i - r, t1 = i + r + 1 > h ? h : i + r + 1;
+    for (mf_i64 t = t0; t < t1; ++t) v |= hits[t * sr + b];
+    int tail = (int)(w & 7);
+    if (tail && b == nb - 1) v &= (0xFFu << (8 - tail)) & 0xFFu;
+    return v;
+}
+MF_HD unsigned char mf_grow_byte(const unsigned char* hits, mf_i64 sr, mf_i64 i, mf_i64 b,
+                                 mf_i64 h, mf_i64 nb, mf_i64 w, int r) {
+    unsigned c = mf_grow_col(hits, sr, i, b, h, nb, w, r);
+    unsigned prev = mf_grow_col(hits, sr, i, b - 1, h, nb, w, r);
+    unsigned nxt = mf_grow_col(hits, sr, i, b + 1, h, nb, w, r);
+    unsigned v = c;
+    for (int s = 1; s <= r; ++s) {
+        v |= ((c >> s) | (prev << (8 - s))) & 0xFFu;  // towards higher columns
+        v |= ((c << s) | (nxt >> (8 - s))) & 0xFFu;   // towards lower columns
+    }
+    int tail = (int)(w & 7);
+    if (tail && b == nb - 1) v &= (0xFFu << (8 - tail)) & 0xFFu;
+    return (unsigned char)v;
+}
+
 // Python's (a % m) for m > 0 (non-negative result)
 MF_HD mf_i64 mf_pymod(mf_i64 a, mf_i64 m) {
     mf_i64 r = a % m;

@@ -52,12 +52,15 @@ class Partial:
     # the backend whose device holds nd (a local pass over one tile, read by the update
     # there; never merged or sent); None: nd is a host array
     nd_on: object | None = None
+    # (P, h, ceil(w/8)) uint8: the next pass's near flags, grown by a part of every frame
+    # from its hits where they stayed (on the device), in place of hits
+    near: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays it carries (what a worker sends back per pass)."""
         arrays = [*self.z.values(), *self.q.values(), *self.hits.values(), self.nd, self.cstat,
-                  self.cons]
+                  self.cons, self.near]
         return sum(a.nbytes for a in arrays if a is not None)
 
 
@@ -77,7 +80,7 @@ def merge(a: Partial, b: Partial) -> Partial:
     overlap = a.z.keys() & b.z.keys()
     if overlap:
         raise ValueError(f"parts overlap on plane(s) {sorted(overlap)[:5]}")
-    if a.cons is not None or b.cons is not None or a.nd_on is not None or b.nd_on is not None:
+    if any(v is not None for p in (a, b) for v in (p.cons, p.nd_on, p.near)):
         raise ValueError("a part of every frame (with its consensus level, or num and den "
                          "on a device) has nothing to merge")
     a.z.update(b.z)

@@ -2,8 +2,9 @@
 
 A mixin of the solver (with :class:`mfnumba.tilepass.TilePass`): the
 frames' and maps' blocks, kept there for the whole run where they fit; the
-own-outlier flags, which cross packed (an eighth of the bytes) and are
-packed and unpacked by the backend; and the consensus level, made by the
+own-outlier flags, packed (a bit per pixel) in device maps that the backend
+packs, unpacks and grows into the next pass's near flags, of which only a
+copy comes back; and the consensus level, made by the
 pass from the statistics where the weights gathered them, so that those
 never cross and the level crosses once per iteration. Where the image is
 tiled the host does this work per tile, as before. On the CPU backend
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .consensus import set_window, unpack_window
+from .consensus import GROW_R, set_window, unpack_window
 from .geometry import Tile
 
 
@@ -28,6 +29,9 @@ class Residency:
     _blocks = None  # batch (start, stop) -> its blocks on the device; False: sent each pass
     _consdev = None  # the consensus level on the device (one tile), until it changes
     _level_dev = None  # the device's copy of the level the last pass made (one tile)
+    _hits_dev = None  # the packed own-outlier flags a pass writes, on the device (one tile)
+    _near_dev = None  # the packed near flags the next pass reads there; None: sent again
+    _near_next = None  # the device's copy of the near flags the last pass grew there
 
     @property
     def whole_flags(self) -> bool:
@@ -38,6 +42,47 @@ class Residency:
         t = self.tiles[0]
         return len(self.tiles) == 1 and t.rows == t.own_rows == (0, h) \
             and t.cols == t.own_cols == (0, w)
+
+    @property
+    def device_flags(self) -> bool:
+        """One tile on a device: the packed flags stay there. The pass packs its hits
+        into a device map and, where it holds every frame, grows them there into the
+        next pass's near flags, of which only a copy comes back (for a checkpoint, a
+        worker, a failover); elsewhere the hits come back and the host grows them."""
+        return self.whole_flags and self.be.name != "cpu"
+
+    def _pass_flags(self):
+        """(hits, near), the packed maps a pass writes and reads: the device's where
+        :attr:`device_flags` (near sent from the host copy when that changed), else the
+        host's (:meth:`_flags`)."""
+        hits, near = self._flags()
+        if not self.device_flags:
+            return hits, near
+        if self._hits_dev is None:
+            self._hits_dev = self.be.zeros(hits.shape, np.uint8)
+        if self._near_dev is None:
+            self._near_dev = self.be.asarray(near, np.uint8)
+        return self._hits_dev, self._near_dev
+
+    def _next_near(self) -> np.ndarray:
+        """The next pass's near flags, grown on the device from this pass's hits there:
+        the device's copy kept for :meth:`_take_near`, the host's into the one of two host
+        buffers that is not the current near (a pass recomputed after a device failure
+        still reads that)."""
+        be, (hits, _) = self.be, self._pass_flags()
+        host = self.host_buffer("_near_a", hits.shape, np.uint8)
+        if host is self.near_host:
+            host = self.host_buffer("_near_b", hits.shape, np.uint8)
+        self._near_next = be.grow_flags(hits, be.zeros(hits.shape, np.uint8),
+                                        w=self.problem.shape[1], grow_r=GROW_R)
+        return be.to_host(self._near_next, out=host)
+
+    def _take_near(self, near: np.ndarray) -> None:
+        """The near flags a pass grew (:meth:`_next_near`) become the next pass's."""
+        self._flags()
+        self.near_host = near
+        self._near_dev = self._near_next if self.device_flags else None
+        self._near_next = None
 
     def _next_level(self) -> np.ndarray:
         """The consensus level for the next pass from this pass's statistics (one tile:

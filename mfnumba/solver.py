@@ -267,6 +267,7 @@ class Solver(TilePass, DeviceGuard):
         near = inputs.get("near")
         if near is not None:  # the driver's flags of this share's planes: no state kept here
             self._flags()[1][...] = near
+            self._near_dev = None
 
     def _flags(self) -> tuple[np.ndarray, np.ndarray]:
         """(hits, near) of this solver's planes, packed; allocated (empty) when first asked.
@@ -333,13 +334,14 @@ class Solver(TilePass, DeviceGuard):
         self._blocks = None  # the frames' blocks kept on the device: decided at the next pass
         self._consdev = None  # the consensus level's device copy: sent again when needed
         self._level_dev = None  # and the one a pass made on another backend: not taken
+        self._hits_dev = self._near_dev = self._near_next = None  # the flags': likewise
 
-    def host_buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 host array a local pass writes into, allocated once (page-locked on
-        a GPU, so the device's results land in it at the bus's speed)."""
+    def host_buffer(self, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        """A host array a local pass writes into, allocated once (page-locked on a GPU,
+        so the device's results land in it at the bus's speed)."""
         a = getattr(self, name, None)
-        if a is None or a.shape != tuple(shape):
-            a = self.be.host_empty(tuple(shape), np.float32)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+            a = self.be.host_empty(tuple(shape), dtype)
             a.fill(0)
             setattr(self, name, a)
         return a
@@ -406,11 +408,15 @@ class Solver(TilePass, DeviceGuard):
         else:
             self.cons_host = consensus_maps(part.cstat, self.problem.n_frames,
                                             self.opt.reject_z, out=self.cons_host)
-        hits, near = self._flags()
-        for k, a in part.hits.items():  # a worker's planes; the local pass wrote them in place
-            if not np.shares_memory(a, hits[k]):
-                hits[k] = a
-        grow_flags(hits, near, self.problem.shape[1])  # what the next pass reads
+        if part.near is not None:  # grown by the pass on the device, where its hits stayed
+            self._take_near(part.near)
+        else:
+            hits, near = self._flags()
+            for k, a in part.hits.items():  # a worker's planes; the local pass wrote them in place
+                if not np.shares_memory(a, hits[k]):
+                    hits[k] = a
+            grow_flags(hits, near, self.problem.shape[1])  # what the next pass reads
+            self._near_dev = None  # a device's copy is sent again
         C = self.problem.channels
         planes = range(self.problem.n_frames * C)
         rej = np.array([part.rej.get(k, 0.0) for k in planes])
@@ -549,6 +555,7 @@ class Solver(TilePass, DeviceGuard):
                 raise ValueError(f"checkpoint flags {near.shape} != {(P, h, (w + 7) // 8)}")
             self.hits_host, self.near_host = flag_maps(P, h, w)
             self.near_host[...] = near
+        self._near_dev = None
         if st["conv"] != self.conv:
             raise ValueError(f"checkpoint convolution {st['conv']} != {self.conv}: pass it to setup")
 

@@ -113,7 +113,7 @@ class TilePass(Residency):
             acc = self._cacc[:, :, :g.h, :g.w]
             cons = self._cons_block(tile)
             unit = self._scale / self.sigma
-            hits_map, near_map = self._flags()
+            hits_map, near_map = self._pass_flags()
         if self.conv == "fft":
             be.rfft2(self._x, out=self._X, rows=(0, g.extent[0]))  # x: zero beyond its window
         else:
@@ -249,8 +249,12 @@ class TilePass(Residency):
                 self.be.to_host(self._nd[:, :, cy, cx], out=part.nd[:, :, a:b, c:d])
         if level_here:
             part.cons = self._next_level()
-        if gather:  # each plane's own outliers of this pass, for the driver's growth
+        if gather and level_here and self.device_flags:  # grown where the hits stayed
+            part.near = self._next_near()
+        elif gather:  # each plane's own outliers of this pass, for the driver's growth
             hits = self._flags()[0]
+            if self.device_flags:  # a worker's, or the setup's: written on the device
+                self.be.to_host(self._pass_flags()[0], out=hits)
             part.hits = {k: hits[k] for k in range(frames.start * C, frames.stop * C)}
         zs = {p: [] for p in range(frames.start * C, frames.stop * C)}
         qs = {p: [] for p in zs}
@@ -305,7 +309,7 @@ class TilePass(Residency):
             planes = slice(idx.start * C, idx.stop * C)
             w = self._wbuf[:, : nb * C]
             near, hits = self._tflags[:, : nb * C, :g.h, :g.w]
-            self._get_flags(tile, self._flags()[1], planes, near)
+            self._get_flags(tile, self._pass_flags()[1], planes, near)
             be.consensus_weights(y, yhat, w, self._cacc[:, :, :g.h, :g.w], p=py, noise=self.noise,
                                  sigma=self.sigma[planes],
                                  unit=(self._scale / self.sigma)[planes],

@@ -168,6 +168,19 @@ def ref_unpack_flags(packed: np.ndarray, w: int) -> np.ndarray:
     return np.stack([(packed[:, :, c // 8] >> (7 - c % 8)) & 1 for c in range(w)], axis=-1)
 
 
+def ref_grow_flags(hits: np.ndarray, w: int, r: int) -> np.ndarray:
+    """Packed (P, h, ceil(w/8)): each plane's flags of ``hits`` (rows of w px; bits past w
+    ignored) dilated by a (2r+1) × (2r+1) square, clipped at the plane's edges."""
+    f = ref_unpack_flags(hits, w).astype(bool)
+    P, h, _ = f.shape
+    g = np.zeros_like(f)
+    for di in range(-r, r + 1):
+        for dj in range(-r, r + 1):
+            src = f[:, max(0, -di):h - max(0, di), max(0, -dj):w - max(0, dj)]
+            g[:, max(0, di):h - max(0, -di), max(0, dj):w - max(0, -dj)] |= src
+    return ref_pack_flags(g)
+
+
 def ref_spectral_multiply(X: np.ndarray, otf: np.ndarray) -> np.ndarray:
     """out[b, c] = X[c] · otf[b]."""
     return X[None, :, :, :].astype(np.complex128) * otf[:, None, :, :]

@@ -477,10 +477,10 @@ def test_solver_runs_on_the_cuda_backend(emu, conv, sr, tile):
         results.append(s.run())
     # the defaults' consensus rejection and sky floor ran as kernels
     assert {"mf_consensus_weights", "mf_update"} <= set(cp.launches[n0:])
-    # one tile: the flags crossed packed (packed and unpacked by kernels); tiles: on the host
-    # and the next consensus level was made where its statistics stayed
-    assert ({"mf_pack_flags", "mf_unpack_flags", "mf_consensus_maps"} <= set(cp.launches[n0:])) \
-        == (tile is None)
+    # one tile: the flags stayed on the device (packed, unpacked and grown by kernels), and
+    # the next consensus level was made where its statistics stayed; tiles: on the host
+    assert ({"mf_pack_flags", "mf_unpack_flags", "mf_grow_flags", "mf_consensus_maps"}
+            <= set(cp.launches[n0:])) == (tile is None)
     cpu_img, gpu_img = results[0].image, results[1].image
     assert np.isfinite(gpu_img).all()
     np.testing.assert_allclose(gpu_img, cpu_img, rtol=1e-4, atol=1e-4 * np.abs(cpu_img).max())

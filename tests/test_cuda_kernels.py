@@ -180,6 +180,31 @@ def test_flags_pack_unpack_round_trip(lib, rng, w):
         L.pack_flags(flags, np.zeros((P, h, nb + 1), np.uint8))
 
 
+@pytest.mark.parametrize("w,r", [(1, 1), (7, 1), (8, 2), (9, 1), (17, 3), (31, 7), (24, 0)])
+def test_flags_grow_like_the_cpu_and_the_reference(lib, rng, w, r):
+    """Growth on the packed bytes: every row length around a byte's edge, radii 0 to 7,
+    flags at the planes' edges, garbage in the bits past w (not grown from), strided."""
+    from mfnumba.consensus import grow_flags
+
+    P, h = 3, 9
+    nb = (w + 7) // 8
+    hits = np.zeros((P, h, nb + 2), np.uint8)[:, :, 1:1 + nb]
+    hits[...] = ref.ref_pack_flags((rng.random((P, h, w)) < 0.08).astype(np.uint8))
+    hits[0] = ref.ref_pack_flags(np.eye(h, w, dtype=np.uint8)[None])[0]  # corners, edges
+    if w & 7:
+        hits[..., -1] |= np.uint8(0xFF >> (w & 7))  # the bits past w: garbage
+    want = ref.ref_grow_flags(hits, w, r)
+    big = np.full((P, h + 2, nb + 2), 0x5A, np.uint8)
+    near = big[:, 1:1 + h, 1:1 + nb]
+    run(lib, L.grow_flags(hits, near, w, r))
+    np.testing.assert_array_equal(near, want)
+    assert (big[:, 0] == 0x5A).all() and (big[:, :, 0] == 0x5A).all()  # nothing else written
+    cpu = grow_flags(np.ascontiguousarray(hits), np.zeros((P, h, nb), np.uint8), w, r)
+    np.testing.assert_array_equal(cpu, want)
+    with pytest.raises(ValueError):
+        L.grow_flags(hits, near, w + 8, r)
+
+
 # spectra ------------------------------------------------------------------------
 
 

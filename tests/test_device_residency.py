@@ -121,6 +121,11 @@ def test_frames_cross_once_per_run_where_they_fit(rng, room):
     # comes back once per iteration and is never sent
     xs = s.x_host.shape
     assert back.count((2,) + xs) == 0 and sent.count(xs) == 0 and back.count(xs) == 2
+    # the packed own-outlier flags stay there too: the pass grows them into the next pass's
+    # near flags where it packed them, and only those come back, once per iteration
+    P, (h, w) = frames.shape[0], frames.shape[2:]
+    packed = (P, h, (w + 7) // 8)
+    assert sent.count(packed) == 0 and back.count(packed) == 2
     assert (s.otfs is not None) == s.cache_otfs == room
 
 

@@ -547,6 +547,19 @@ def test_consensus_maps_match_reference(backend, rng, C):
     assert got[0, 0, 4, 5] == np.float32(1e24) and got[0, :, 2, 3].max() < 3
 
 
+@pytest.mark.parametrize("w,r", [(8, 1), (13, 2), (1, 1), (40, 0)])
+def test_flags_grow_on_the_backend_as_the_reference(backend, rng, w, r):
+    """The next pass's near flags grown where the hits are (device arrays on a GPU)."""
+    P, h = 4, 11
+    flags = (rng.random((P, h, w)) < 0.06).astype(np.uint8)
+    flags[0, 0, 0] = flags[1, h - 1, w - 1] = 1  # at the corners
+    hits = ref.ref_pack_flags(flags)
+    near = backend.zeros(hits.shape, np.uint8)
+    got = backend.grow_flags(backend.asarray(hits, np.uint8), near, w=w, grow_r=r)
+    np.testing.assert_array_equal(backend.to_host(got), ref.ref_grow_flags(hits, w, r))
+    assert backend.to_host(got).any()
+
+
 @pytest.mark.parametrize("w", [8, 13, 1])
 def test_flags_pack_and_unpack_match_reference(backend, rng, w):
     """Own-outlier flags packed along rows and back, on the device or into host arrays,
@@ -581,6 +594,7 @@ PARITY = {
     "asarray": "test_transfer_round_trip", "to_host": "test_transfer_round_trip",
     "zeros": "test_transfer_round_trip", "host_empty": "test_transfer_round_trip",
     "pack_flags": "test_flags_pack_and_unpack_match_reference",
+    "grow_flags": "test_flags_grow_on_the_backend_as_the_reference",
     "consensus_maps": "test_consensus_maps_match_reference",
     "unpack_flags": "test_flags_pack_and_unpack_match_reference",
     "rfft2": "test_rfft2_irfft2_and_otf_match_numpy", "irfft2": "test_rfft2_irfft2_and_otf_match_numpy",

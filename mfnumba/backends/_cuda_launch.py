@@ -127,6 +127,21 @@ def pack_flags(flags, out) -> Launch:
                   (flags, _I(sf[0]), _I(sf[1]), out, _I(so[0]), _I(so[1]), _I(h), _I(w), _I(nb)))
 
 
+def grow_flags(hits, near, w: int, grow_r: int) -> Launch:
+    """near (P, h, nb) := hits (P, h, nb), packed rows of w px, grown by grow_r (<= 7) px."""
+    for a, nm in ((hits, "hits"), (near, "near")):
+        _check(a, np.uint8, 3, f"grow_flags {nm}")
+    P, h, nb = hits.shape
+    if near.shape != hits.shape or nb != (w + 7) // 8:
+        raise ValueError(f"grow_flags: hits {hits.shape}, near {near.shape} for rows of {w} px")
+    if not 0 <= grow_r <= 7:
+        raise ValueError(f"grow_flags: radius {grow_r}, expected 0 to 7 px")
+    sh, sn = strides(hits), strides(near)
+    return Launch("flags", "mf_grow_flags", P * h * nb,
+                  (hits, _I(sh[0]), _I(sh[1]), near, _I(sn[0]), _I(sn[1]), _I(h), _I(w), _I(nb),
+                   _I(grow_r)))
+
+
 def _spectra(a, ndim, what):
     _check(a, np.complex64, ndim, what)
     s = strides(a)

@@ -196,6 +196,10 @@ class Backend(Protocol):
     def pack_flags(self, flags, out):
         """``out`` (P, h, ceil(w/8)), on the host or the device, := ``flags`` (P, h, w)
         != 0 packed along the rows; the bits past w are 0."""
+    def grow_flags(self, hits, near, *, w: int, grow_r: int):
+        """``near`` (P, h, ceil(w/8)) := the packed flags ``hits`` of rows of w px (both
+        the backend's arrays) dilated per plane by a square of side 2·grow_r + 1 (grow_r
+        <= 7; :func:`mfnumba.consensus.grow_flags`); the bits past w are 0."""
     def block_sum(self, a, r: int, offset: int, out):
         """D: ``out[k, i, j] = Σ_{u,t<r} a[k, offset + r i + u, offset + r j + t]``."""
     def replicate(self, u, r: int, offset: int, out):

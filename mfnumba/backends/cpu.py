@@ -12,7 +12,7 @@ import numba
 import numpy as np
 import scipy.fft as sfft
 
-from ..consensus import consensus_maps, set_window, unpack_window
+from ..consensus import consensus_maps, grow_flags, set_window, unpack_window
 from . import _cpu_fft as F
 from . import _cpu_consensus as KC
 from . import _cpu_kernels as K
@@ -82,6 +82,9 @@ class CPUBackend:
             out[..., -1] = 0  # the bits past w
         set_window(out, slice(0, P), (0, h), (0, w), flags)
         return out
+
+    def grow_flags(self, hits, near, *, w, grow_r):
+        return grow_flags(hits, near, int(w), int(grow_r))
 
     # Fourier domain -------------------------------------------------------
     def rfft2(self, a, out=None, rows=None):

@@ -475,6 +475,13 @@ class CUDABackend:
         return self.to_host(dev, out=out)
 
     @_api
+    def grow_flags(self, hits, near, *, w, grow_r):
+        self._launch(L.grow_flags(self._out(hits, np.uint8, "grow_flags hits"),
+                                  self._out(near, np.uint8, "grow_flags near"), int(w),
+                                  int(grow_r)))
+        return near
+
+    @_api
     def block_sum(self, a, r, offset, out):
         self._launch(L.block_sum(self._in(a), int(r), int(offset),
                                  self._out(out, np.float32, "block_sum out")))
