@@ -386,6 +386,8 @@ def demo(
 @app.command()
 def info():
     """Versions, threads and backends."""
+    import os
+
     import numba
     import numpy
     import scipy
@@ -395,7 +397,9 @@ def info():
     typer.echo(f"mfnumba {__version__}")
     typer.echo(f"python  {sys.version.split()[0]}")
     typer.echo(f"numpy {numpy.__version__}  scipy {scipy.__version__}  numba {numba.__version__}")
-    typer.echo(f"threads: numba {numba.config.NUMBA_NUM_THREADS} (layer {numba.threading_layer() if _numba_ran() else 'not started'})")
+    layer = numba.threading_layer() if _numba_ran() else "not started"
+    typer.echo(f"threads: numba {numba.config.NUMBA_NUM_THREADS} (layer {layer}; idle OpenMP "
+               f"threads: OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
     from .backends.cuda import cuda_status
 
     ok, why, devices = cuda_status()
