@@ -163,6 +163,14 @@ def _sharp_row(y, yhat, i, p, vr, c0, hr, o0, o1, vmode, fl, inv, u2, zt2, sharp
     return n
 
 
+@njit(cache=True)
+def _limits(floor, zt, lo_frac, has_cons, sharp, neg):
+    """The kernels' float32 constants: the Poisson floor, zt², lo_frac², whether the
+    sharpness test is on, sharp², neg²."""
+    return (np.float32(floor), np.float32(zt * zt), np.float32(lo_frac * lo_frac),
+            has_cons and sharp > 0.0, np.float32(sharp * sharp), np.float32(neg * neg))
+
+
 @njit(parallel=True, cache=True)
 def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, mask, has_mask,
                       cons, has_cons, near, hits, zt, lo_frac, C, out, po, r, acc, rej, fin,
@@ -196,12 +204,7 @@ def consensus_weights(y, yhat, p, vmode, var, floor, sigma, unit, delta, huber, 
     is set to this batch's statistics (each row zeroed where it is gathered).
     """
     P, h, w = y.shape
-    fl = np.float32(floor)
-    zt2 = np.float32(zt * zt)
-    lo2 = np.float32(lo_frac * lo_frac)
-    sharp_on = has_cons and sharp > 0.0
-    sharp2 = np.float32(sharp * sharp)
-    neg2 = np.float32(neg * neg)
+    fl, zt2, lo2, sharp_on, sharp2, neg2 = _limits(floor, zt, lo_frac, has_cons, sharp, neg)
     for i in prange(h):
         if init:
             acc[:, :, i] = 0
@@ -255,15 +258,10 @@ def consensus_weights_rows(y, yhat, p, vmode, var, floor, sigma, unit, delta, hu
     """spectra[:, k, po + i] = the row transforms of rows po + i of the weighted planes
     (o0 = w y, o1 = w ŷ embedded at column po of a grid row, zero elsewhere) that
     :func:`consensus_weights` (r = 1) would write, for i < h; its
-    statistics, flags and counts likewise (``init`` too); g1: the grid's width. The other rows of
-    ``spectra`` and its column transforms are :func:`finish_rows`' to do."""
+    statistics, flags and counts likewise (``init`` too); g1: the grid's width. The
+    other rows of ``spectra`` and its column transforms are :func:`finish_rows`' to do."""
     P, h, w = y.shape
-    fl = np.float32(floor)
-    zt2 = np.float32(zt * zt)
-    lo2 = np.float32(lo_frac * lo_frac)
-    sharp_on = has_cons and sharp > 0.0
-    sharp2 = np.float32(sharp * sharp)
-    neg2 = np.float32(neg * neg)
+    fl, zt2, lo2, sharp_on, sharp2, neg2 = _limits(floor, zt, lo_frac, has_cons, sharp, neg)
     ax = np.array([2])
     for blk in prange((h + rows - 1) // rows):
         i0 = blk * rows
