@@ -66,21 +66,21 @@ class Residency:
 
     def _next_near(self) -> np.ndarray:
         """The next pass's near flags, grown on the device from this pass's hits there:
-        the device's copy kept for :meth:`_take_near`, the host's into the one of two host
-        buffers that is not the current near (a pass recomputed after a device failure
-        still reads that)."""
+        the device's copy kept for :meth:`_take_near`, the host's into the host map of the
+        hits, which such a pass leaves idle (their map is the device's), not into the
+        current near: a pass recomputed after a device failure still reads that."""
         be, (hits, _) = self.be, self._pass_flags()
-        host = self.host_buffer("_near_a", hits.shape, np.uint8)
-        if host is self.near_host:
-            host = self.host_buffer("_near_b", hits.shape, np.uint8)
         self._near_next = be.grow_flags(hits, be.zeros(hits.shape, np.uint8),
                                         w=self.problem.shape[1], grow_r=GROW_R)
-        return be.to_host(self._near_next, out=host)
+        return be.to_host(self._near_next, out=self._flags()[0])
 
     def _take_near(self, near: np.ndarray) -> None:
-        """The near flags a pass grew (:meth:`_next_near`) become the next pass's."""
-        self._flags()
-        self.near_host = near
+        """The near flags a pass grew (:meth:`_next_near`, in the hits' host map) become
+        the next pass's; the old near's map holds the hits from now on."""
+        hits, old = self._flags()
+        if near is not hits:
+            raise ValueError("near flags not grown by this solver's last pass")
+        self.hits_host, self.near_host = old, near
         self._near_dev = self._near_next if self.device_flags else None
         self._near_next = None
 
