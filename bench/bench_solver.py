@@ -86,8 +86,8 @@ class TimedBackend:
         return timed
 
     def _label(self, name, args, kwargs):
-        if name == "consensus_weights" and kwargs.get("spectra") is not None:
-            return FUSED  # the weighted planes' transforms inside (fused on the CPU)
+        if name.endswith("_weights") and kwargs.get("spectra") is not None:
+            return f"{name} + rfft2(w·y, w·ŷ)"  # the planes' transforms inside (fused on the CPU)
         if name == "rfft2":
             return "rfft2(x)" if args[0].ndim == 3 else "rfft2(w·y, w·ŷ)"
         if name == "irfft2":
@@ -120,7 +120,8 @@ def _breakdown_table(what: str, times, events, marks, *, n: int, half: float, be
             pieces[label][k] += dt
             counts[label] += 1
     pieces["solver (Python, not in the backend)"] = np.array(times) - sum(pieces.values())
-    order = ["spectral_multiply", "irfft2(ŷ)", "robust_weights", "consensus_weights", FUSED,
+    order = ["spectral_multiply", "irfft2(ŷ)", "robust_weights", "consensus_weights",
+             "robust_weights + rfft2(w·y, w·ŷ)", FUSED,
              "rfft2(w·y, w·ŷ)", "spectral_accumulate", "rfft2(x)", "irfft2(NUM, DEN)", "update"]
     order += [k for k in pieces if k not in order]
     out = [f"## Breakdown, {what} ({steps} steps through a timing backend, "

@@ -43,7 +43,8 @@ import numpy as np
 from .backends.base import DeviceError
 
 BACKENDS = ("cpu", "cuda")
-# the consensus weights with the weighted planes' forward transforms (one call)
+# the consensus weights with the weighted planes' forward transforms (one call; the robust
+# weights likewise)
 FUSED = "consensus_weights + rfft2(w·y, w·ŷ)"
 # named (sizes, frames): "issue" is issue 11's grid of 1k²-4k² stacks of 8-64 frames
 PRESETS = {"issue": ((1024, 2048, 4096), (8, 16, 64))}
@@ -189,8 +190,8 @@ class TimedBackend:
         return timed
 
     def _label(self, name: str, args, kwargs) -> str:
-        if name == "consensus_weights" and kwargs.get("spectra") is not None:
-            return FUSED  # the weighted planes' transforms inside (fused on the CPU)
+        if name.endswith("_weights") and kwargs.get("spectra") is not None:
+            return f"{name} + rfft2(w·y, w·ŷ)"  # the planes' transforms inside (fused on the CPU)
         if name == "rfft2":
             return "rfft2(x)" if args[0].ndim == 3 else "rfft2(w·y, w·ŷ)"
         if name == "irfft2":

@@ -161,9 +161,7 @@ class TilePass(Residency):
             else:
                 be.robust_weights(y, yhat, out, p=py, noise=self.noise, sigma=self.sigma[planes],
                                   delta=self.delta[planes], huber=self._huber, p_out=g.p, r=g.r,
-                                  **maps)
-                if S is not None:  # the weighted planes are zero outside the frame's rows
-                    be.rfft2(out, out=S, rows=(g.p, g.p + g.r * g.h))
+                                  spectra=S, **maps)
             pr.release_maps()  # maps in scratch files: their pages leave our resident memory
             if not accumulate:
                 continue

@@ -348,6 +348,40 @@ def test_consensus_weights_with_spectra_give_their_planes_transform(backend, r, 
         np.testing.assert_allclose(s1, s0, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("r", [1, 2])
+def test_robust_weights_with_spectra_give_their_planes_transform(backend, r, rng):
+    """The robust (Huber) weights' ``spectra`` likewise: the spectra of the planes they
+    would write (mask, protect, a variance map, NaN, rows in blocks and a rest)."""
+    be = backend
+    P, h, w, p = 5, 37, 21, 3
+    yh = (rng.random((P, h, w)) * 50 + 100).astype(np.float32)
+    y = (yh + rng.standard_normal((P, h, w)) * 5).astype(np.float32)
+    y[0, 4, :5] = np.nan
+    y[2, 30, 7] += 300.0  # clipped by Huber
+    po = p + 2
+    g0, g1 = po + r * h + 1, po + r * w + 4
+    grid = np.zeros((P, h + 2 * p, w + 2 * p), np.float32)
+    grid[:, p:p + h, p:p + w] = yh
+    kw = dict(p=p, noise=NoiseModel("map", 0.0), sigma=rng.uniform(4, 6, P),
+              delta=np.full(P, 2.0), huber=True, p_out=po, r=r,
+              mask=be.asarray(rng.uniform(0.5, 1, (P, h, w)).astype(np.float32)),
+              var=be.asarray(rng.uniform(0.8, 1.2, (P, h, w)).astype(np.float32)),
+              protect=be.asarray(rng.uniform(0, 1, (P, h, w)).astype(np.float32)))
+    want = be.zeros((2, P, g0, g1 // 2 + 1), np.complex64)
+    out = be.zeros((2, P, g0, g1))
+    be.robust_weights(be.asarray(y), be.asarray(grid), out, **kw)
+    be.rfft2(out, out=want, rows=(po, po + r * h))
+    got = be.zeros((2, P, g0, g1 // 2 + 1), np.complex64)
+    be.robust_weights(be.asarray(y), be.asarray(grid), be.zeros((2, P, g0, g1)), spectra=got,
+                      **kw)
+    want, got = be.to_host(want), be.to_host(got)
+    assert np.abs(want).max() > 0
+    if be.name == "cpu":
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
 def test_consensus_rejects_a_sharp_hit_on_a_core_whose_model_is_off(backend, rng):
     """Every frame misses a star core by ~10σ (a PSF that is off): the level m ≈ 10
     lifts the limit to 5 m, so a 35σ cosmic ray on that core stays under it; its

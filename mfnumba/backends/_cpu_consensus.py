@@ -1,4 +1,5 @@
-"""The consensus weights on the CPU, plain and fused with their forward transform.
+"""The consensus weights on the CPU, plain and fused with their forward transform
+(and the robust weights' fused variant, :func:`robust_weights_rows`).
 
 :func:`consensus_weights` writes the weighted planes w·y and w·ŷ for the
 transforms. In the frame loop those planes are made only to be transformed:
@@ -20,7 +21,7 @@ import rocket_fft  # noqa: F401  (registers the bindings with Numba)
 from numba import njit, prange
 from rocket_fft import lowlevel
 
-from ._cpu_kernels import SHARP_MIN_NB, _noise, _spread
+from ._cpu_kernels import SHARP_MIN_NB, _noise, _spread, _weight_row
 
 
 @njit(cache=True, error_model="numpy")
@@ -277,6 +278,32 @@ def consensus_weights_rows(y, yhat, p, vmode, var, floor, sigma, unit, delta, hu
                     y, yhat, var, mask, cons, near, hits, acc, i0 + t, k, k % C, p, vmode, fl,
                     sigma, unit, delta, huber, has_mask, has_cons, zt2, lo2, sharp_on, neg2,
                     sharp2, o[0, t, po:po + w], o[1, t, po:po + w], zr, fr)
+            lowlevel.r2c(o, spectra[:, k, po + i0:po + i0 + n, :], ax, True, 1.0, 1)
+
+
+@njit(parallel=True, cache=True)
+def robust_weights_rows(y, yhat, p, vmode, var, floor, sigma, delta, huber, mask, has_mask,
+                        protect, has_protect, spectra, po, g1, rows):
+    """:func:`consensus_weights_rows` for ``_cpu_kernels.robust_weights`` (r = 1): the
+    row transforms of its weighted planes into ``spectra``, made from the cache."""
+    P, h, w = y.shape
+    fl = np.float32(floor)
+    ax = np.array([2])
+    for blk in prange((h + rows - 1) // rows):
+        i0 = blk * rows
+        n = min(h, i0 + rows) - i0
+        o = np.zeros((2, n, g1), np.float32)  # zero outside the frame's columns, for good
+        for k in range(P):
+            inv = np.float32(1.0 / (sigma[k] * sigma[k]))
+            ds = np.float32(delta[k] * sigma[k])
+            for t in range(n):
+                i = i0 + t
+                yr = y[k, i]
+                vr = var[k, i] if vmode == 2 else yr
+                mr = mask[k, i] if has_mask else yr
+                pr = protect[k, i] if has_protect else yr
+                _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, pr, o[0, t, po:po + w],
+                            o[1, t, po:po + w], vmode, fl, inv, ds, huber, has_mask, has_protect)
             lowlevel.r2c(o, spectra[:, k, po + i0:po + i0 + n, :], ax, True, 1.0, 1)
 
 

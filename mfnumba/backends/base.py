@@ -159,12 +159,13 @@ class Backend(Protocol):
     def samples_to_host(self, samples) -> tuple[list, list]:
         """Per plane, host arrays (z0, q) of what :meth:`residual_samples` returned."""
     def robust_weights(self, y, yhat, out, *, p: int, noise: NoiseModel, sigma, delta,
-                       huber: bool, mask=None, var=None, protect=None, p_out=None, r: int = 1):
+                       huber: bool, mask=None, var=None, protect=None, p_out=None, r: int = 1,
+                       spectra=None):
         """``out[0] = U(w·y)``, ``out[1] = U(w·ŷ)`` embedded at offset ``p_out``
         (default p), with ``w = ψ(z)/z · m / σ²``, σ² = sigma² V, the Huber
         factor bounded below by ``protect``, m = mask or 1, w = 0 where y is
         NaN; ŷ is read at offset p; U replicates over r×r blocks. ``sigma``
-        and ``delta``: one per plane."""
+        and ``delta``: one per plane. ``spectra``: as for :meth:`consensus_weights`."""
     def consensus_weights(self, y, yhat, out, acc, *, p: int, noise: NoiseModel, sigma, unit,
                           delta, huber: bool, cons=None, zt: float = 5.0, lo_frac: float = 0.5,
                           channels: int = 1, mask=None, var=None, p_out=None, r: int = 1,

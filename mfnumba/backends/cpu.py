@@ -149,11 +149,18 @@ class CPUBackend:
         return samples  # already host lists
 
     def robust_weights(self, y, yhat, out, *, p, noise: NoiseModel, sigma, delta, huber,
-                       mask=None, var=None, protect=None, p_out=None, r=1):
-        K.robust_weights(y, yhat, p, noise.code, _or_dummy(var), noise.floor,
-                         np.asarray(sigma, np.float64), np.asarray(delta, np.float64), bool(huber),
-                         _or_dummy(mask), mask is not None, _or_dummy(protect), protect is not None,
-                         out, p if p_out is None else p_out, int(r))
+                       mask=None, var=None, protect=None, p_out=None, r=1, spectra=None):
+        po = p if p_out is None else p_out
+        args = (y, yhat, p, noise.code, _or_dummy(var), noise.floor,
+                np.asarray(sigma, np.float64), np.asarray(delta, np.float64), bool(huber),
+                _or_dummy(mask), mask is not None, _or_dummy(protect), protect is not None)
+        if spectra is not None and r == 1:  # the planes go from the cache into their spectra
+            KC.robust_weights_rows(*args, spectra, po, out.shape[-1], KC.ROWS)
+            KC.finish_rows(spectra, po, po + y.shape[1], self.threads)
+        else:
+            K.robust_weights(*args, out, po, int(r))
+            if spectra is not None:
+                self.rfft2(out, out=spectra, rows=(po, po + r * y.shape[1]))
         return out
 
     def consensus_weights(self, y, yhat, out, acc, *, p, noise: NoiseModel, sigma, unit, delta,

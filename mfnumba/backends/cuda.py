@@ -410,12 +410,14 @@ class CUDABackend:
 
     @_api
     def robust_weights(self, y, yhat, out, *, p, noise: NoiseModel, sigma, delta, huber,
-                       mask=None, var=None, protect=None, p_out=None, r=1):
+                       mask=None, var=None, protect=None, p_out=None, r=1, spectra=None):
         self._launch(L.robust_weights(
             self._in(y), self._in(yhat), p, self._in(sigma, np.float64).ravel(),
             self._in(delta, np.float64).ravel(), huber, noise,
             self._out(out, np.float32, "robust_weights out"), self._in(mask), p_out, int(r),
             self._in(var), self._in(protect), self._dummy))
+        if spectra is not None:  # not fused here: cuFFT of the planes, all rows
+            self.rfft2(out, out=spectra)
         return out
 
     @_api
