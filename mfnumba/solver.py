@@ -336,12 +336,12 @@ class Solver(TilePass, DeviceGuard):
         self._level_dev = None  # and the one a pass made on another backend: not taken
         self._hits_dev = self._near_dev = self._near_next = None  # the flags': likewise
 
-    def host_buffer(self, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-        """A host array a local pass writes into, allocated once (page-locked on a GPU,
-        so the device's results land in it at the bus's speed)."""
+    def host_buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 host array a local pass writes into, allocated once (page-locked on
+        a GPU, so the device's results land in it at the bus's speed)."""
         a = getattr(self, name, None)
-        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
-            a = self.be.host_empty(tuple(shape), dtype)
+        if a is None or a.shape != tuple(shape):
+            a = self.be.host_empty(tuple(shape), np.float32)
             a.fill(0)
             setattr(self, name, a)
         return a

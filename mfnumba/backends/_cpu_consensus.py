@@ -21,7 +21,7 @@ import rocket_fft  # noqa: F401  (registers the bindings with Numba)
 from numba import njit, prange
 from rocket_fft import lowlevel
 
-from ._cpu_kernels import SHARP_MIN_NB, _noise, _spread, _weight_row
+from ._cpu_kernels import SHARP_MIN_NB, _noise, _spread, robust_plane_row
 
 
 @njit(cache=True, error_model="numpy")
@@ -294,16 +294,10 @@ def robust_weights_rows(y, yhat, p, vmode, var, floor, sigma, delta, huber, mask
         n = min(h, i0 + rows) - i0
         o = np.zeros((2, n, g1), np.float32)  # zero outside the frame's columns, for good
         for k in range(P):
-            inv = np.float32(1.0 / (sigma[k] * sigma[k]))
-            ds = np.float32(delta[k] * sigma[k])
             for t in range(n):
-                i = i0 + t
-                yr = y[k, i]
-                vr = var[k, i] if vmode == 2 else yr
-                mr = mask[k, i] if has_mask else yr
-                pr = protect[k, i] if has_protect else yr
-                _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, pr, o[0, t, po:po + w],
-                            o[1, t, po:po + w], vmode, fl, inv, ds, huber, has_mask, has_protect)
+                robust_plane_row(y, yhat, var, mask, protect, i0 + t, k, p, vmode, fl, sigma,
+                                 delta, huber, has_mask, has_protect, o[0, t, po:po + w],
+                                 o[1, t, po:po + w])
             lowlevel.r2c(o, spectra[:, k, po + i0:po + i0 + n, :], ax, True, 1.0, 1)
 
 

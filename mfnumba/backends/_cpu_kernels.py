@@ -126,20 +126,28 @@ def robust_weights(y, yhat, p, vmode, var, floor, sigma, delta, huber, mask, has
     for kr in prange(P * h):
         k = kr // h
         i = kr % h
-        inv = np.float32(1.0 / (sigma[k] * sigma[k]))
-        ds = np.float32(delta[k] * sigma[k])
-        yr = y[k, i]
-        vr = var[k, i] if vmode == 2 else yr
-        mr = mask[k, i] if has_mask else yr
-        pr = protect[k, i] if has_protect else yr
         if r == 1:
             o0, o1 = out[0, k, po + i, po:po + w], out[1, k, po + i, po:po + w]
         else:
             o0, o1 = np.empty(w, np.float32), np.empty(w, np.float32)
-        _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, pr, o0, o1, vmode, fl, inv, ds, huber,
-                    has_mask, has_protect)
+        robust_plane_row(y, yhat, var, mask, protect, i, k, p, vmode, fl, sigma, delta, huber,
+                         has_mask, has_protect, o0, o1)
         if r > 1:
             _spread(o0, o1, out, k, po + r * i, po, r)
+
+
+@njit(cache=True)
+def robust_plane_row(y, yhat, var, mask, protect, i, k, p, vmode, fl, sigma, delta, huber,
+                     has_mask, has_protect, o0, o1):
+    """Row i of plane k of :func:`robust_weights`: its weighted rows into o0, o1."""
+    w = y.shape[2]
+    yr = y[k, i]
+    vr = var[k, i] if vmode == 2 else yr
+    mr = mask[k, i] if has_mask else yr
+    pr = protect[k, i] if has_protect else yr
+    _weight_row(yr, yhat[k, i + p, p:p + w], vr, mr, pr, o0, o1, vmode, fl,
+                np.float32(1.0 / (sigma[k] * sigma[k])), np.float32(delta[k] * sigma[k]), huber,
+                has_mask, has_protect)
 
 
 @njit(parallel=True, cache=True)
